@@ -1,0 +1,45 @@
+# The two commands: `make demo` and `make test`. Each creates .venv when it is missing, installs
+# torch==2.13.0 first (a CPU wheel here; a bare `torch` would pull a multi-GB CUDA build), then
+# the rest, and skips every install step whose inputs did not change since the last run.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+TORCH_VERSION := 2.13.0
+STAMPS := $(VENV)/.stamps
+DEMO_ARGS ?=
+
+.PHONY: demo test lint install install-dev clean
+
+demo: $(STAMPS)/core
+	$(VENV)/bin/lwm demo $(DEMO_ARGS)
+
+test: $(STAMPS)/dev
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: $(STAMPS)/dev
+	$(VENV)/bin/ruff check .
+
+install: $(STAMPS)/core
+install-dev: $(STAMPS)/dev
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMPS)/torch: | $(PY)
+	@mkdir -p $(STAMPS)
+	$(PIP) install torch==$(TORCH_VERSION)
+	@touch $@
+
+$(STAMPS)/core: pyproject.toml $(STAMPS)/torch
+	$(PIP) install -e .
+	@touch $@
+
+$(STAMPS)/dev: pyproject.toml $(STAMPS)/core
+	$(PIP) install -e ".[dev]"
+	@touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info

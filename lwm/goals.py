@@ -1,0 +1,138 @@
+"""The canonical goal grammar shared by the environment layer and the language layer.
+
+Every goal lwm reasons about has one canonical English text, and the env layer reports achieved
+goals in exactly this grammar:
+
+    go to the {colour} {type}
+    pick up the {colour} {type}
+    open the {colour} door
+    drop the {colour} {type}
+    put the {colour} {type} next to the {colour} {type}
+
+`type` is one of ball, box, key (or door for "go to" and "open"); `colour` is one of minigrid's six
+colours. A *pattern* may leave the colour out ("go to the ball"), as BabyAI missions do; it then
+matches every concrete goal with the same verb and type. Concrete goals always name the colour.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+COLORS: tuple[str, ...] = ("red", "green", "blue", "purple", "yellow", "grey")
+"""minigrid's colour names, in the order of its colour indices."""
+OBJECT_TYPES: tuple[str, ...] = ("ball", "box", "key", "door")
+"""Object types a goal can name."""
+PORTABLE_TYPES: tuple[str, ...] = ("ball", "box", "key")
+"""Object types the agent can pick up, drop and put next to things."""
+VERBS: tuple[str, ...] = ("go to", "pick up", "open", "drop", "put next to")
+"""Goal verbs, in canonical form."""
+
+
+class GoalTextError(ValueError):
+    """A text is not in the canonical goal grammar."""
+
+
+@dataclass(frozen=True, order=True)
+class ObjRef:
+    """An object named by its type and (optionally, in a pattern) its colour."""
+
+    type: str
+    color: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in OBJECT_TYPES:
+            raise GoalTextError(f"unknown object type {self.type!r}; expected one of {OBJECT_TYPES}")
+        if self.color is not None and self.color not in COLORS:
+            raise GoalTextError(f"unknown colour {self.color!r}; expected one of {COLORS}")
+
+    @property
+    def text(self) -> str:
+        """'the red ball', or 'the ball' when the colour is left open."""
+        return f"the {self.color} {self.type}" if self.color else f"the {self.type}"
+
+    def matches(self, other: ObjRef) -> bool:
+        """True when `other` (concrete) is an object this reference (maybe a pattern) names."""
+        return self.type == other.type and (self.color is None or self.color == other.color)
+
+
+@dataclass(frozen=True, order=True)
+class Goal:
+    """One goal: a verb, the object it acts on and, for "put next to", the fixed object."""
+
+    verb: str
+    obj: ObjRef
+    target: ObjRef | None = None
+
+    def __post_init__(self) -> None:
+        if self.verb not in VERBS:
+            raise GoalTextError(f"unknown verb {self.verb!r}; expected one of {VERBS}")
+        if (self.verb == "put next to") != (self.target is not None):
+            raise GoalTextError("'put next to' and only it takes a target object")
+        if self.verb == "open" and self.obj.type != "door":
+            raise GoalTextError(f"only doors can be opened, not {self.obj.text}")
+        if self.verb in ("pick up", "drop", "put next to") and self.obj.type not in PORTABLE_TYPES:
+            raise GoalTextError(f"cannot {self.verb} {self.obj.text}: only {PORTABLE_TYPES} move")
+
+    @property
+    def text(self) -> str:
+        """The canonical text of this goal."""
+        if self.verb == "put next to":
+            assert self.target is not None
+            return f"put {self.obj.text} next to {self.target.text}"
+        return f"{self.verb} {self.obj.text}"
+
+    @property
+    def is_concrete(self) -> bool:
+        """True when every object in the goal names its colour."""
+        return self.obj.color is not None and (self.target is None or self.target.color is not None)
+
+    def matches(self, concrete: Goal) -> bool:
+        """True when the concrete goal `concrete` satisfies this goal (maybe a pattern)."""
+        if self.verb != concrete.verb or not self.obj.matches(concrete.obj):
+            return False
+        if self.target is None:
+            return True
+        return concrete.target is not None and self.target.matches(concrete.target)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+_COLOR = "|".join(COLORS)
+_TYPE = "|".join(OBJECT_TYPES)
+_OBJ = rf"the (?:(?P<{{p}}c>{_COLOR}) )?(?P<{{p}}t>{_TYPE})"
+_GOAL_RE = re.compile(
+    rf"^(?:(?P<verb>go to|pick up|open|drop) {_OBJ.format(p='a')}"
+    rf"|put {_OBJ.format(p='m')} next to {_OBJ.format(p='f')})$"
+)
+
+
+def parse_goal(text: str) -> Goal:
+    """Parse a canonical goal text ("put the red ball next to the blue box") into a `Goal`.
+
+    Only the canonical grammar is accepted (lower case, "the", single spaces); free-form language
+    is the language layer's job.
+    """
+    m = _GOAL_RE.match(text.strip())
+    if m is None:
+        raise GoalTextError(
+            f"{text!r} is not a canonical goal text; expected e.g. 'go to the red ball', "
+            "'pick up the blue key', 'open the green door', "
+            "'put the red ball next to the yellow box'"
+        )
+    if m["verb"]:
+        return Goal(m["verb"], ObjRef(m["at"], m["ac"]))
+    return Goal("put next to", ObjRef(m["mt"], m["mc"]), ObjRef(m["ft"], m["fc"]))
+
+
+def all_concrete_goals() -> list[Goal]:
+    """Every concrete goal of the grammar (the goal vocabulary), in a fixed order."""
+    portable = [ObjRef(t, c) for t in PORTABLE_TYPES for c in COLORS]
+    doors = [ObjRef("door", c) for c in COLORS]
+    goals = [Goal("go to", o) for o in portable + doors]
+    goals += [Goal("pick up", o) for o in portable]
+    goals += [Goal("open", d) for d in doors]
+    goals += [Goal("drop", o) for o in portable]
+    goals += [Goal("put next to", a, b) for a in portable for b in portable + doors if a != b]
+    return goals
