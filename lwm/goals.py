@@ -10,8 +10,12 @@ goals in exactly this grammar:
     put the {colour} {type} next to the {colour} {type}
 
 `type` is one of ball, box, key (or door for "go to" and "open"); `colour` is one of minigrid's six
-colours. A *pattern* may leave the colour out ("go to the ball"), as BabyAI missions do; it then
-matches every concrete goal with the same verb and type. Concrete goals always name the colour.
+colours. A *pattern* may leave the colour out ("go to the ball") and may add a location relative
+to where the agent started the episode ("the ball on your left", "the door in front of you",
+"the key behind you"), as BabyAI missions do. A pattern matches every concrete goal with the same
+verb whose objects fit it. Concrete goals (what the env reports as achieved) always name the
+colour and never a location; whether an object fits a location is known only to the env, which
+reports each achieved goal's objects' start locations beside it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ PORTABLE_TYPES: tuple[str, ...] = ("ball", "box", "key")
 """Object types the agent can pick up, drop and put next to things."""
 VERBS: tuple[str, ...] = ("go to", "pick up", "open", "drop", "put next to")
 """Goal verbs, in canonical form."""
+LOCATIONS: tuple[str, ...] = ("left", "right", "front", "behind")
+"""BabyAI's locations, relative to the agent's pose at the start of the episode."""
+_LOC_TEXT = {"left": "on your left", "right": "on your right", "front": "in front of you",
+             "behind": "behind you"}
 
 
 class GoalTextError(ValueError):
@@ -39,21 +47,31 @@ class ObjRef:
 
     type: str
     color: str | None = None
+    loc: str | None = None
 
     def __post_init__(self) -> None:
         if self.type not in OBJECT_TYPES:
-            raise GoalTextError(f"unknown object type {self.type!r}; expected one of {OBJECT_TYPES}")
+            raise GoalTextError(f"unknown object type {self.type!r}; expected {OBJECT_TYPES}")
         if self.color is not None and self.color not in COLORS:
             raise GoalTextError(f"unknown colour {self.color!r}; expected one of {COLORS}")
+        if self.loc is not None and self.loc not in LOCATIONS:
+            raise GoalTextError(f"unknown location {self.loc!r}; expected one of {LOCATIONS}")
 
     @property
     def text(self) -> str:
-        """'the red ball', or 'the ball' when the colour is left open."""
-        return f"the {self.color} {self.type}" if self.color else f"the {self.type}"
+        """'the red ball', 'the ball' when the colour is left open, 'the ball on your left'."""
+        s = f"the {self.color} {self.type}" if self.color else f"the {self.type}"
+        return f"{s} {_LOC_TEXT[self.loc]}" if self.loc else s
 
-    def matches(self, other: ObjRef) -> bool:
-        """True when `other` (concrete) is an object this reference (maybe a pattern) names."""
-        return self.type == other.type and (self.color is None or self.color == other.color)
+    def matches(self, other: ObjRef, locs: frozenset[str] | set[str] | None = None) -> bool:
+        """True when `other` (concrete) is an object this reference (maybe a pattern) names.
+
+        `locs` are the start-relative locations of `other`; a reference with a location matches
+        only when they are given and include it.
+        """
+        if self.type != other.type or (self.color is not None and self.color != other.color):
+            return False
+        return self.loc is None or (locs is not None and self.loc in locs)
 
 
 @dataclass(frozen=True, order=True)
@@ -85,15 +103,25 @@ class Goal:
     @property
     def is_concrete(self) -> bool:
         """True when every object in the goal names its colour."""
-        return self.obj.color is not None and (self.target is None or self.target.color is not None)
+        objs = [self.obj] if self.target is None else [self.obj, self.target]
+        return all(o.color is not None and o.loc is None for o in objs)
 
-    def matches(self, concrete: Goal) -> bool:
-        """True when the concrete goal `concrete` satisfies this goal (maybe a pattern)."""
-        if self.verb != concrete.verb or not self.obj.matches(concrete.obj):
+    def matches(
+        self,
+        concrete: Goal,
+        obj_locs: frozenset[str] | set[str] | None = None,
+        target_locs: frozenset[str] | set[str] | None = None,
+    ) -> bool:
+        """True when the concrete goal `concrete` satisfies this goal (maybe a pattern).
+
+        `obj_locs` / `target_locs` are the start-relative locations of the concrete goal's objects,
+        as the env reports them; they matter only for patterns with a location.
+        """
+        if self.verb != concrete.verb or not self.obj.matches(concrete.obj, obj_locs):
             return False
         if self.target is None:
             return True
-        return concrete.target is not None and self.target.matches(concrete.target)
+        return concrete.target is not None and self.target.matches(concrete.target, target_locs)
 
     def __str__(self) -> str:
         return self.text
@@ -101,7 +129,9 @@ class Goal:
 
 _COLOR = "|".join(COLORS)
 _TYPE = "|".join(OBJECT_TYPES)
-_OBJ = rf"the (?:(?P<{{p}}c>{_COLOR}) )?(?P<{{p}}t>{_TYPE})"
+_LOC = "|".join(_LOC_TEXT.values())
+_OBJ = rf"the (?:(?P<{{p}}c>{_COLOR}) )?(?P<{{p}}t>{_TYPE})(?: (?P<{{p}}l>{_LOC}))?"
+_LOC_FROM_TEXT = {v: k for k, v in _LOC_TEXT.items()}
 _GOAL_RE = re.compile(
     rf"^(?:(?P<verb>go to|pick up|open|drop) {_OBJ.format(p='a')}"
     rf"|put {_OBJ.format(p='m')} next to {_OBJ.format(p='f')})$"
@@ -121,9 +151,12 @@ def parse_goal(text: str) -> Goal:
             "'pick up the blue key', 'open the green door', "
             "'put the red ball next to the yellow box'"
         )
+    def obj(p: str) -> ObjRef:
+        return ObjRef(m[p + "t"], m[p + "c"], _LOC_FROM_TEXT.get(m[p + "l"]))
+
     if m["verb"]:
-        return Goal(m["verb"], ObjRef(m["at"], m["ac"]))
-    return Goal("put next to", ObjRef(m["mt"], m["mc"]), ObjRef(m["ft"], m["fc"]))
+        return Goal(m["verb"], obj("a"))
+    return Goal("put next to", obj("m"), obj("f"))
 
 
 def all_concrete_goals() -> list[Goal]:
