@@ -1,0 +1,333 @@
+"""`LanguageWrapper`: any BabyAI / MiniGrid env with dict observations and text events.
+
+Observations (`LanguageWrapper.observation_space`):
+
+    image      uint8 (7, 7, 3)  minigrid's egocentric symbolic view: (object idx, colour idx, state)
+                                per cell; the agent stands at column 3 of the bottom row, facing up
+    direction  int in [0, 4)    0 east, 1 south, 2 west, 3 north
+    carrying   int64 (2,)       (object idx, colour idx) of what the agent holds, (1, 0) for nothing
+    mission    str              the env's own mission text
+
+`info` at reset and after every step carries:
+
+    events        short canonical English sentences of what just happened ("you picked up the red
+                  ball", "the blue door is open", "you are in front of the green key", "the red
+                  ball is next to the yellow box")
+    achieved      canonical goal texts (lwm.goals grammar) that became true this step; the state at
+                  reset counts as nothing achieved, so a goal already true then is reported at the
+                  first step if it still holds
+    achieved_locs for each achieved goal, the start-relative locations (lwm.goals.LOCATIONS) of its
+                  object and of its target: [[obj_locs], [target_locs]]. Locations follow BabyAI:
+                  relative to the agent's pose at reset, for objects in the room it started in.
+
+Achieved goals follow minigrid's instruction verifier: "go to X" when X becomes the cell in front
+of the agent, "pick up X" when X is picked up, "open X" when the door X becomes open, "drop X" and
+"put X next to Y" (for every object Y beside X) when X is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import string
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from minigrid.core.constants import COLOR_NAMES, DIR_TO_VEC, IDX_TO_COLOR, IDX_TO_OBJECT
+from minigrid.core.constants import OBJECT_TO_IDX as _OBJECT_TO_IDX
+
+from lwm.goals import OBJECT_TYPES, Goal, ObjRef, parse_goal
+
+OBJECT_TO_IDX: dict[str, int] = dict(_OBJECT_TO_IDX)
+"""minigrid's object type indices (unseen 0, empty 1, wall 2, floor 3, door 4, key 5, ...)."""
+NOTHING_CARRIED = (OBJECT_TO_IDX["empty"], 0)
+"""The `carrying` observation when the agent holds nothing."""
+ACTION_NAMES: tuple[str, ...] = ("left", "right", "forward", "pickup", "drop", "toggle", "done")
+"""minigrid's seven discrete actions, by index."""
+DIRECTION_NAMES: tuple[str, ...] = ("east", "south", "west", "north")
+MISSION_CHARSET = string.ascii_letters + string.digits + " ,.'-"
+MAX_MISSION_LENGTH = 512
+
+_DOOR_STATE = ("open", "closed", "locked")
+
+
+def _ref(obj) -> ObjRef | None:
+    """The goal-grammar reference of a minigrid object, or None when goals can't name it."""
+    if obj is None or obj.type not in OBJECT_TYPES:
+        return None
+    return ObjRef(obj.type, obj.color)
+
+
+def _name(obj) -> str:
+    return f"the {obj.color} {obj.type}"
+
+
+class LanguageWrapper(gym.Wrapper):
+    """Wraps a BabyAI / MiniGrid env: documented dict observations, `events` and `achieved` in info.
+
+    See the module docstring for the observation and info formats. `text_observation()` describes
+    the agent's current view in words.
+    """
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.observation_space = gym.spaces.Dict(
+            {
+                "image": gym.spaces.Box(0, 255, (7, 7, 3), np.uint8),
+                "direction": gym.spaces.Discrete(4),
+                "carrying": gym.spaces.MultiDiscrete(
+                    [len(OBJECT_TO_IDX), len(COLOR_NAMES)], dtype=np.int64
+                ),
+                "mission": gym.spaces.Text(
+                    MAX_MISSION_LENGTH, min_length=0, charset=MISSION_CHARSET
+                ),
+            }
+        )
+        self._start_locs: dict[int, frozenset[str]] = {}
+        self._first_step = True
+
+    # ------------------------------------------------------------------ gymnasium API
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        # BabyAI's rejection sampling prints "Sampling rejected: ..." to stdout; keep it quiet.
+        with contextlib.redirect_stdout(io.StringIO()):
+            obs, info = self.env.reset(seed=seed, options=options)
+        self._start_locs = self._compute_start_locs()
+        self._first_step = True
+        front = self._front()
+        events = [f"you are in front of {_name(front)}"] if _ref(front) else []
+        if self.base.carrying is not None:
+            events.append(f"you are carrying {_name(self.base.carrying)}")
+        info = dict(info, events=events, achieved=[], achieved_locs=[])
+        return self._observation(obs), info
+
+    def step(self, action):
+        env = self.base
+        action = int(action)
+        front_pos = tuple(int(v) for v in env.front_pos)
+        front_before = env.grid.get(*front_pos)
+        is_door = front_before is not None and front_before.type == "door"
+        open_before = is_door and front_before.is_open
+        locked_before = is_door and front_before.is_locked
+        carrying_before = env.carrying
+
+        obs, reward, terminated, truncated, info = self.env.step(action)
+
+        events: list[str] = []
+        achieved: list[tuple[Goal, object, object]] = []
+        carrying = env.carrying
+        if carrying is not carrying_before:
+            if carrying_before is None:
+                events.append(f"you picked up {_name(carrying)}")
+                achieved.append((Goal("pick up", _ref(carrying)), carrying, None))
+            elif carrying is None:
+                events.append(f"you dropped {_name(carrying_before)}")
+                achieved.append((Goal("drop", _ref(carrying_before)), carrying_before, None))
+                for other in self._neighbours(carrying_before.cur_pos):
+                    events.append(f"{_name(carrying_before)} is next to {_name(other)}")
+                    achieved.append(
+                        (Goal("put next to", _ref(carrying_before), _ref(other)),
+                         carrying_before, other)
+                    )
+        if is_door:
+            if front_before.is_open != open_before:
+                if front_before.is_open:
+                    if locked_before:
+                        events.append(f"you unlocked {_name(front_before)}")
+                    events.append(f"{_name(front_before)} is open")
+                    achieved.append((Goal("open", _ref(front_before)), front_before, None))
+                else:
+                    events.append(f"{_name(front_before)} is closed")
+        elif (
+            front_before is not None
+            and front_before.type == "box"
+            and env.grid.get(*front_pos) is not front_before
+            and carrying is carrying_before
+        ):
+            events.append(f"you opened {_name(front_before)}")
+            inside = env.grid.get(*front_pos)
+            if inside is not None:
+                events.append(f"there was {_name(inside)} in {_name(front_before)}")
+
+        front_after = self._front()
+        # The state at reset counts as nothing achieved (see the module docstring).
+        previous_front = None if self._first_step else front_before
+        if front_after is not previous_front and _ref(front_after) is not None:
+            achieved.append((Goal("go to", _ref(front_after)), front_after, None))
+        if front_after is not front_before and _ref(front_after) is not None:
+            events.append(f"you are in front of {_name(front_after)}")
+        self._first_step = False
+
+        info = dict(
+            info,
+            events=events,
+            achieved=[goal.text for goal, _, _ in achieved],
+            achieved_locs=[
+                [sorted(self._start_locs.get(id(a), ())), sorted(self._start_locs.get(id(b), ()))]
+                for _, a, b in achieved
+            ],
+        )
+        return self._observation(obs), reward, terminated, truncated, info
+
+    # ------------------------------------------------------------------ language
+
+    def text_observation(self) -> str:
+        """The agent's current view in words, BALROG-style, for LLM agents and the critic.
+
+        Positions are egocentric: "2 steps forward and 1 step left". Walls are reported only as the
+        nearest wall straight ahead, left and right.
+        """
+        env = self.base
+        obs = env.gen_obs()
+        image = obs["image"]  # (7, 7, 3), agent at column 3, bottom row 6, facing row 0
+        lines = [f"You are facing {DIRECTION_NAMES[env.agent_dir]}."]
+        if env.carrying is not None:
+            lines.append(f"You are carrying {_name(env.carrying)}.")
+        else:
+            lines.append("You are carrying nothing.")
+        seen: list[tuple[int, str]] = []
+        for i in range(7):
+            for j in range(7):
+                type_name = IDX_TO_OBJECT[int(image[i, j, 0])]
+                if type_name in ("unseen", "empty", "wall", "floor") or (i, j) == (3, 6):
+                    continue
+                color = IDX_TO_COLOR[int(image[i, j, 1])]
+                if type_name == "door":
+                    desc = f"a {_DOOR_STATE[int(image[i, j, 2])]} {color} door"
+                else:
+                    desc = f"a {color} {type_name}"
+                seen.append((abs(i - 3) + 6 - j, f"{desc} {_where(i - 3, 6 - j)}"))
+        for label, cells in (
+            ("forward", [(3, j) for j in range(5, -1, -1)]),
+            ("left", [(i, 6) for i in range(2, -1, -1)]),
+            ("right", [(i, 6) for i in range(4, 7)]),
+        ):
+            for k, (i, j) in enumerate(cells, start=1):
+                if IDX_TO_OBJECT[int(image[i, j, 0])] == "wall":
+                    seen.append((k, f"a wall {k} step{'s' if k > 1 else ''} {label}"))
+                    break
+                if IDX_TO_OBJECT[int(image[i, j, 0])] != "empty":
+                    break
+        seen.sort(key=lambda t: t[0])
+        if seen:
+            lines.append("You see " + ", ".join(text for _, text in seen) + ".")
+        else:
+            lines.append("You see nothing but empty floor.")
+        front = self._front()
+        if _ref(front) is not None:
+            lines.append(f"You are in front of {_name(front)}.")
+        return " ".join(lines)
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def base(self):
+        """The underlying minigrid env."""
+        return self.env.unwrapped
+
+    def _front(self):
+        env = self.base
+        return env.grid.get(*env.front_pos)
+
+    def _observation(self, obs: dict[str, Any]) -> dict[str, Any]:
+        carrying = self.base.carrying
+        carried = (
+            (OBJECT_TO_IDX[carrying.type], COLOR_NAMES.index(carrying.color))
+            if carrying is not None
+            else NOTHING_CARRIED
+        )
+        return {
+            "image": obs["image"],
+            "direction": int(obs["direction"]),
+            "carrying": np.array(carried, dtype=np.int64),
+            "mission": obs["mission"],
+        }
+
+    def _neighbours(self, pos: Sequence[int]) -> list:
+        """Objects goals can name in the four cells beside `pos`."""
+        env = self.base
+        found = []
+        for dx, dy in ((1, 0), (0, 1), (-1, 0), (0, -1)):
+            x, y = int(pos[0]) + dx, int(pos[1]) + dy
+            if 0 <= x < env.grid.width and 0 <= y < env.grid.height:
+                cell = env.grid.get(x, y)
+                if _ref(cell) is not None:
+                    found.append(cell)
+        return found
+
+    def _compute_start_locs(self) -> dict[int, frozenset[str]]:
+        """BabyAI locations of every object in the start room, relative to the start pose."""
+        env = self.base
+        if not hasattr(env, "room_from_pos"):
+            return {}
+        room = env.room_from_pos(*env.agent_pos)
+        d1 = DIR_TO_VEC[env.agent_dir]
+        d2 = (-d1[1], d1[0])
+        ax, ay = env.agent_pos
+        locs: dict[int, frozenset[str]] = {}
+        for x in range(env.grid.width):
+            for y in range(env.grid.height):
+                cell = env.grid.get(x, y)
+                if _ref(cell) is None or not room.pos_inside(x, y):
+                    continue
+                v = (x - ax, y - ay)
+                along, across = v[0] * d1[0] + v[1] * d1[1], v[0] * d2[0] + v[1] * d2[1]
+                found = set()
+                if across < 0:
+                    found.add("left")
+                if across > 0:
+                    found.add("right")
+                if along > 0:
+                    found.add("front")
+                if along < 0:
+                    found.add("behind")
+                locs[id(cell)] = frozenset(found)
+        return locs
+
+
+def _where(right: int, forward: int) -> str:
+    parts = []
+    if forward:
+        parts.append(f"{forward} step{'s' if forward > 1 else ''} forward")
+    if right:
+        side = "right" if right > 0 else "left"
+        n = abs(right)
+        parts.append(f"{n} step{'s' if n > 1 else ''} {side}")
+    return " and ".join(parts) if parts else "here"
+
+
+def goal_achieved(goal: Goal, info: dict[str, Any]) -> bool:
+    """True when `goal` (concrete or a pattern with colours / locations left open) is among the
+    goals `info` (from `LanguageWrapper.step`) reports achieved."""
+    for text, (obj_locs, target_locs) in zip(
+        info.get("achieved", ()), info.get("achieved_locs", ()), strict=True
+    ):
+        if goal.matches(parse_goal(text), set(obj_locs), set(target_locs)):
+            return True
+    return False
+
+
+def instr_goals(instrs) -> list[Goal]:
+    """The goals of a BabyAI instruction (`env.unwrapped.instrs`) as lwm.goals patterns, in the
+    order they must be done ("A after you B" gives [B, A]; "A and B" gives [A, B], either order
+    then counts)."""
+    from minigrid.envs.babyai.core import verifier as v
+
+    def ref(desc) -> ObjRef:
+        return ObjRef(desc.type, desc.color, desc.loc)
+
+    if isinstance(instrs, v.BeforeInstr | v.AndInstr):
+        return instr_goals(instrs.instr_a) + instr_goals(instrs.instr_b)
+    if isinstance(instrs, v.AfterInstr):
+        return instr_goals(instrs.instr_b) + instr_goals(instrs.instr_a)
+    if isinstance(instrs, v.GoToInstr):
+        return [Goal("go to", ref(instrs.desc))]
+    if isinstance(instrs, v.PickupInstr):
+        return [Goal("pick up", ref(instrs.desc))]
+    if isinstance(instrs, v.OpenInstr):
+        return [Goal("open", ref(instrs.desc))]
+    if isinstance(instrs, v.PutNextInstr):
+        return [Goal("put next to", ref(instrs.desc_move), ref(instrs.desc_fixed))]
+    raise TypeError(f"no lwm goal for BabyAI instruction {type(instrs).__name__}")

@@ -1,0 +1,164 @@
+"""The environment layer: observation format, events, achieved goals vs minigrid's verifier."""
+
+import pickle
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+from minigrid.utils.baby_ai_bot import BabyAIBot
+
+import lwm.envs
+from lwm.envs import LanguageWrapper, goal_achieved, make_env
+from lwm.envs.language import instr_goals
+from lwm.goals import parse_goal
+
+LWM_IDS = sorted(k for k in gym.registry if k.startswith("lwm/"))
+
+
+def test_every_babyai_id_is_registered_under_lwm():
+    babyai = [k for k in gym.registry if k.startswith("BabyAI-")]
+    assert len(babyai) >= 90
+    for k in babyai:
+        assert f"lwm/{k}" in gym.registry
+    assert "lwm/BabyAI-PickupThenGoToLocal-v0" in gym.registry
+
+
+@pytest.mark.parametrize("env_id", LWM_IDS)
+def test_check_env_and_determinism(env_id):
+    env = gym.make(env_id)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # check_env warns that a wrapper is applied: it is ours
+        check_env(env, skip_render_check=True)
+    a, b = gym.make(env_id), gym.make(env_id)
+    obs_a, _ = a.reset(seed=7)
+    obs_b, _ = b.reset(seed=7)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        action = int(rng.integers(7))
+        step_a, step_b = a.step(action), b.step(action)
+        np.testing.assert_array_equal(step_a[0]["image"], step_b[0]["image"])
+        assert step_a[1:4] == step_b[1:4]
+        assert step_a[4]["events"] == step_b[4]["events"]
+        if step_a[2] or step_a[3]:
+            break
+    np.testing.assert_array_equal(obs_a["image"], obs_b["image"])
+
+
+def test_observation_format():
+    env = gym.make("lwm/BabyAI-PutNextLocal-v0")
+    obs, info = env.reset(seed=3)
+    assert obs["image"].shape == (7, 7, 3) and obs["image"].dtype == np.uint8
+    assert obs["direction"] in range(4)
+    np.testing.assert_array_equal(obs["carrying"], lwm.envs.NOTHING_CARRIED)
+    assert obs["mission"].startswith("put the")
+    assert info["achieved"] == [] and isinstance(info["events"], list)
+    assert env.observation_space.contains(obs)
+
+
+def test_env_pickles():
+    env = gym.make("lwm/BabyAI-GoToLocal-v0")
+    env.reset(seed=1)
+    clone = pickle.loads(pickle.dumps(env))
+    np.testing.assert_array_equal(
+        clone.step(2)[0]["image"], env.step(2)[0]["image"]
+    )
+
+
+def _drive(env_id, seed):
+    """One bot-driven episode; yields (info, reward, terminated) per step."""
+    env = make_env(env_id)
+    _, info = env.reset(seed=seed)
+    bot = BabyAIBot(env.unwrapped)
+    goals = instr_goals(env.unwrapped.instrs)
+    steps = []
+    for _ in range(env.unwrapped.max_steps):
+        _, reward, terminated, truncated, info = env.step(bot.replan())
+        steps.append((info, reward, terminated))
+        if terminated or truncated:
+            break
+    return goals, steps
+
+
+@pytest.mark.parametrize(
+    "env_id",
+    [
+        "BabyAI-GoToLocal-v0",
+        "BabyAI-PickupLoc-v0",
+        "BabyAI-PutNextLocal-v0",
+        "BabyAI-OpenDoor-v0",
+        "BabyAI-PickupThenGoToLocal-v0",
+    ],
+)
+def test_achieved_goals_agree_with_minigrid_verifier(env_id):
+    """The mission counts as done in lwm's achieved goals at exactly the step minigrid's own
+    verifier says success, on 60 bot-driven episodes (colour, location and sequence missions)."""
+    successes = 0
+    for seed in range(60):
+        goals, steps = _drive(env_id, seed)
+        done_at, k = None, 0
+        for t, (info, _, _) in enumerate(steps):
+            while k < len(goals) and goal_achieved(goals[k], info):
+                k += 1
+            if k == len(goals):
+                done_at = t
+                break
+        verifier_at = next((t for t, (_, r, term) in enumerate(steps) if term and r > 0), None)
+        assert done_at == verifier_at, (env_id, seed, [g.text for g in goals])
+        successes += verifier_at is not None
+    assert successes >= 55  # the bot solves these levels; a broken env would not
+
+
+def test_events_of_a_put_next_episode():
+    goals, steps = _drive("BabyAI-PutNextLocal-v0", 0)
+    events = [e for info, _, _ in steps for e in info["events"]]
+    (goal,) = goals
+    assert f"you picked up {goal.obj.text}" in events
+    assert f"you dropped {goal.obj.text}" in events
+    assert f"{goal.obj.text} is next to {goal.target.text}" in events
+    achieved = [a for info, _, _ in steps for a in info["achieved"]]
+    assert goal.text in achieved
+    for text in achieved:
+        assert parse_goal(text).is_concrete  # achieved goals are always concrete grammar texts
+
+
+def test_open_door_events_and_locations():
+    env = make_env("BabyAI-OpenDoorColor-v0")
+    env.reset(seed=0)
+    bot = BabyAIBot(env.unwrapped)
+    opened = []
+    for _ in range(100):
+        _, _, term, trunc, info = env.step(bot.replan())
+        opened += [e for e in info["events"] if e.endswith("door is open")]
+        if term or trunc:
+            break
+    (goal,) = instr_goals(env.unwrapped.instrs)
+    assert opened == [f"{goal.obj.text} is open"]
+
+
+def test_location_patterns_need_the_reported_locations():
+    info = {"achieved": ["pick up the red ball"], "achieved_locs": [[["front", "left"], []]]}
+    assert goal_achieved(parse_goal("pick up the ball on your left"), info)
+    assert goal_achieved(parse_goal("pick up the red ball"), info)
+    assert not goal_achieved(parse_goal("pick up the ball on your right"), info)
+    assert not goal_achieved(parse_goal("pick up the blue ball"), info)
+
+
+def test_text_observation_describes_the_view():
+    env = make_env("BabyAI-GoToLocal-v0")
+    env.reset(seed=1)
+    text = env.text_observation()
+    assert text.startswith("You are facing north. You are carrying nothing. You see ")
+    assert "a purple box 1 step forward and 1 step left" in text
+    assert "a wall 4 steps forward" in text
+    env.step(0)  # turn left: the grey box two cells to the left is now ahead
+    assert "a grey box 2 steps forward" in env.text_observation()
+
+
+def test_wrapper_works_on_plain_minigrid():
+    env = LanguageWrapper(gym.make("MiniGrid-DoorKey-5x5-v0"))
+    obs, info = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+    _, _, _, _, info = env.step(2)
+    assert set(info) >= {"events", "achieved", "achieved_locs"}
