@@ -1,0 +1,59 @@
+"""The canonical goal grammar: round trips, patterns, clear errors."""
+
+import pytest
+
+from lwm.goals import Goal, GoalTextError, ObjRef, all_concrete_goals, parse_goal
+
+
+def test_every_concrete_goal_round_trips():
+    goals = all_concrete_goals()
+    assert len(goals) == len(set(goals)) == 480
+    for goal in goals:
+        assert goal.is_concrete
+        assert parse_goal(goal.text) == goal
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "go to the ball",
+        "pick up the key on your left",
+        "open the door in front of you",
+        "put the box behind you next to the red ball",
+    ],
+)
+def test_patterns_round_trip_and_are_not_concrete(text):
+    goal = parse_goal(text)
+    assert goal.text == text and not goal.is_concrete
+
+
+def test_pattern_matching():
+    pattern = parse_goal("put the ball next to the blue key")
+    assert pattern.matches(parse_goal("put the red ball next to the blue key"))
+    assert not pattern.matches(parse_goal("put the red ball next to the green key"))
+    assert not pattern.matches(parse_goal("pick up the red ball"))
+    located = parse_goal("go to the key on your right")
+    concrete = parse_goal("go to the grey key")
+    assert not located.matches(concrete)
+    assert located.matches(concrete, obj_locs={"right", "front"})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("go to the moon", "not a canonical goal text"),
+        ("Go To The Red Ball", "not a canonical goal text"),
+        ("open the red ball", "only doors can be opened"),
+        ("pick up the red door", "cannot pick up the red door"),
+    ],
+)
+def test_bad_goals_raise_clear_errors(text, message):
+    with pytest.raises(GoalTextError, match=message):
+        parse_goal(text)
+
+
+def test_bad_object_refs():
+    with pytest.raises(GoalTextError, match="unknown colour 'pink'"):
+        ObjRef("ball", "pink")
+    with pytest.raises(GoalTextError, match="takes a target"):
+        Goal("go to", ObjRef("ball", "red"), ObjRef("key", "blue"))
