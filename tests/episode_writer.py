@@ -19,7 +19,9 @@ def synthetic_episode(seed: int, steps: int) -> Episode:
     """A deterministic random episode of `steps` steps with a BabyAI-shaped 7×7×3 view."""
     rng = np.random.default_rng(seed)
     achieved: list[list[str]] = [[] for _ in range(steps + 1)]
-    achieved[steps] = ["go to the red ball"]
+    achieved[steps] = ["go to the red ball", "put the red ball next to the blue key"]
+    achieved_locs: list[list[list[list[str]]]] = [[] for _ in range(steps + 1)]
+    achieved_locs[steps] = [[["left"], []], [["left"], ["front", "right"]]]
     return Episode(
         image=rng.integers(0, 11, size=(steps + 1, 7, 7, 3), dtype=np.uint8),
         direction=rng.integers(0, 4, size=steps + 1),
@@ -30,6 +32,7 @@ def synthetic_episode(seed: int, steps: int) -> Episode:
         truncated=not seed % 2,
         events=[[f"step {t} of episode {seed}"] for t in range(steps + 1)],
         achieved=achieved,
+        achieved_locs=achieved_locs,
         mission="go to the red ball",
         meta={"env_id": "synthetic", "seed": seed},
     )

@@ -55,12 +55,14 @@ def test_recorder_builds_episode_with_reset_at_index_0():
     assert recorder.step(2, obs(1), 0.0, False, False, {}) is None
     episode = recorder.step(1, obs(2), 0.5, True, False,
                             {"events": ["you are at the red ball"],
-                             "achieved": ["go to the red ball"]})
+                             "achieved": ["go to the red ball"],
+                             "achieved_locs": [[["left"], []]]})
     assert episode.num_steps == 2
     assert episode.image[:, 0, 0, 0].tolist() == [0, 1, 2]
     assert episode.action.tolist() == [2, 1] and episode.reward.dtype == np.float32
     assert episode.events == [["you see a red ball"], [], ["you are at the red ball"]]
     assert episode.achieved == [[], [], ["go to the red ball"]]
+    assert episode.achieved_locs == [[], [], [[["left"], []]]]
     assert (episode.terminated, episode.truncated) == (True, False)
     assert episode.meta == {"env_id": "test", "seed": 3}
     with pytest.raises(RuntimeError, match="before reset"):
@@ -75,6 +77,9 @@ def test_episode_rejects_inconsistent_fields():
         Episode(**{**vars(good), "image": good.image.astype(np.int64)})
     with pytest.raises(ValueError, match="achieved: expected 5 lists"):
         Episode(**{**vars(good), "achieved": good.achieved[:-1]})
+    with pytest.raises(ValueError, match=r"achieved_locs\[4\]: expected one pair per"):
+        Episode(**{**vars(good), "achieved_locs": [[] for _ in range(5)]})
+    assert Episode(**{**vars(good), "achieved_locs": None}).achieved_locs[4] == [[[], []]] * 2
     with pytest.raises(ValueError, match="meta: not JSON"):
         Episode(**{**vars(good), "meta": {"seed": object()}})
 
@@ -234,6 +239,24 @@ def test_records_and_reloads_a_real_babyai_episode(tmp_path):
     assert EpisodeStore(tmp_path, mode="r")[index] == episode
 
 
+def test_records_the_env_layers_wrapper_as_is(tmp_path):
+    """The env layer's obs and info dicts feed the recorder unchanged, events and achieved too."""
+    import lwm.envs  # noqa: F401  (registers the lwm/ ids)
+
+    env = gymnasium.make("lwm/BabyAI-PickupLoc-v0")
+    rng = np.random.default_rng(1)
+    recorder = EpisodeRecorder(meta={"env_id": "lwm/BabyAI-PickupLoc-v0"})
+    recorder.reset(*env.reset(seed=1))
+    episode = None
+    while episode is None:
+        action = int(rng.integers(env.action_space.n))
+        episode = recorder.step(action, *env.step(action))
+    env.close()
+    assert any(episode.events) and any(episode.achieved)
+    with EpisodeStore(tmp_path) as store:
+        assert store[store.append(episode)] == episode
+
+
 # --- the sampler ------------------------------------------------------------------------------
 
 
@@ -261,6 +284,8 @@ def test_sampler_shapes_masks_and_content(tmp_path):
         assert batch.is_last[b].tolist() == [k == n and ends for k in range(6)]
         assert batch.is_terminal[b, n] == (ends and episode.terminated)
         assert batch.achieved[b][: n + 1] == episode.achieved[s : s + n + 1]
+        assert batch.achieved_locs[b][: n + 1] == episode.achieved_locs[s : s + n + 1]
+        assert batch.achieved[b][n + 1 :] == batch.achieved_locs[b][n + 1 :] == [[]] * (5 - n)
         assert batch.mission[b] == episode.mission
     short = batch.episode == 0  # T=3 < L=5: always start 0, padded
     assert short.any() and (batch.start[short] == 0).all() and (batch.mask[short].sum(1) == 3).all()

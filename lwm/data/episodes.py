@@ -2,8 +2,9 @@
 
 An episode of T steps holds T+1 observations (index 0 is the reset observation, index t the one
 reached by action t-1) and T actions and rewards (action t is taken from observation t). The
-per-observation text fields follow the same indexing: `events[t]` and `achieved[t]` are what the
-environment reported on arriving at observation t, so index 0 is what it said at reset.
+per-observation text fields follow the same indexing: `events[t]`, `achieved[t]` and
+`achieved_locs[t]` are what the environment reported on arriving at observation t, so index 0 is
+what it said at reset.
 
 Fed the environment layer's observation dicts and infos:
 
@@ -51,6 +52,30 @@ def _as_text_lists(name: str, value: Any, length: int) -> list[list[str]]:
     return out
 
 
+def _as_locs(value: Any, achieved: list[list[str]]) -> list[list[list[list[str]]]]:
+    """`achieved_locs` checked against `achieved` (one [obj_locs, target_locs] pair per goal)."""
+    if value is None:
+        return [[[[], []] for _ in texts] for texts in achieved]
+    if not isinstance(value, list | tuple) or len(value) != len(achieved):
+        raise ValueError(f"achieved_locs: expected {len(achieved)} lists, one per observation")
+    out = []
+    for t, (pairs, texts) in enumerate(zip(value, achieved, strict=True)):
+        if not isinstance(pairs, list | tuple) or len(pairs) != len(texts):
+            raise ValueError(f"achieved_locs[{t}]: expected one pair per achieved goal {texts}")
+        step = []
+        for pair in pairs:
+            ok = isinstance(pair, list | tuple) and len(pair) == 2 and all(
+                isinstance(locs, list | tuple) and all(isinstance(s, str) for s in locs)
+                for locs in pair
+            )
+            if not ok:
+                raise ValueError(f"achieved_locs[{t}]: expected [[str, ...], [str, ...]], "
+                                 f"got {pair!r}")
+            step.append([list(pair[0]), list(pair[1])])
+        out.append(step)
+    return out
+
+
 @dataclass(eq=False)
 class Episode:
     """One finished episode of T ≥ 1 steps.
@@ -81,6 +106,10 @@ class Episode:
     """The instruction the environment gave at reset."""
     meta: dict[str, Any] = field(default_factory=dict)
     """JSON-serialisable provenance: env_id, seed, suite, ..."""
+    achieved_locs: list[list[list[list[str]]]] | None = None
+    """T+1 lists aligned with `achieved`: per achieved goal, [object locations, target locations]
+    relative to the agent's start pose ("left", "front", ...), which BabyAI missions like "the
+    ball on your left" need for relabeling. None on construction means none known: empty pairs."""
 
     def __post_init__(self) -> None:
         self.image = _as_array("image", self.image, np.uint8, "safe")
@@ -102,6 +131,7 @@ class Episode:
                 raise ValueError(f"{name}: expected shape {shape} for T={steps}, got {array.shape}")
         self.events = _as_text_lists("events", self.events, steps + 1)
         self.achieved = _as_text_lists("achieved", self.achieved, steps + 1)
+        self.achieved_locs = _as_locs(self.achieved_locs, self.achieved)
         if not isinstance(self.mission, str):
             raise ValueError(f"mission: expected str, got {type(self.mission).__name__}")
         self.terminated = bool(self.terminated)
@@ -124,7 +154,8 @@ class Episode:
             a, b = getattr(self, name), getattr(other, name)
             if a.dtype != b.dtype or not np.array_equal(a, b):
                 return False
-        for name in ("terminated", "truncated", "events", "achieved", "mission", "meta"):
+        for name in ("terminated", "truncated", "events", "achieved", "achieved_locs", "mission",
+                     "meta"):
             if getattr(self, name) != getattr(other, name):
                 return False
         return True
@@ -142,11 +173,18 @@ def _obs_field(obs: Mapping[str, Any], key: str) -> Any:
         ) from None
 
 
+def _info_locs(info: Mapping[str, Any]) -> list[list[list[str]]]:
+    if "achieved_locs" in info:
+        return [[list(obj), list(target)] for obj, target in info["achieved_locs"]]
+    return [[[], []] for _ in info.get("achieved", ())]
+
+
 class EpisodeRecorder:
     """Builds an `Episode` from `reset` followed by `step` calls.
 
     `meta` given here is shared by every episode the recorder builds; `reset(..., meta=)` adds
-    per-episode entries (e.g. the seed). Infos without `events` / `achieved` count as empty.
+    per-episode entries (e.g. the seed). Infos without `events` / `achieved` count as empty, and
+    without `achieved_locs` as no locations known.
     """
 
     def __init__(self, meta: Mapping[str, Any] | None = None) -> None:
@@ -163,6 +201,7 @@ class EpisodeRecorder:
         self._mission = str(_obs_field(obs, "mission"))
         self._events = [list(info.get("events", ()))]
         self._achieved = [list(info.get("achieved", ()))]
+        self._achieved_locs = [_info_locs(info)]
         self._actions: list[int] = []
         self._rewards: list[float] = []
         self._meta = {**self._base_meta, **(meta or {})}
@@ -188,6 +227,7 @@ class EpisodeRecorder:
         self._carrying.append(np.array(_obs_field(obs, "carrying")))
         self._events.append(list(info.get("events", ())))
         self._achieved.append(list(info.get("achieved", ())))
+        self._achieved_locs.append(_info_locs(info))
         if not (terminated or truncated):
             return None
         self._started = False
@@ -201,6 +241,7 @@ class EpisodeRecorder:
             truncated=truncated,
             events=self._events,
             achieved=self._achieved,
+            achieved_locs=self._achieved_locs,
             mission=self._mission,
             meta=self._meta,
         )

@@ -56,6 +56,8 @@ class SequenceBatch:
     """B missions."""
     achieved: list[list[list[str]]]
     """B × (L+1) lists of goal texts achieved on arriving at each observation (empty if padded)."""
+    achieved_locs: list[list[list[list[list[str]]]]]
+    """B × (L+1) lists aligned with `achieved`: [object locations, target locations] per goal."""
 
     def to_torch(self, device: str | torch.device = "cpu") -> dict[str, Any]:
         """The array fields as torch tensors on `device`; text fields are passed through."""
@@ -136,7 +138,7 @@ class SequenceSampler:
         is_first = np.zeros((batch_size, length + 1), bool)
         is_last = np.zeros((batch_size, length + 1), bool)
         is_terminal = np.zeros((batch_size, length + 1), bool)
-        missions, achieved = [], []
+        missions, achieved, achieved_locs = [], [], []
         for b, (i, s) in enumerate(zip(which, starts, strict=True)):
             ep = self._episodes[i]
             n = min(length, ep.num_steps - s)  # real steps in this window
@@ -151,8 +153,12 @@ class SequenceSampler:
                 is_last[b, n] = True
                 is_terminal[b, n] = ep.terminated
             missions.append(ep.mission)
-            window_achieved = [list(texts) for texts in ep.achieved[s : s + n + 1]]
-            achieved.append(window_achieved + [[] for _ in range(length - n)])
+            padding = [[] for _ in range(length - n)]
+            achieved.append([list(texts) for texts in ep.achieved[s : s + n + 1]] + padding)
+            locs = ep.achieved_locs[s : s + n + 1]
+            achieved_locs.append(
+                [[[list(o), list(g)] for o, g in step] for step in locs] + [[] for _ in padding]
+            )
         return SequenceBatch(
             image=image,
             direction=direction,
@@ -167,4 +173,5 @@ class SequenceSampler:
             start=starts.astype(np.int64),
             mission=missions,
             achieved=achieved,
+            achieved_locs=achieved_locs,
         )

@@ -18,6 +18,7 @@ A store is a directory. Each finished episode is one file named by its zero-padd
     mission         ()            unicode
     events          ()            unicode  JSON: T+1 lists of str, index 0 = at reset
     achieved        ()            unicode  JSON: T+1 lists of str, index 0 = at reset
+    achieved_locs   ()            unicode  JSON: T+1 lists, per achieved goal [[str], [str]]
     meta            ()            unicode  JSON object: env_id, seed, suite, ...
 
 Crash safety: an episode is written to a hidden temporary file in the same directory
@@ -55,7 +56,7 @@ FORMAT_VERSION = 1
 
 _KEYS = frozenset({
     "format_version", "image", "direction", "carrying", "action", "reward", "terminated",
-    "truncated", "mission", "events", "achieved", "meta",
+    "truncated", "mission", "events", "achieved", "achieved_locs", "meta",
 })
 _FINAL_NAME = re.compile(r"^(\d{8,})\.npz$")
 _TEMP_NAME = re.compile(r"^\.\d{8,}\.npz\.\d+\.tmp$")
@@ -99,6 +100,7 @@ def save_episode(episode: Episode, path: str | os.PathLike[str]) -> None:
         "mission": np.str_(episode.mission),
         "events": np.str_(json.dumps(episode.events)),
         "achieved": np.str_(json.dumps(episode.achieved)),
+        "achieved_locs": np.str_(json.dumps(episode.achieved_locs)),
         "meta": np.str_(json.dumps(episode.meta)),
     }
     try:
@@ -156,6 +158,7 @@ def load_episode(path: str | os.PathLike[str]) -> Episode:
                 mission=str(_scalar(archive, "mission", "U")),
                 events=json.loads(str(_scalar(archive, "events", "U"))),
                 achieved=json.loads(str(_scalar(archive, "achieved", "U"))),
+                achieved_locs=json.loads(str(_scalar(archive, "achieved_locs", "U"))),
                 meta=json.loads(str(_scalar(archive, "meta", "U"))),
             )
         except EpisodeFormatError:
