@@ -1,0 +1,478 @@
+"""Mamba-2 (SSD) block in pure PyTorch: a chunked scan for training, an O(1) step for imagination.
+
+Notation follows the Mamba-2 paper (Dao & Gu, 2024) with n_groups = 1: per head h the state
+h_t (N, P) evolves as h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T and y_t = C_t h_t + D x_t, with
+A = -exp(A_log) a negative scalar per head and dt_t = softplus(dt_raw + dt_bias).
+
+Three ways to run the same math, each fast path beside the pure-PyTorch `*_ref` it is tested
+against:
+
+- `ssd_chunk_scan_ref` / `ssd_chunk_scan`: the whole sequence at once (training); the latter uses
+  mamba-ssm's Triton kernel when the tensors are on CUDA and `mamba_ssm` imports.
+- `ssd_step_ref` / `ssd_step_`: one token, functional vs. in place (imagination); the in-place
+  version uses mamba-ssm's `selective_state_update` on CUDA.
+- `Mamba2.step_ref` / `Mamba2.step_`: the whole block for one token; `compiled` wraps a step or
+  forward in `torch.compile(dynamic=False)` with a warned-once eager fallback.
+
+Nothing here needs CUDA or `mamba_ssm`: importing this module never fails on a CPU machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Self
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:  # mamba-ssm imports CUDA extensions unguarded, so any failure means "not available".
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+except Exception:  # ImportError, OSError for missing CUDA libs, RuntimeError, ...
+    selective_state_update = None
+    mamba_chunk_scan_combined = None
+
+HAS_MAMBA_SSM = mamba_chunk_scan_combined is not None
+
+# torch.compile's default of 8 graphs per code object is shared by all instances of a module and
+# by every batch size / ring slot; past it, dynamo silently runs eager. K candidates, three ring
+# slots and a few layers exceed 8 quickly.
+_RECOMPILE_LIMIT = 64
+
+
+# --------------------------------------------------------------------------------------------
+# Recurrent states
+# --------------------------------------------------------------------------------------------
+
+
+def _map_batch(fn: Callable[[Tensor], Tensor], value: Any) -> Any:
+    """Apply `fn` to every tensor in `value` (a tensor, a tuple of them, or a `BatchState`)."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(_map_batch(fn, v) for v in value)
+    if isinstance(value, BatchState):
+        return value.map(fn)
+    return value
+
+
+class BatchState:
+    """Base for recurrent-state dataclasses whose tensors all carry the batch at dim 0.
+
+    Subclasses are dataclasses of tensors, tuples of tensors, nested `BatchState`s and plain
+    Python values (step counters), which `clone`, `expand` and `index` copy unchanged.
+    """
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Self:
+        """A copy of this state with `fn` applied to every tensor."""
+        changes = {f.name: _map_batch(fn, getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **changes)
+
+    def clone(self) -> Self:
+        """A deep copy; `step` may update a state in place, so clone one you want to keep."""
+        return self.map(torch.clone)
+
+    def expand(self, k: int) -> Self:
+        """(B, ...) -> (B*k, ...): each batch element repeated k times in a row (K candidates).
+
+        The result owns its memory, so the copies can be stepped in place independently.
+        """
+        return self.map(lambda t: t.repeat_interleave(k, dim=0))
+
+    def index(self, idx: Tensor | slice | int) -> Self:
+        """Select batch elements, e.g. the best candidates: `state.index(torch.tensor([3, 7]))`."""
+        return self.map(lambda t: t[idx].contiguous())
+
+
+@dataclass
+class Mamba2State(BatchState):
+    """Recurrent state of one Mamba-2 block.
+
+    conv: (B, K-1, C) ring buffer of the last K-1 conv inputs; slot `t % (K-1)` holds the oldest.
+    ssm: (B, H, N, P) SSM state per head.
+    t: tokens consumed so far (picks the ring slot; the same for all batch elements).
+    """
+
+    conv: Tensor
+    ssm: Tensor
+    t: int = 0
+
+    def conv_ordered(self) -> Tensor:
+        """(B, K-1, C) the ring buffer in time order, oldest first."""
+        return self.conv.roll(-(self.t % self.conv.shape[1]), dims=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Functional pieces
+# --------------------------------------------------------------------------------------------
+
+
+def causal_conv1d_ref(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Depthwise causal conv1d, the textbook way.
+
+    x: (B, T, C); weight: (C, K); bias: (C,). Returns (B, T, C).
+    """
+    T = x.shape[1]
+    C, K = weight.shape
+    y = F.conv1d(x.transpose(1, 2), weight[:, None, :], bias, padding=K - 1, groups=C)
+    return y[..., :T].transpose(1, 2)  # (B, T, C)
+
+
+def causal_conv1d(
+    x: Tensor, weight: Tensor, bias: Tensor | None, context: Tensor | None = None
+) -> Tensor:
+    """Depthwise causal conv1d as K shifted multiply-adds.
+
+    On CPU the depthwise `F.conv1d` backward costs ~20 ms a call at training shapes; K shifted
+    multiply-adds are several times cheaper and fuse under torch.compile.
+
+    x: (B, T, C); weight: (C, K); bias: (C,); context: (B, K-1, C) inputs before x (oldest
+    first), zeros if None. Returns (B, T, C).
+    """
+    T, K = x.shape[1], weight.shape[1]
+    if context is None:
+        xp = F.pad(x, (0, 0, K - 1, 0))  # (B, T+K-1, C)
+    else:
+        xp = torch.cat([context.to(x.dtype), x], dim=1)  # (B, T+K-1, C)
+    y = xp[:, K - 1 :] * weight[:, K - 1]
+    for k in range(K - 1):
+        y = y + xp[:, k : k + T] * weight[:, k]
+    return y if bias is None else y + bias
+
+
+class RMSNormGated(nn.Module):
+    """Mamba-2's gated RMSNorm, gate before norm: weight * rmsnorm(y * silu(z))."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        """y, z: (..., E) -> (..., E)."""
+        y = y * F.silu(z)
+        return self.weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def segsum(a: Tensor) -> Tensor:
+    """Stable segment sums: out[..., i, j] = a[..., j+1] + ... + a[..., i] for j <= i, else -inf.
+
+    a: (..., T). Returns (..., T, T); exp of it is the decay matrix from step j to step i.
+    """
+    T = a.shape[-1]
+    a = a[..., None].expand(*a.shape, T)  # (..., T_i, T_j): column j is a copy of a
+    below = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
+    # Summing down the rows of the strictly lower part: row i, column j holds a[j+1] + ... + a[i].
+    out = a.masked_fill(~below, 0).cumsum(-2)
+    return out.masked_fill(below.T, -math.inf)  # j > i: no path back in time
+
+
+def ssd_chunk_scan_ref(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    h0: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """SSD chunked scan (the paper's "minimal" algorithm), without the D skip.
+
+    Within a chunk the output is a masked, decayed attention-like product (quadratic in the
+    chunk length, matmul-friendly); across chunks only the (H, N, P) states are passed on.
+
+    x: (B, T, H, P); dt: (B, T, H) after softplus; A: (H,) negative; B, C: (B, T, N);
+    h0: (B, H, N, P) initial state or None. Returns y: (B, T, H, P) and the final state
+    (B, H, N, P). T need not be a multiple of `chunk_size`.
+    """
+    b, T, H, P = x.shape
+    N = B.shape[-1]
+    L = chunk_size
+    pad = -T % L
+    # Padded steps have dt = 0: no decay and no input, so the final state is the state at T.
+    x, dt, B, C = (F.pad(v, (0, 0) * (v.dim() - 2) + (0, pad)) for v in (x, dt, B, C))
+    c = (T + pad) // L
+    xdt = (x * dt[..., None]).view(b, c, L, H, P)  # (b, c, l, H, P)
+    B = B.view(b, c, L, N)  # (b, c, l, N)
+    C = C.view(b, c, L, N)
+    a = (dt * A).view(b, c, L, H).permute(0, 3, 1, 2)  # (b, H, c, l): log decay of each step
+    a_cum = a.cumsum(-1)  # (b, H, c, l)
+
+    # 1. Within chunks: y_i = sum_{j<=i} (C_i . B_j) exp(a_{j+1..i}) dt_j x_j.
+    decay = torch.exp(segsum(a))  # (b, H, c, l, s)
+    CB = torch.einsum("bcln,bcsn->bcls", C, B)  # (b, c, l, s)
+    M = CB[:, None] * decay  # (b, H, c, l, s)
+    y_diag = torch.einsum("bhcls,bcshp->bclhp", M, xdt)
+
+    # 2. State each chunk contributes at its end: sum_j exp(a_{j+1..end}) B_j (dt_j x_j)^T.
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, H, c, l)
+    states = torch.einsum("bcln,bhcl,bclhp->bchnp", B, decay_to_end, xdt)  # (b, c, H, N, P)
+
+    # 3. Across chunks: state at the start of each chunk (and the final one) from all earlier.
+    if h0 is None:
+        h0 = x.new_zeros(b, H, N, P)
+    states = torch.cat([h0[:, None].to(states.dtype), states], dim=1)  # (b, c+1, H, N, P)
+    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, H, c+1, c+1)
+    states = torch.einsum("bhzc,bchnp->bzhnp", chunk_decay, states)  # (b, c+1, H, N, P)
+    states, h_final = states[:, :-1], states[:, -1]
+
+    # 4. Contribution of each chunk's start state: C_i exp(a_{start..i}) h_start.
+    y_off = torch.einsum("bcln,bchnp,bhcl->bclhp", C, states, torch.exp(a_cum))
+
+    y = (y_diag + y_off).reshape(b, c * L, H, P)[:, :T]  # (B, T, H, P)
+    return y, h_final
+
+
+def ssd_chunk_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    h0: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`ssd_chunk_scan_ref`, on mamba-ssm's fused kernel when on CUDA with mamba-ssm installed."""
+    if HAS_MAMBA_SSM and x.is_cuda:
+        init = None if h0 is None else h0.transpose(-1, -2).contiguous()  # (B, H, P, N)
+        y, h_final = mamba_chunk_scan_combined(
+            x,
+            dt,
+            A,
+            B[:, :, None],
+            C[:, :, None],
+            chunk_size,  # B, C: (B, T, 1, N)
+            initial_states=init,
+            return_final_states=True,
+        )
+        return y, h_final.transpose(-1, -2)  # (B, H, N, P)
+    return ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size, h0)
+
+
+def ssd_step_ref(
+    h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One SSD recurrence step, functional (differentiable), without the D skip.
+
+    h: (B, H, N, P); x: (B, H, P); dt: (B, H) after softplus; A: (H,); B, C: (B, N).
+    Returns y: (B, H, P) and the new state (B, H, N, P).
+    """
+    dA = torch.exp(dt * A)  # (B, H)
+    dBx = (dt[..., None] * B[:, None, :])[..., None] * x[:, :, None, :]  # (B, H, N, P)
+    h = dA[..., None, None] * h + dBx
+    y = torch.einsum("bn,bhnp->bhp", C, h)
+    return y, h
+
+
+def ssd_step_(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+    """`ssd_step_ref` that updates `h` in place and returns y: (B, H, P).
+
+    At imagination batch sizes h is larger than the cache (16 MiB a layer at B=1024), so a fresh
+    tensor per step costs 1.7-2.6x; y is computed from the old state,
+    y = exp(dt A) (C . h_old) + dt (C . B) x, so h is read once before it is overwritten.
+    """
+    if HAS_MAMBA_SSM and x.is_cuda:
+        H, P = x.shape[1:]
+        return selective_state_update(
+            h.transpose(-1, -2),  # (B, H, P, N) view: the kernel writes through its strides
+            x,
+            dt[..., None].expand(-1, -1, P),
+            A[:, None, None].expand(H, P, B.shape[-1]),
+            B[:, None],
+            C[:, None],  # (B, 1, N)
+        )
+    dA = torch.exp(dt * A)  # (B, H)
+    Ch = torch.matmul(C[:, None, None, :], h).squeeze(-2)  # (B,H,1,N) @ (B,H,N,P) -> (B,H,P)
+    CB = (C * B).sum(-1, keepdim=True)  # (B, 1)
+    y = dA[..., None] * Ch + (dt * CB)[..., None] * x
+    h.mul_(dA[..., None, None]).add_((dt[..., None] * B[:, None, :])[..., None] * x[:, :, None, :])
+    return y
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile with a clean fallback
+# --------------------------------------------------------------------------------------------
+
+
+class compiled:  # lower case: used like torch.compile, compiled(fn)(*args)
+    """`torch.compile(fn, dynamic=False)` that falls back to eager `fn` if compilation fails.
+
+    Compilation happens lazily on the first call of each new shape; if that raises (no C
+    compiler, unsupported platform, a compiler bug), warn once and run `fn` eagerly from then on.
+    `dynamic=False` because dynamic-shape recompiles crashed ("double free") in the probe.
+    """
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+        self.failed = False
+        self._compiled: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.failed:
+            try:
+                if self._compiled is None:  # lazily: importing torch._dynamo takes seconds
+                    import torch._dynamo
+
+                    if not torch._dynamo.is_dynamo_supported():
+                        raise RuntimeError("torch.compile is not supported on this platform")
+                    config = torch._dynamo.config
+                    config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
+                    self._compiled = torch.compile(self.fn, dynamic=False)
+                return self._compiled(*args, **kwargs)
+            except Exception as err:  # any compiler failure means "use eager"
+                self.failed = True
+                warnings.warn(
+                    f"torch.compile failed ({type(err).__name__}: {err}); running "
+                    f"{getattr(self.fn, '__qualname__', self.fn)} eagerly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return self.fn(*args, **kwargs)
+
+
+def linear(x: Tensor, weight: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """x @ weight^T, optionally with both cast to `dtype` (bf16 matmuls); result in x's dtype."""
+    if dtype is None or dtype == x.dtype:
+        return F.linear(x, weight)
+    return F.linear(x.to(dtype), weight.to(dtype)).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The block
+# --------------------------------------------------------------------------------------------
+
+
+class Mamba2(nn.Module):
+    """Mamba-2 mixer (n_groups = 1): in_proj -> causal conv1d -> SSD -> gated RMSNorm -> out_proj.
+
+    Same parameters and layout as mamba-ssm's `Mamba2` and transformers' `Mamba2Mixer`
+    (use_bias=False, conv bias on): in_proj emits [z, x, B, C, dt].
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        headdim: int = 32,
+        chunk_size: int = 32,
+        eps: float = 1e-5,
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+    ):
+        super().__init__()
+        self.d_inner = expand * d_model
+        if self.d_inner % headdim:
+            raise ValueError(
+                f"expand * d_model = {self.d_inner} not divisible by headdim {headdim}"
+            )
+        self.d_state, self.d_conv, self.headdim = d_state, d_conv, headdim
+        self.n_heads = self.d_inner // headdim
+        self.chunk_size = chunk_size
+        self.conv_dim = self.d_inner + 2 * d_state  # conv runs over [x, B, C]
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * d_state + self.n_heads, bias=False)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1
+        )
+        # dt = softplus(dt_raw + dt_bias) starts log-uniform in [dt_min, dt_max]; A_h = -h.
+        log_dt = math.log(dt_min) + torch.rand(self.n_heads) * math.log(dt_max / dt_min)
+        dt = log_dt.exp().clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.n_heads + 1, dtype=torch.float)))
+        self.D = nn.Parameter(torch.ones(self.n_heads))
+        self.norm = RMSNormGated(self.d_inner, eps)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+
+    def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(..., 2E+2N+H) -> z (..., E), xBC (..., E+2N), dt_raw (..., H)."""
+        return zxbcdt.split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+
+    def _ssm_inputs(self, xBC: Tensor, dt_raw: Tensor) -> tuple[Tensor, ...]:
+        """Post-conv [x, B, C] and raw dt -> x (..., H, P), dt (..., H), A (H,), B, C (..., N)."""
+        x, B, C = xBC.split([self.d_inner, self.d_state, self.d_state], dim=-1)
+        x = x.unflatten(-1, (self.n_heads, self.headdim))  # (..., H, P)
+        dt = F.softplus(dt_raw + self.dt_bias)
+        return x, dt, -torch.exp(self.A_log), B, C
+
+    def forward(self, u: Tensor, state: Mamba2State | None = None) -> tuple[Tensor, Mamba2State]:
+        """Chunked-scan pass over a sequence (training, and prefilling a state for imagination).
+
+        u: (B, T, D); state: where to continue from (None: from zeros). Returns y: (B, T, D)
+        and the state after the last token.
+        """
+        T = u.shape[1]
+        z, xBC, dt_raw = self._split(self.in_proj(u))
+        context = None if state is None else state.conv_ordered()
+        conv_in = xBC
+        xBC = F.silu(causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, context))
+        x, dt, A, B, C = self._ssm_inputs(xBC, dt_raw)
+        y, h = ssd_chunk_scan(x, dt, A, B, C, self.chunk_size, None if state is None else state.ssm)
+        y = y + self.D[:, None] * x  # (B, T, H, P)
+        y = self.norm(y.flatten(-2), z)  # (B, T, E)
+
+        t = T if state is None else state.t + T
+        if context is None:
+            context = conv_in.new_zeros(u.shape[0], self.d_conv - 1, self.conv_dim)
+        tail = torch.cat([context, conv_in], dim=1)[:, -(self.d_conv - 1) :]  # (B, K-1, C)
+        conv = tail.roll(t % (self.d_conv - 1), dims=1)  # oldest input to ring slot t % (K-1)
+        return self.out_proj(y), Mamba2State(conv=conv, ssm=h, t=t)
+
+    def init_state(self, batch: int, device: torch.device | None = None) -> Mamba2State:
+        """Zero state for `batch` sequences: conv (B, K-1, C), ssm (B, H, N, P)."""
+        device = device or self.A_log.device
+        return Mamba2State(
+            conv=torch.zeros(batch, self.d_conv - 1, self.conv_dim, device=device),
+            ssm=torch.zeros(batch, self.n_heads, self.d_state, self.headdim, device=device),
+        )
+
+    def _conv_step(self, conv: Tensor, slot: int, xBC: Tensor) -> Tensor:
+        """Causal conv output (B, C) for a new input xBC: (B, C), given the ring buffer
+        conv: (B, K-1, C) whose oldest entry is at `slot` (not updated here)."""
+        w, K = self.conv1d.weight[:, 0], self.d_conv  # (C, K)
+        y = self.conv1d.bias + xBC * w[:, K - 1]
+        for k in range(K - 1):  # tap k sees the input K-1-k steps back, in slot + k
+            y = y + conv[:, (slot + k) % (K - 1)] * w[:, k]
+        return y
+
+    def step_ref(self, state: Mamba2State, u: Tensor) -> tuple[Tensor, Mamba2State]:
+        """One token, functional and differentiable. u: (B, D) -> y: (B, D), new state."""
+        z, xBC, dt_raw = self._split(self.in_proj(u))
+        slot = state.t % (self.d_conv - 1)
+        xc = F.silu(self._conv_step(state.conv, slot, xBC))
+        conv = state.conv.clone()
+        conv[:, slot] = xBC  # newest input replaces the oldest
+        x, dt, A, B, C = self._ssm_inputs(xc, dt_raw)
+        y, h = ssd_step_ref(state.ssm, x, dt, A, B, C)
+        y = y + self.D[:, None] * x  # (B, H, P)
+        y = self.norm(y.flatten(-2), z)  # (B, E)
+        return self.out_proj(y), Mamba2State(conv=conv, ssm=h, t=state.t + 1)
+
+    def step_(
+        self,
+        conv: Tensor,
+        ssm: Tensor,
+        slot: int,
+        u: Tensor,
+        matmul_dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """One token, updating a `Mamba2State`'s conv (B, K-1, C) and ssm (B, H, N, P) in place.
+
+        slot: `state.t % (K-1)` (the caller advances `state.t`; a compiled caller specialises on
+        the slot, where passing t would recompile every step). u: (B, D) -> y: (B, D).
+        `matmul_dtype=torch.bfloat16` runs the two projections in bf16; the scan stays fp32.
+        No autograd through the in-place update: this is the no-grad imagination path.
+        """
+        z, xBC, dt_raw = self._split(linear(u, self.in_proj.weight, matmul_dtype))
+        xc = F.silu(self._conv_step(conv, slot, xBC))
+        conv[:, slot] = xBC
+        x, dt, A, B, C = self._ssm_inputs(xc, dt_raw)
+        y = ssd_step_(ssm, x, dt, A, B, C) + self.D[:, None] * x  # (B, H, P)
+        y = self.norm(y.flatten(-2), z)  # (B, E)
+        return linear(y, self.out_proj.weight, matmul_dtype)

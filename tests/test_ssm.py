@@ -1,0 +1,185 @@
+"""The Mamba-2 block: each fast path against its pure-PyTorch reference and transformers."""
+
+import warnings
+
+import pytest
+import torch
+
+from lwm.models import ssm
+from lwm.models.ssm import (
+    Mamba2,
+    causal_conv1d,
+    causal_conv1d_ref,
+    compiled,
+    ssd_chunk_scan_ref,
+    ssd_step_,
+    ssd_step_ref,
+)
+
+D_MODEL, T = 32, 21  # T is not a multiple of any chunk size below
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+
+def make_block(chunk_size: int = 8) -> Mamba2:
+    block = Mamba2(D_MODEL, d_state=8, headdim=16, chunk_size=chunk_size)
+    with torch.no_grad():  # larger dt than the init so that decay matters over T steps
+        block.dt_bias.add_(1.0)
+    return block
+
+
+def ssd_inputs(b: int = 2, H: int = 3, P: int = 4, N: int = 5):
+    x = torch.randn(b, T, H, P)
+    dt = torch.nn.functional.softplus(torch.randn(b, T, H))
+    A = -torch.rand(H) - 0.1
+    B, C = torch.randn(b, T, N), torch.randn(b, T, N)
+    return x, dt, A, B, C
+
+
+def test_causal_conv1d_matches_ref():
+    x, w, bias = torch.randn(2, T, 7), torch.randn(7, 4), torch.randn(7)
+    torch.testing.assert_close(causal_conv1d(x, w, bias), causal_conv1d_ref(x, w, bias))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 8, 16, 32])
+def test_chunk_scan_equals_step_by_step(chunk_size):
+    x, dt, A, B, C = ssd_inputs()
+    h0 = torch.randn(2, 3, 5, 4)
+    y, h_final = ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size, h0)
+    h, ys = h0, []
+    for t in range(T):
+        y_t, h = ssd_step_ref(h, x[:, t], dt[:, t], A, B[:, t], C[:, t])
+        ys.append(y_t)
+    torch.testing.assert_close(y, torch.stack(ys, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_final, h, atol=1e-5, rtol=1e-5)
+
+
+def test_inplace_step_equals_ref():
+    x, dt, A, B, C = ssd_inputs()
+    h = torch.randn(2, 3, 5, 4)
+    y_ref, h_ref = ssd_step_ref(h, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+    y = ssd_step_(h, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(h, h_ref)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 8, 16, 32])
+def test_block_forward_equals_stepping(chunk_size):
+    block = make_block(chunk_size)
+    u = torch.randn(3, T, D_MODEL)
+    y, final = block(u)
+    state, ys = block.init_state(3), []
+    for t in range(T):
+        y_t, state = block.step_ref(state, u[:, t])
+        ys.append(y_t)
+    torch.testing.assert_close(y, torch.stack(ys, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(final.ssm, state.ssm, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(final.conv, state.conv)
+    assert final.t == state.t == T
+
+
+def test_block_inplace_step_equals_ref():
+    block = make_block()
+    u = torch.randn(3, T, D_MODEL)
+    ref, fast = block.init_state(3), block.init_state(3)
+    with torch.no_grad():
+        for t in range(T):
+            y_ref, ref = block.step_ref(ref, u[:, t])
+            y = block.step_(fast.conv, fast.ssm, fast.t % 3, u[:, t])
+            fast.t += 1
+            torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fast.ssm, ref.ssm, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fast.conv, ref.conv)
+
+
+def test_forward_continues_from_state():
+    block = make_block()
+    u = torch.randn(2, T, D_MODEL)
+    y, final = block(u)
+    y1, mid = block(u[:, :10])
+    y2, end = block(u[:, 10:], mid)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(end.ssm, final.ssm, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(end.conv, final.conv)
+
+
+@pytest.mark.parametrize("chunk_size", [8, 16])
+def test_matches_transformers_mamba2_mixer(chunk_size):
+    from transformers import Mamba2Config
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+    block = make_block(chunk_size)
+    config = Mamba2Config(
+        hidden_size=D_MODEL,
+        state_size=8,
+        head_dim=16,
+        num_heads=4,
+        expand=2,
+        n_groups=1,
+        conv_kernel=4,
+        use_bias=False,
+        use_conv_bias=True,
+        chunk_size=chunk_size,
+        layer_norm_epsilon=1e-5,
+        num_hidden_layers=1,
+    )
+    mixer = Mamba2Mixer(config, layer_idx=0).eval()
+    # Same parameter names and shapes (conv1d weight (C, 1, K) in both).
+    mixer.load_state_dict(block.state_dict())
+    u = torch.randn(2, T, D_MODEL)
+    with torch.no_grad():
+        torch.testing.assert_close(block(u)[0], mixer(u), atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_finite():
+    block = make_block()
+    u = torch.randn(2, T, D_MODEL, requires_grad=True)
+    y, state = block(u)
+    (y.square().mean() + state.ssm.square().mean()).backward()
+    grads = [u.grad] + [p.grad for p in block.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_state_expand_and_index():
+    block = make_block()
+    _, state = block(torch.randn(2, 5, D_MODEL))
+    k = 3
+    big = state.expand(k)
+    assert big.ssm.shape[0] == 2 * k and big.t == state.t
+    x = torch.randn(2 * k, D_MODEL)
+    y_big, big = block.step_ref(big, x)
+    for i in range(2 * k):  # candidate i continues batch element i // k
+        y_i, s_i = block.step_ref(state.index(torch.tensor([i // k])), x[i : i + 1])
+        torch.testing.assert_close(y_big[i : i + 1], y_i)
+        torch.testing.assert_close(big.index(slice(i, i + 1)).ssm, s_i.ssm)
+    clone = state.clone()
+    clone.ssm.add_(1.0)
+    assert not torch.equal(clone.ssm, state.ssm)
+
+
+def test_compiled_falls_back_to_eager_with_one_warning(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    double = compiled(lambda x: 2 * x)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        assert double(torch.ones(1)).item() == 2.0
+    assert double.failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: later calls run eagerly and silently
+        assert double(torch.ones(1)).item() == 2.0
+
+
+def test_cpu_tensors_take_the_reference_path():
+    # mamba-ssm's kernels are CUDA-only: installed or not, CPU tensors must run the reference.
+    x, dt, A, B, C = ssd_inputs()
+    y, _ = ssm.ssd_chunk_scan(x, dt, A, B, C, 8)
+    torch.testing.assert_close(y, ssd_chunk_scan_ref(x, dt, A, B, C, 8)[0])
