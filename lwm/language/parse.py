@@ -1,0 +1,107 @@
+"""Instruction → `GoalSpec` with a chat model (any langchain model, or lwm's local one).
+
+The model fills in `WireParse` by structured output; its answer is then grounded: every phrase
+it marks as unknown, and every subgoal lwm's goal grammar rejects ("open the red ball"), becomes
+an `InstructionError` that says what could not be grounded. Answers are cached per (model, text).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+
+from langchain_core.language_models.chat_models import BaseChatModel
+from langchain_core.messages import HumanMessage, SystemMessage
+from pydantic import ValidationError
+
+from lwm.language.llm import get_chat_model, invoke_structured, model_key
+from lwm.language.prompts import load_prompt, render_prompt
+from lwm.language.spec import GoalSpec, InstructionError
+from lwm.language.wire import WireParse
+
+__all__ = ["LLMGoalParser", "clear_parse_cache", "parse_instruction"]
+
+# Ungroundable instructions are cached too: asking again would give the same answer.
+_CACHE: OrderedDict[tuple[str, str], GoalSpec | InstructionError] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 4096
+
+
+def clear_parse_cache() -> None:
+    """Forget every cached parse (all models)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+def ground(answer: WireParse, instruction: str) -> GoalSpec:
+    """The `GoalSpec` of a model's answer, or `InstructionError` naming what is not grounded."""
+    if answer.unknown:
+        names = ", ".join(repr(u) for u in answer.unknown)
+        verb = "is" if len(answer.unknown) == 1 else "are"
+        raise InstructionError(
+            f"{names} {verb} not an object or action in this task's vocabulary "
+            f"(instruction: {instruction!r})"
+        )
+    if not answer.subgoals:
+        raise InstructionError(f"found no goal in {instruction!r}")
+    try:
+        subgoals = tuple(s.to_subgoal(stage=i) for i, s in enumerate(answer.subgoals))
+    except ValidationError as e:
+        reason = e.errors()[0]["msg"].removeprefix("Value error, ")
+        raise InstructionError(f"{instruction!r} cannot be grounded: {reason}") from e
+    return GoalSpec(instruction=instruction, subgoals=subgoals)
+
+
+class LLMGoalParser:
+    """`GoalParser` that asks a chat model; `retries` is how often to re-ask on invalid output."""
+
+    def __init__(self, llm: BaseChatModel | str = "local", retries: int = 2) -> None:
+        self.llm = get_chat_model(llm)
+        self.retries = retries
+
+    def parse(self, instruction: str) -> GoalSpec:
+        """Parse `instruction`; raises `InstructionError` (ungroundable) or
+        `StructuredOutputError` (the model kept answering outside the schema)."""
+        text = _normalize(instruction)
+        if not text:
+            raise InstructionError("the instruction is empty")
+        key = (model_key(self.llm), text)
+        with _CACHE_LOCK:
+            cached = _CACHE.get(key)
+            if cached is not None:
+                _CACHE.move_to_end(key)
+        if isinstance(cached, InstructionError):
+            raise cached
+        if cached is not None:
+            return cached.model_copy(update={"instruction": instruction})
+        messages = [
+            SystemMessage(load_prompt("parse_system.txt")),
+            HumanMessage(render_prompt("parse_user.txt", instruction=json.dumps(text))),
+        ]
+        answer = invoke_structured(self.llm, WireParse, messages, retries=self.retries)
+        try:
+            result: GoalSpec | InstructionError = ground(answer, instruction)
+        except InstructionError as e:
+            result = e
+        with _CACHE_LOCK:
+            _CACHE[key] = result
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
+        if isinstance(result, InstructionError):
+            raise result
+        return result
+
+
+def parse_instruction(instruction: str, llm: BaseChatModel | str = "local",
+                      retries: int = 2) -> GoalSpec:
+    """Parse a free-form instruction into a `GoalSpec` with chat model `llm` (see `LLMGoalParser`).
+
+    Raises `InstructionError` naming what cannot be grounded, e.g. "'the moon' is not an object
+    in this task's vocabulary".
+    """
+    return LLMGoalParser(llm, retries=retries).parse(instruction)
