@@ -1,0 +1,51 @@
+"""Planning in imagination: CEM and MPPI over action sequences, behind one `Planner` interface.
+
+Planners only talk to a `WorldModel` (tensors in, tensors out); they never touch an environment.
+Adding a planner: one file with a `Planner` subclass and its config, one line in `PLANNERS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lwm.planning.base import (
+    Candidates,
+    Planner,
+    PlanResult,
+    PolicyPrior,
+    objective,
+)
+from lwm.planning.cem import CEM, CEMConfig
+from lwm.planning.mppi import MPPI, MPPIConfig
+
+PLANNERS: dict[str, tuple[type[Planner], type]] = {
+    "cem": (CEM, CEMConfig),
+    "mppi": (MPPI, MPPIConfig),
+}
+"""name -> (planner class, its config dataclass)."""
+
+
+def make_planner(name: str, cfg: Any = None, **kwargs: Any) -> Planner:
+    """Build the planner registered as `name` ("cem", "mppi") from its config (None: defaults);
+    extra keyword arguments go to the constructor (e.g. MPPI's `prior`)."""
+    if name not in PLANNERS:
+        raise ValueError(f"unknown planner {name!r}; choose from {sorted(PLANNERS)}")
+    cls, cfg_cls = PLANNERS[name]
+    if cfg is not None and not isinstance(cfg, cfg_cls):
+        raise TypeError(f"planner {name!r} takes a {cfg_cls.__name__}, got {type(cfg).__name__}")
+    return cls(cfg, **kwargs)
+
+
+__all__ = [
+    "CEM",
+    "MPPI",
+    "PLANNERS",
+    "CEMConfig",
+    "Candidates",
+    "MPPIConfig",
+    "PlanResult",
+    "Planner",
+    "PolicyPrior",
+    "make_planner",
+    "objective",
+]

@@ -1,0 +1,128 @@
+"""MPPI over discrete action sequences, after TD-MPC2's planner (Hansen et al., 2024).
+
+Like CEM, each plan step has a categorical distribution (B, H, A) that is sampled, scored in
+imagination and refitted. The differences are TD-MPC2's: the refit weights the E best sequences
+by softmax(J / temperature) instead of equally, so a clearly better sequence dominates and
+near-ties share; a share of the candidates comes from a policy prior rolled out in imagination
+(drawn once per call, kept in every iteration's elite pool); and the plan taken is either the
+best sequence (greedy) or one drawn from the final elites by their weights (exploration).
+J bootstraps from the value head at the horizon (`lwm.planning.base`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lwm.models.ssm import BatchState
+from lwm.models.world_model import WorldModel
+from lwm.planning.base import (
+    Candidates,
+    Planner,
+    PlanResult,
+    PolicyPrior,
+    WarmStart,
+    action_frequencies,
+    plan_result,
+    sample_prior,
+    sample_sequences,
+    score_sequences,
+)
+
+
+@dataclass
+class MPPIConfig:
+    """Search budget and update rule of `MPPI`."""
+
+    horizon: int = 8
+    """H: imagined steps per candidate sequence."""
+    candidates: int = 512
+    """K: sequences per environment and iteration, prior rollouts included."""
+    iterations: int = 4
+    """Sample-score-refit rounds per action."""
+    elites: int = 64
+    """E: best sequences the softmax-weighted refit uses."""
+    temperature: float = 0.05
+    """tau of the weights softmax(J / tau); J is a probability, so differences are small."""
+    momentum: float = 0.1
+    """Weight of the previous distribution in the refit (0: weighted elite frequencies only)."""
+    prior_share: float = 0.25
+    """Share of the K candidates drawn from the policy prior, when the planner has one."""
+    discount: float = 0.99
+    """gamma of the objective J."""
+    greedy: bool = True
+    """Take the best sequence; False: draw one from the final elites by their weights."""
+    warm_start: bool = True
+    """Start from the previous call's final distribution shifted by one step (MPC)."""
+    uniform_mix: float = 0.2
+    """Share of the uniform distribution mixed into a warm start, so no action is ruled out."""
+
+
+class MPPI(Planner):
+    """MPPI planner (module docstring), batched over environments.
+
+    prior: optional proposal `prior(h, z, goal) -> logits` (see `PolicyPrior`).
+    """
+
+    def __init__(self, cfg: MPPIConfig | None = None, prior: PolicyPrior | None = None):
+        self.cfg = cfg or MPPIConfig()
+        self.prior = prior
+        n_prior = self.n_prior
+        if not 0 < self.cfg.elites <= self.cfg.candidates or n_prior >= self.cfg.candidates:
+            raise ValueError(f"need 0 < elites <= candidates > prior rollouts, got {self.cfg}")
+        self.warm = WarmStart(self.cfg.horizon, self.cfg.uniform_mix)
+
+    @property
+    def n_prior(self) -> int:
+        """Candidates per environment drawn from the prior (0 without one)."""
+        return 0 if self.prior is None else round(self.cfg.prior_share * self.cfg.candidates)
+
+    def weights(self, objective: Tensor) -> Tensor:
+        """Softmax weights (B, E) of elite objectives (B, E) at the temperature."""
+        return torch.softmax(objective / self.cfg.temperature, dim=1)
+
+    @torch.no_grad()
+    def plan(
+        self,
+        model: WorldModel,
+        state: BatchState,
+        z: Tensor,
+        goal: Tensor,
+        h: Tensor | None = None,
+        decode: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> PlanResult:
+        """See `Planner.plan`."""
+        cfg, A = self.cfg, model.cfg.n_actions
+        probs = self.warm.start(z.shape[0], A, z.device)  # (B, H, A)
+        pool: Candidates | None = None  # the prior's rollouts, scored once, in every pool
+        if self.prior is not None:
+            pool = sample_prior(
+                model, state, z, goal, self.prior, h, self.n_prior, cfg.horizon, cfg.discount,
+                generator,
+            )
+        best = None
+        for _ in range(cfg.iterations):
+            actions = sample_sequences(probs, cfg.candidates - self.n_prior, generator)
+            scored = score_sequences(model, state, z, goal, actions, cfg.discount)
+            elites = (scored if pool is None else pool.cat(scored)).top(cfg.elites)  # (B, E, ...)
+            weights = self.weights(elites.objective)  # (B, E)
+            probs = cfg.momentum * probs + (1 - cfg.momentum) * action_frequencies(
+                elites.actions, A, weights
+            )
+            best = elites.top(1) if best is None else best.cat(elites).top(1)
+        if not cfg.greedy:
+            pick = torch.multinomial(weights, 1, generator=generator)  # (B, 1)
+            best = elites.select(pick)
+        if cfg.warm_start:
+            self.warm.remember(probs)
+        return plan_result(model, state, z, goal, best, probs, decode)
+
+    def reset(self) -> None:
+        self.warm.reset()
+
+    def reset_envs(self, envs: Sequence[int] | Tensor) -> None:
+        self.warm.reset_envs(envs)

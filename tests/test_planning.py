@@ -1,0 +1,235 @@
+"""Planners: shapes, the caller's state left alone, determinism, MPC warm starts, and behaviour:
+on a world model whose reward is known, CEM and MPPI find the one rewarded action sequence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor
+
+from lwm.models.ssm import BatchState
+from lwm.models.world_model import WorldModel, preset
+from lwm.planning import (
+    CEM,
+    MPPI,
+    PLANNERS,
+    MPPIConfig,
+    make_planner,
+    objective,
+)
+
+torch.set_num_threads(1)
+
+SMALL = {"horizon": 4, "candidates": 64, "iterations": 2, "elites": 8}
+
+
+def small_planner(name: str, **overrides) -> CEM | MPPI:
+    cfg_cls = PLANNERS[name][1]
+    return make_planner(name, cfg_cls(**{**SMALL, **overrides}))
+
+
+@pytest.fixture(scope="module", params=["mamba2", "gru", "transformer"])
+def model(request) -> WorldModel:
+    torch.manual_seed(0)
+    return WorldModel(preset("debug", backbone=request.param)).eval()
+
+
+def history(model: WorldModel, batch: int, steps: int = 3):
+    """A model state after a short random history, the current latent and goal embeddings."""
+    gen = torch.Generator().manual_seed(1)
+    state = model.init_state(batch)
+    image = torch.randint(0, 3, (batch, 7, 7, 3), generator=gen)
+    direction = torch.randint(0, 4, (batch,), generator=gen)
+    carrying = torch.zeros(batch, 2, dtype=torch.long)
+    z = model.encode(image, direction, carrying)
+    with torch.no_grad():
+        for _ in range(steps):
+            _, state = model.next(state, z, torch.randint(0, 7, (batch,), generator=gen))
+    return state, z, torch.randn(batch, 384, generator=gen)
+
+
+def tensors(state: BatchState) -> list[Tensor]:
+    found: list[Tensor] = []
+    state.map(lambda t: found.append(t) or t)
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(PLANNERS))
+def test_shapes_for_a_batch_of_envs(model, name):
+    B, H = 3, SMALL["horizon"]
+    state, z, goal = history(model, B)
+    result = small_planner(name).plan(model, state, z, goal, decode=True)
+    assert result.action.shape == (B,) and result.action.dtype == torch.long
+    assert torch.equal(result.action, result.actions[:, 0])
+    assert result.actions.shape == result.reward.shape == result.cont.shape == (B, H)
+    assert result.value.shape == result.objective.shape == (B,)
+    assert result.probs.shape == (B, H, 7)
+    assert result.image.shape == (B, H, 7, 7, 3)
+    assert result.direction.shape == (B, H) and result.carrying.shape == (B, H, 2)
+    assert ((result.reward >= 0) & (result.reward <= 1)).all()
+    expect = objective(result.reward, result.cont, result.value, PLANNERS[name][1].discount)
+    torch.testing.assert_close(result.objective, expect)
+
+
+@pytest.mark.parametrize("name", sorted(PLANNERS))
+def test_caller_state_is_untouched(model, name):
+    state, z, goal = history(model, 2)
+    before = state.clone()
+    small_planner(name).plan(model, state, z, goal, decode=True)
+    after, kept = tensors(state), tensors(before)
+    assert after and len(after) == len(kept)
+    for a, b in zip(after, kept, strict=True):
+        assert torch.equal(a, b)
+    assert repr(state) == repr(before)  # step counters too
+
+
+@pytest.mark.parametrize("name", sorted(PLANNERS))
+def test_same_generator_seed_same_plan(name):
+    torch.manual_seed(0)
+    model = WorldModel(preset("debug")).eval()
+    state, z, goal = history(model, 2)
+    results = [
+        small_planner(name).plan(model, state, z, goal, generator=torch.Generator().manual_seed(7))
+        for _ in range(2)
+    ]
+    assert torch.equal(results[0].actions, results[1].actions)
+    assert torch.equal(results[0].probs, results[1].probs)
+
+
+@pytest.mark.parametrize("name", sorted(PLANNERS))
+def test_warm_start_shifts_the_last_plan(name):
+    torch.manual_seed(0)
+    model = WorldModel(preset("debug")).eval()
+    state, z, goal = history(model, 3)
+    planner = small_planner(name, uniform_mix=0.2)
+    uniform = torch.full((3, SMALL["horizon"], 7), 1 / 7)
+    torch.testing.assert_close(planner.warm.start(3, 7, z.device), uniform)
+
+    probs = planner.plan(model, state, z, goal).probs
+    start = planner.warm.start(3, 7, z.device)
+    torch.testing.assert_close(start[:, :-1], 0.8 * probs[:, 1:] + 0.2 / 7)
+    torch.testing.assert_close(start[:, -1], uniform[:, -1])
+
+    planner.reset_envs([1])
+    start = planner.warm.start(3, 7, z.device)
+    torch.testing.assert_close(start[1], uniform[1])
+    torch.testing.assert_close(start[0, :-1], 0.8 * probs[0, 1:] + 0.2 / 7)
+    with pytest.raises(ValueError, match="reset"):
+        planner.plan(model, *history(model, 2))
+    planner.reset()
+    torch.testing.assert_close(planner.warm.start(2, 7, z.device), uniform[:2])
+
+
+def test_objective_treats_the_goal_as_the_end():
+    # Certain success at step 0 ends the task: nothing after it counts.
+    reward = torch.tensor([1.0, 1.0, 1.0])
+    cont = torch.ones(3)
+    assert objective(reward, cont, torch.tensor(1.0), 0.9).item() == pytest.approx(1.0)
+    # Half a chance at each step, then the value: 0.5 + 0.9 * 0.25 + 0.81 * 0.125 + 0.729 * 0.125
+    reward = torch.full((3,), 0.5)
+    expect = 0.5 + 0.9 * 0.25 + 0.81 * 0.125 + 0.729 * 0.125 * 1.0
+    assert objective(reward, cont, torch.tensor(1.0), 0.9).item() == pytest.approx(expect)
+    # An episode that surely ends after step 0 earns neither later rewards nor the value.
+    cont = torch.tensor([0.0, 1.0, 1.0])
+    assert objective(reward, cont, torch.tensor(1.0), 0.9).item() == pytest.approx(0.5)
+
+
+def test_make_planner_rejects_unknown_names_and_foreign_configs():
+    with pytest.raises(ValueError, match="unknown planner"):
+        make_planner("mcts")
+    with pytest.raises(TypeError, match="CEMConfig"):
+        make_planner("cem", MPPIConfig())
+    assert isinstance(make_planner("mppi"), MPPI)
+
+
+# ------------------------------------------------------------------------------- behaviour
+
+
+@dataclass
+class MatchState(BatchState):
+    """matched: (B,) 1 while every action so far equals the target's; t: steps taken."""
+
+    matched: Tensor
+    t: int = 0
+
+
+class TargetSequenceModel(WorldModel):
+    """A debug world model whose dynamics and heads are replaced by a known toy: the goal is
+    achieved exactly when the actions taken so far are `target`, and never otherwise.
+
+    h carries (matched, t == len(target), t / 10) in its first three channels. Decoding and
+    encoding stay the real (untrained) networks, so the planner's imagination loop runs as usual.
+    """
+
+    def __init__(self, target: list[int]):
+        super().__init__(preset("debug"))
+        self.target = target
+
+    def init_state(self, batch: int) -> MatchState:
+        return MatchState(torch.ones(batch))
+
+    def next(self, state: MatchState, z: Tensor, action: Tensor) -> tuple[Tensor, MatchState]:
+        want = self.target[state.t] if state.t < len(self.target) else -1
+        matched = state.matched * (action == want)
+        t = state.t + 1
+        h = z.new_zeros(z.shape[0], self.cfg.d_model)
+        h[:, 0], h[:, 1], h[:, 2] = matched, float(t == len(self.target)), t / 10
+        return h, MatchState(matched, t)
+
+    def reward(self, h: Tensor, g: Tensor) -> Tensor:
+        return 20 * h[..., 0] * h[..., 1] - 10
+
+    def cont(self, h: Tensor) -> Tensor:
+        return torch.full_like(h[..., 0], 10.0)
+
+    def value(self, h: Tensor, g: Tensor) -> Tensor:
+        return torch.full_like(h[..., 0], -10.0)
+
+
+def target_prior(target: list[int]):
+    """A policy prior that knows the target sequence: reads the step from h's third channel."""
+
+    def prior(h: Tensor, z: Tensor, goal: Tensor) -> Tensor:
+        t = (h[:, 2] * 10).round().long().clamp(max=len(target) - 1)  # (N,)
+        return 5.0 * torch.nn.functional.one_hot(torch.tensor(target)[t], 7).float()
+
+    return prior
+
+
+@pytest.mark.parametrize("name", sorted(PLANNERS))
+def test_finds_the_rewarded_sequence(name):
+    target = [3, 5, 1]  # 1 in 343 random sequences
+    model = TargetSequenceModel(target).eval()
+    B = 8
+    state = model.init_state(B)
+    z = torch.randn(B, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    goal = torch.zeros(B, 384)
+    planner = make_planner(
+        name, PLANNERS[name][1](horizon=5, candidates=512, iterations=4, elites=16)
+    )
+    result = planner.plan(model, state, z, goal, generator=torch.Generator().manual_seed(0))
+    # Chance would pick the first action 3 for 1 env in 7; one random sequence in 343 is right.
+    assert (result.action == 3).float().mean() >= 0.9
+    hit = (result.actions[:, :3] == torch.tensor(target)).all(1)
+    assert hit.float().mean() >= 0.9
+    assert (result.objective[hit] > 0.9).all()
+
+
+def test_mppi_uses_its_policy_prior():
+    target = [3, 5, 1, 6, 2]  # 1 in 16,807: out of reach of 32 random candidates
+    model = TargetSequenceModel(target).eval()
+    B = 4
+    state = model.init_state(B)
+    z = torch.randn(B, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    cfg = MPPIConfig(horizon=6, candidates=32, iterations=2, elites=8, prior_share=0.25)
+    with_prior = MPPI(cfg, prior=target_prior(target)).plan(
+        model, state, z, torch.zeros(B, 384), generator=torch.Generator().manual_seed(0)
+    )
+    assert (with_prior.actions[:, :5] == torch.tensor(target)).all()
+    assert (with_prior.objective > 0.9).all()
+    without = MPPI(cfg).plan(
+        model, state, z, torch.zeros(B, 384), generator=torch.Generator().manual_seed(0)
+    )
+    assert (without.objective < 0.1).all()
