@@ -1,0 +1,117 @@
+"""Language hindsight relabeling: every window teaches the goals it actually achieved.
+
+For each step t of a `SequenceBatch` window, `relabel` picks G goal slots:
+
+- slot 0: a goal achieved on arriving at observation t+1, when there is one (a reward positive);
+- slots 1..n_future: goals achieved later in the window (hindsight "future" goals: value
+  positives, and reward positives when they happen at t+1 too);
+- the rest: negatives, half drawn from goals achieved anywhere in the batch (hard: achievable
+  here, just not now) and half uniformly from the vocabulary.
+
+Targets per slot: `reward` = 1 if the goal is achieved on arriving at t+1; `value` = discount**k
+where k >= 0 is how many steps after t the goal is next achieved within the window (0 if never).
+Only goals in the vocabulary take part: a suite's held-out combinations are left out of it, so
+training never sees them, not even as negatives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lwm.data.sampler import SequenceBatch
+
+__all__ = ["GoalVocab", "RelabeledGoals", "relabel"]
+
+
+class GoalVocab:
+    """An indexed set of goal texts (index = row of a goal-embedding table)."""
+
+    def __init__(self, texts: Sequence[str]):
+        self.texts: list[str] = list(dict.fromkeys(texts))
+        self.index: dict[str, int] = {t: i for i, t in enumerate(self.texts)}
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __contains__(self, text: object) -> bool:
+        return text in self.index
+
+
+@dataclass
+class RelabeledGoals:
+    """Goal slots for every step of a batch of windows."""
+
+    goal: np.ndarray
+    """(B, L, G) int64 vocabulary indices."""
+    reward: np.ndarray
+    """(B, L, G) float32: 1 when the goal is achieved on arriving at observation t+1."""
+    value: np.ndarray
+    """(B, L, G) float32: discount**k, k = steps until the goal is next achieved (0: never)."""
+    mask: np.ndarray
+    """(B, L, G) bool: the slot holds a goal and the step is real (not padding)."""
+
+
+def relabel(
+    batch: SequenceBatch,
+    vocab: GoalVocab,
+    rng: np.random.Generator,
+    n_goals: int = 16,
+    n_future: int = 3,
+    discount: float = 0.9,
+) -> RelabeledGoals:
+    """Choose goal slots and targets for every step of `batch` (see the module docstring)."""
+    if n_goals < n_future + 2:
+        raise ValueError(f"n_goals ({n_goals}) must leave room for {n_future} future goals, "
+                         "one achieved goal and at least one negative")
+    n_windows, length = batch.action.shape
+    # achieved[b][j]: vocabulary indices achieved on arriving at observation j of window b.
+    achieved = [
+        [[vocab.index[g] for g in step if g in vocab.index] for step in window]
+        for window in batch.achieved
+    ]
+    in_batch = np.array(sorted({i for w in achieved for s in w for i in s}), dtype=np.int64)
+
+    goal = np.zeros((n_windows, length, n_goals), np.int64)
+    mask = np.zeros((n_windows, length, n_goals), bool)
+    for b in range(n_windows):
+        for t in range(length):
+            if not batch.mask[b, t]:
+                continue
+            now = achieved[b][t + 1]
+            future = [i for step in achieved[b][t + 2 :] for i in step]
+            slots = []
+            if now:
+                slots.append(now[rng.integers(len(now))])
+            if future:
+                picks = rng.choice(len(future), size=min(n_future, len(future)), replace=False)
+                slots += [future[k] for k in picks]
+            n_neg = n_goals - len(slots)
+            n_hard = n_neg // 2 if len(in_batch) else 0
+            negs = np.concatenate([
+                in_batch[rng.integers(len(in_batch), size=n_hard)] if n_hard else [],
+                rng.integers(len(vocab), size=n_neg - n_hard),
+            ]).astype(np.int64)
+            goal[b, t, : len(slots)] = slots
+            goal[b, t, len(slots) :] = negs
+            mask[b, t] = True
+
+    reward = np.zeros(goal.shape, np.float32)
+    value = np.zeros(goal.shape, np.float32)
+    for b in range(n_windows):
+        # next_at[i]: the first step j >= t with goal i achieved on arriving at j+1 (filled
+        # walking backwards, so at step t it holds the next achievement at or after t).
+        next_at: dict[int, int] = {}
+        for t in range(length - 1, -1, -1):
+            for i in achieved[b][t + 1]:
+                next_at[i] = t
+            if not batch.mask[b, t]:
+                continue
+            for k, i in enumerate(goal[b, t]):
+                j = next_at.get(int(i))
+                if j is not None:
+                    value[b, t, k] = discount ** (j - t)
+                    reward[b, t, k] = float(j == t)
+    return RelabeledGoals(goal=goal, reward=reward, value=value, mask=mask)

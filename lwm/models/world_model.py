@@ -1,0 +1,459 @@
+"""The world model: encode observations, step a sequence backbone, predict what comes next.
+
+    z_t   = encode(o_t)                     observation (7x7 symbolic view, direction, carrying)
+    h_t   = next(state, z_t, a_t)           backbone step on the token (z_t, a_t)
+    ô_t+1 = decode(h_t)                     logits of the next view: per-cell type/colour/state,
+                                            direction, carried type/colour
+    r     = reward(h_t, g)                  logit: goal g (a 384-d embedding) becomes achieved on
+                                            arriving at o_t+1
+    c     = cont(h_t)                       logit: the episode goes on after o_t+1
+    v     = value(h_t, g)                   logit of the discounted chance of achieving g later
+
+Imagination feeds the most likely decoded observation back through `encode`, so imagined
+futures are grids that can be shown, scored and compared with real ones. An optional ensemble of
+decoder heads measures uncertainty by disagreement.
+
+Tensors only: goal embeddings and observations arrive as tensors; this module knows neither the
+language layer nor the environments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lwm.models.backbones import BackboneConfig, make_backbone
+from lwm.models.ssm import BatchState
+
+N_TYPES, N_COLORS, N_STATES = 11, 6, 3
+"""minigrid's object types, colours and door states."""
+N_DIRECTIONS = 4
+VIEW = 7
+N_CELLS = VIEW * VIEW
+CELL_LOGITS = N_TYPES + N_COLORS + N_STATES
+OBS_LOGITS = N_CELLS * CELL_LOGITS + N_DIRECTIONS + N_TYPES + N_COLORS
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "lwm-world-model"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, foreign, or does not match the expected config."""
+
+
+@dataclass
+class WorldModelConfig:
+    """Sizes of the world model; presets in `PRESETS` ("debug", "small", "base")."""
+
+    backbone: str = "mamba2"
+    """Sequence backbone: "mamba2", "gru" or "transformer"."""
+    backbone_cfg: BackboneConfig = field(default_factory=BackboneConfig)
+    """Backbone sizes; its d_model is the latent width of the whole model."""
+    cell_dim: int = 16
+    """Embedding width of one grid cell (type + colour + state embeddings, summed)."""
+    hidden: int = 256
+    """Hidden width of the decoder and the reward / value / continuation heads."""
+    goal_dim: int = 384
+    """Width of goal embeddings (all-MiniLM-L6-v2 gives 384)."""
+    n_actions: int = 7
+    """Discrete actions (minigrid has 7)."""
+    ensemble: int = 1
+    """Decoder heads; > 1 gives an uncertainty estimate from their disagreement."""
+
+    @property
+    def d_model(self) -> int:
+        return self.backbone_cfg.d_model
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WorldModelConfig:
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise CheckpointError(f"unknown world-model config fields {sorted(unknown)}")
+        bb = data.pop("backbone_cfg", {})
+        bb_known = {f.name for f in dataclasses.fields(BackboneConfig)}
+        if set(bb) - bb_known:
+            raise CheckpointError(f"unknown backbone config fields {sorted(set(bb) - bb_known)}")
+        return cls(backbone_cfg=BackboneConfig(**bb), **data)
+
+
+PRESETS: dict[str, WorldModelConfig] = {
+    "debug": WorldModelConfig(
+        backbone_cfg=BackboneConfig(
+            d_model=32, n_layers=1, d_state=8, headdim=16, n_heads=2, chunk_size=8
+        ),
+        cell_dim=4,
+        hidden=64,
+    ),
+    "small": WorldModelConfig(),
+    "base": WorldModelConfig(
+        backbone_cfg=BackboneConfig(d_model=256, n_layers=4, headdim=64, n_heads=8),
+        cell_dim=32,
+        hidden=512,
+        ensemble=4,
+    ),
+}
+"""Named sizes: `debug` shrinks everything (tests use it), `small` is the CPU default."""
+
+
+def preset(name: str, **overrides: Any) -> WorldModelConfig:
+    """A copy of preset `name` with top-level fields replaced (backbone="gru", ...)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown world-model preset {name!r}; choose from {sorted(PRESETS)}")
+    base = PRESETS[name]
+    cfg = dataclasses.replace(base, backbone_cfg=dataclasses.replace(base.backbone_cfg))
+    return dataclasses.replace(cfg, **overrides)
+
+
+class _GoalHead(nn.Module):
+    """logit(h, g) = <phi(h), psi(g)> / sqrt(k) + bias(g): a two-stream (UVFA-style) head.
+
+    The goal stream depends on the goal alone, so a batch scores many goals per state at the
+    cost of one dot product each: compute `goal_features` of a goal table once and pass `psi`.
+    """
+
+    def __init__(self, d: int, goal_dim: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.state_mlp = nn.Sequential(nn.Linear(d, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.goal_mlp = nn.Sequential(
+            nn.Linear(goal_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden + 1)
+        )
+
+    def goal_features(self, g: Tensor) -> Tensor:
+        """g (..., goal_dim) -> psi (..., k + 1): the goal stream plus a per-goal bias."""
+        return self.goal_mlp(g)
+
+    def forward(self, h: Tensor, g: Tensor | None = None, psi: Tensor | None = None) -> Tensor:
+        """h (..., d) and g (..., goal_dim) or psi (..., k + 1), broadcastable -> logits (...)."""
+        psi = self.goal_features(g) if psi is None else psi
+        phi = self.state_mlp(h)
+        return (phi * psi[..., :-1]).sum(-1) / math.sqrt(self.hidden) + psi[..., -1]
+
+
+class WorldModel(nn.Module):
+    """See the module docstring. Observations are dicts of tensors:
+
+    image (..., 7, 7, 3) int, direction (...) int, carrying (..., 2) int.
+    """
+
+    def __init__(self, cfg: WorldModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, e = cfg.d_model, cfg.cell_dim
+        self.type_emb = nn.Embedding(N_TYPES, e)
+        self.color_emb = nn.Embedding(N_COLORS, e)
+        self.state_emb = nn.Embedding(N_STATES, e)
+        self.cell_proj = nn.Linear(N_CELLS * e, d)
+        self.dir_emb = nn.Embedding(N_DIRECTIONS, d)
+        self.carry_type_emb = nn.Embedding(N_TYPES, d)
+        self.carry_color_emb = nn.Embedding(N_COLORS, d)
+        self.z_norm = nn.LayerNorm(d)
+        self.action_emb = nn.Embedding(cfg.n_actions, d)
+        self.backbone = make_backbone(cfg.backbone, cfg.backbone_cfg)
+        self.decoders = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, OBS_LOGITS))
+            for _ in range(cfg.ensemble)
+        )
+        self.reward_head = _GoalHead(d, cfg.goal_dim, cfg.hidden)
+        self.value_head = _GoalHead(d, cfg.goal_dim, cfg.hidden)
+        self.cont_head = nn.Sequential(
+            nn.Linear(d, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, 1)
+        )
+
+    # ------------------------------------------------------------------ the math
+
+    def encode(self, image: Tensor, direction: Tensor, carrying: Tensor) -> Tensor:
+        """image (..., 7, 7, 3), direction (...), carrying (..., 2) -> z (..., d)."""
+        image = image.long()
+        cells = (
+            self.type_emb(image[..., 0])
+            + self.color_emb(image[..., 1])
+            + self.state_emb(image[..., 2].clamp(max=N_STATES - 1))
+        )  # (..., 7, 7, e)
+        z = self.cell_proj(cells.flatten(-3))  # (..., d)
+        z = z + self.dir_emb(direction.long())
+        z = z + self.carry_type_emb(carrying[..., 0].long())
+        z = z + self.carry_color_emb(carrying[..., 1].long())
+        return self.z_norm(F.silu(z))
+
+    def token(self, z: Tensor, action: Tensor) -> Tensor:
+        """The backbone input for observation latent z (..., d) and action (...) int."""
+        return z + self.action_emb(action.long())
+
+    def sequence(self, z: Tensor, action: Tensor) -> Tensor:
+        """Teacher-forced training pass: z (B, T, d), action (B, T) -> h (B, T, d)."""
+        return self.backbone(self.token(z, action))
+
+    def init_state(self, batch: int) -> BatchState:
+        """The backbone state before the first observation."""
+        return self.backbone.init_state(batch)
+
+    def next(self, state: BatchState, z: Tensor, action: Tensor) -> tuple[Tensor, BatchState]:
+        """One step: z (B, d), action (B,) -> h (B, d) and the state after it.
+
+        The state may be updated in place (see `Backbone.step`): clone one you want to keep.
+        """
+        return self.backbone.step(state, self.token(z, action))
+
+    def decode(self, h: Tensor, head: int = 0) -> dict[str, Tensor]:
+        """h (..., d) -> logits of the next observation: cells (..., 7, 7, 20) split into
+        type (11), colour (6), state (3); direction (..., 4); carried type (..., 11) and colour
+        (..., 6)."""
+        out = self.decoders[head](h)
+        cells = out[..., : N_CELLS * CELL_LOGITS].unflatten(-1, (VIEW, VIEW, CELL_LOGITS))
+        rest = out[..., N_CELLS * CELL_LOGITS :]
+        return {
+            "type": cells[..., :N_TYPES],
+            "color": cells[..., N_TYPES : N_TYPES + N_COLORS],
+            "state": cells[..., N_TYPES + N_COLORS :],
+            "direction": rest[..., :N_DIRECTIONS],
+            "carry_type": rest[..., N_DIRECTIONS : N_DIRECTIONS + N_TYPES],
+            "carry_color": rest[..., N_DIRECTIONS + N_TYPES :],
+        }
+
+    def reward(self, h: Tensor, g: Tensor | None = None, psi: Tensor | None = None) -> Tensor:
+        """h (..., d), goal embeddings g (..., goal_dim) -> logit that g is achieved next.
+
+        Pass `psi = model.goal_features(g)["reward"]` instead of g to score the same goals at
+        many states without recomputing the goal stream.
+        """
+        return self.reward_head(h, g, psi)
+
+    def value(self, h: Tensor, g: Tensor | None = None, psi: Tensor | None = None) -> Tensor:
+        """h (..., d), g (..., goal_dim) -> logit of the discounted chance of achieving g later
+        (or `psi = goal_features(g)["value"]`)."""
+        return self.value_head(h, g, psi)
+
+    def goal_features(self, g: Tensor) -> dict[str, Tensor]:
+        """g (..., goal_dim) -> the reward and value heads' goal streams, (..., hidden + 1)."""
+        return {"reward": self.reward_head.goal_features(g),
+                "value": self.value_head.goal_features(g)}
+
+    def cont(self, h: Tensor) -> Tensor:
+        """h (..., d) -> logit that the episode continues after the next observation."""
+        return self.cont_head(h).squeeze(-1)
+
+    # ------------------------------------------------------------------ training
+
+    def loss(self, batch: dict[str, Tensor], goal_table: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Teacher-forced loss on a batch of windows.
+
+        batch: image (B, L+1, 7, 7, 3), direction (B, L+1), carrying (B, L+1, 2), action (B, L),
+        mask (B, L), is_terminal (B, L+1), and relabelled goal slots goal (B, L, G) (indices into
+        goal_table (V, goal_dim)), goal_reward / goal_value targets and goal_mask (B, L, G).
+        Returns the total loss and its parts as floats.
+        """
+        length = batch["action"].shape[1]
+        mask = batch["mask"].float()  # (B, L)
+        denom = mask.sum().clamp(min=1)
+        z = self.encode(batch["image"][:, :length], batch["direction"][:, :length],
+                        batch["carrying"][:, :length])  # (B, L, d)
+        h = self.sequence(z, batch["action"])  # (B, L, d)
+
+        target_img = batch["image"][:, 1:].long()  # (B, L, 7, 7, 3)
+        obs_loss = h.new_zeros(())
+        for k in range(self.cfg.ensemble):
+            logits = self.decode(h, k)
+            cells = (
+                _ce(logits["type"], target_img[..., 0])
+                + _ce(logits["color"], target_img[..., 1])
+                + _ce(logits["state"], target_img[..., 2].clamp(max=N_STATES - 1))
+            ).mean(dim=(-1, -2))  # (B, L)
+            rest = (
+                _ce(logits["direction"], batch["direction"][:, 1:])
+                + _ce(logits["carry_type"], batch["carrying"][:, 1:, 0])
+                + _ce(logits["carry_color"], batch["carrying"][:, 1:, 1])
+            ) / N_CELLS
+            obs_loss = obs_loss + ((cells + rest) * mask).sum() / denom
+        obs_loss = obs_loss / self.cfg.ensemble
+
+        psi = self.goal_features(goal_table)  # (V, hidden + 1) per head: each goal once
+        gmask = batch["goal_mask"].float()
+        gdenom = gmask.sum().clamp(min=1)
+        hg = h[:, :, None, :]  # (B, L, 1, d)
+        reward_logits = self.reward(hg, psi=psi["reward"][batch["goal"]])  # (B, L, G)
+        value_logits = self.value(hg, psi=psi["value"][batch["goal"]])
+        reward_loss = (F.binary_cross_entropy_with_logits(
+            reward_logits, batch["goal_reward"], reduction="none") * gmask).sum() / gdenom
+        value_loss = (F.binary_cross_entropy_with_logits(
+            value_logits, batch["goal_value"], reduction="none") * gmask).sum() / gdenom
+        cont_target = 1.0 - batch["is_terminal"][:, 1:].float()
+        cont_loss = (F.binary_cross_entropy_with_logits(
+            self.cont(h), cont_target, reduction="none") * mask).sum() / denom
+
+        total = obs_loss + reward_loss + value_loss + cont_loss
+        parts = {"loss": total, "obs": obs_loss, "reward": reward_loss, "value": value_loss,
+                 "cont": cont_loss}
+        return total, {k: float(v.detach()) for k, v in parts.items()}
+
+    # ------------------------------------------------------------------ imagination
+
+    @staticmethod
+    def most_likely(logits: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Decoded logits -> the most likely observation: image (..., 7, 7, 3), direction,
+        carrying (..., 2), as int64 tensors."""
+        image = torch.stack(
+            [logits["type"].argmax(-1), logits["color"].argmax(-1), logits["state"].argmax(-1)],
+            dim=-1,
+        )
+        carrying = torch.stack(
+            [logits["carry_type"].argmax(-1), logits["carry_color"].argmax(-1)], dim=-1
+        )
+        return {"image": image, "direction": logits["direction"].argmax(-1), "carrying": carrying}
+
+    def disagreement(self, h: Tensor) -> Tensor:
+        """h (..., d) -> mean variance across decoder heads of the cell-type probabilities (...);
+        zeros with a single head."""
+        if self.cfg.ensemble < 2:
+            return h.new_zeros(h.shape[:-1])
+        probs = torch.stack(
+            [self.decode(h, k)["type"].softmax(-1) for k in range(self.cfg.ensemble)]
+        )
+        return probs.var(dim=0).mean(dim=(-1, -2, -3))
+
+    @torch.no_grad()
+    def imagine(
+        self,
+        state: BatchState,
+        z: Tensor,
+        actions: Tensor,
+        goal: Tensor | None = None,
+        decode_frames: bool = False,
+    ) -> dict[str, Tensor]:
+        """Roll the model forward from `state` (consumed) and current latent z (B, d) under
+        action sequences (B, H). Returns h (B, H, d), reward and value logits (B, H) for goal
+        (B, goal_dim) or (goal_dim,) when given, cont logits (B, H), and with `decode_frames` the
+        imagined observations image (B, H, 7, 7, 3), direction (B, H), carrying (B, H, 2)."""
+        hs, frames = [], []
+        for t in range(actions.shape[1]):
+            h, state = self.next(state, z, actions[:, t])
+            obs = self.most_likely(self.decode(h))
+            z = self.encode(obs["image"], obs["direction"], obs["carrying"])
+            hs.append(h)
+            if decode_frames:
+                frames.append(obs)
+        h = torch.stack(hs, dim=1)  # (B, H, d)
+        out: dict[str, Tensor] = {"h": h, "cont": self.cont(h)}
+        if goal is not None:
+            psi = self.goal_features(goal if goal.dim() == 1 else goal[:, None, :])
+            out["reward"] = self.reward(h, psi=psi["reward"])
+            out["value"] = self.value(h, psi=psi["value"])
+        if decode_frames:
+            for key in ("image", "direction", "carrying"):
+                out[key] = torch.stack([f[key] for f in frames], dim=1)
+        return out
+
+    # ------------------------------------------------------------------ save / load
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write `config.json` and `model.safetensors` into directory `path` (atomically)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = {"format": FORMAT, "version": 1, "config": self.cfg.to_dict()}
+        _atomic_write(path / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, expect: WorldModelConfig | None = None
+    ) -> WorldModel:
+        """Load a directory written by `save_pretrained`. With `expect`, refuse a checkpoint whose
+        config differs, naming the fields. Never unpickles: config is JSON, weights safetensors."""
+        cfg = load_config(path)
+        if expect is not None and cfg != expect:
+            diff = _config_diff(expect.to_dict(), cfg.to_dict())
+            raise CheckpointError(f"{path}: checkpoint config does not match: {diff}")
+        model = cls(cfg)
+        model.load_state_dict(_load_weights(Path(path) / WEIGHTS_NAME, model))
+        return model
+
+
+def _ce(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy over the last dim of logits (..., C) with int targets (...) -> (...)."""
+    return F.cross_entropy(logits.flatten(0, -2), target.flatten().long(),
+                           reduction="none").view(target.shape)
+
+
+def load_config(path: str | Path) -> WorldModelConfig:
+    """The `WorldModelConfig` of a checkpoint directory, with clear errors for foreign files."""
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise CheckpointError(f"{path}: not an lwm world-model checkpoint (no {CONFIG_NAME})")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file}: corrupt config ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{file}: not an lwm world-model config (format != {FORMAT!r})")
+    try:
+        return WorldModelConfig.from_dict(data["config"])
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{file}: malformed config ({err})") from None
+
+
+def _load_weights(file: Path, model: nn.Module) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise CheckpointError(f"{file.parent}: checkpoint has no {WEIGHTS_NAME}")
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{file}: corrupt weights ({err})") from None
+    expected = model.state_dict()
+    missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
+    if missing or extra:
+        raise CheckpointError(
+            f"{file}: weights do not fit the config (missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(extra)[:5]})"
+        )
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{file}: {name} has shape {tuple(tensor.shape)}, the config needs "
+                f"{tuple(expected[name].shape)}"
+            )
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{file}: {name} contains NaN or inf")
+    return tensors
+
+
+def _config_diff(a: dict, b: dict, prefix: str = "") -> str:
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            inner = _config_diff(va, vb, f"{prefix}{key}.")
+            if inner:
+                diffs.append(inner)
+        elif va != vb:
+            diffs.append(f"{prefix}{key}: expected {va!r}, checkpoint has {vb!r}")
+    return "; ".join(diffs)
+
+
+def _atomic_write(path: Path, write) -> None:
+    import os
+
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,308 @@
+"""The Dyna loop: collect episodes, store them, fit the world model, checkpoint, repeat.
+
+    lwm train --suite babyai-goto --preset small --backbone mamba2 --episodes 2000
+
+A run directory holds everything, so a killed run resumes where it stopped (`--resume` is the
+default when the directory has a checkpoint) and loses at most the updates since the last
+checkpoint and the episode in progress:
+
+    episodes/        the episode store (one crash-safe .npz per episode)
+    model/           config.json + model.safetensors (the latest world model)
+    trainer.json     TrainConfig, counters and the numpy RNG state
+    optimizer.safetensors + optimizer.json   Adam state, without pickle
+    goals.safetensors  the goal vocabulary's embeddings (rows of goals.json)
+    tb/              tensorboard scalars
+
+Collection uses an exploration policy (random actions biased towards moving) on training seeds
+whose missions are not held out; the planner takes over collection once it exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lwm.data import EpisodeRecorder, EpisodeStore, SequenceSampler
+from lwm.data.relabel import GoalVocab, relabel
+from lwm.goals import all_concrete_goals
+from lwm.models.world_model import CheckpointError, WorldModel, WorldModelConfig, preset
+from lwm.tasks import TaskSuite, load_suite
+
+__all__ = ["TrainConfig", "Trainer", "EXPLORATION_PROBS"]
+
+EXPLORATION_PROBS = np.array([0.2, 0.2, 0.4, 0.08, 0.06, 0.06, 0.0])
+"""Exploration policy over minigrid's actions (left, right, forward, pickup, drop, toggle, done):
+mostly moving, never the no-op `done`."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a Dyna training run (the CLI's `lwm train` options)."""
+
+    suite: str = "babyai-goto"
+    """Task suite to train on (name or YAML path)."""
+    preset: str = "small"
+    """World-model size preset: debug, small or base."""
+    backbone: str = "mamba2"
+    """Sequence backbone: mamba2, gru or transformer."""
+    episodes: int = 2000
+    """Episodes to collect in total."""
+    collect_per_iter: int = 100
+    """Episodes collected per Dyna iteration."""
+    updates_per_iter: int = 100
+    """Gradient updates per Dyna iteration."""
+    batch_size: int = 32
+    """Windows per gradient update."""
+    seq_len: int = 32
+    """Window length (steps)."""
+    lr: float = 3e-4
+    """Adam learning rate."""
+    grad_clip: float = 10.0
+    """Gradient-norm clip."""
+    n_goals: int = 16
+    """Relabelled goal slots per step."""
+    discount: float = 0.9
+    """Discount of the value targets."""
+    seed: int = 0
+    """Seed of the sampler, relabeling, exploration and model init."""
+    threads: int = 1
+    """torch threads (two 1-thread jobs use 2 cores better than one 2-thread job)."""
+    updates_after_collection: int = 0
+    """Extra gradient updates once all episodes are collected."""
+
+
+class Trainer:
+    """Runs (or resumes) the Dyna loop in `run_dir`."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, progress: bool = True):
+        self.cfg = cfg
+        self.dir = Path(run_dir)
+        self.progress = progress
+        self.suite: TaskSuite = load_suite(cfg.suite)
+        torch.set_num_threads(cfg.threads)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.model_cfg: WorldModelConfig = preset(cfg.preset, backbone=cfg.backbone)
+        self.state: dict[str, Any] = {"updates": 0, "iterations": 0, "next_seed_offset": 0}
+        resumed = (self.dir / "trainer.json").exists()
+        if resumed:
+            self._check_resumable()
+        torch.manual_seed(cfg.seed)
+        self.model = (
+            WorldModel.from_pretrained(self.dir / "model", expect=self.model_cfg)
+            if resumed else WorldModel(self.model_cfg)
+        )
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.rng = np.random.default_rng(cfg.seed)
+        if resumed:
+            self._load_trainer_state()
+        self.store = EpisodeStore(self.dir / "episodes")
+        self.sampler = SequenceSampler(self.store, cfg.seq_len)
+        self.vocab, self.goal_table = self._goal_table()
+        self._writer = None
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict[str, float]:
+        """Collect and fit until `episodes` are collected; return the last metrics."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        cfg = self.cfg
+        metrics: dict[str, float] = {}
+        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                   "{task.total}"), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+        with Progress(*columns, disable=not self.progress) as bar:
+            task = bar.add_task("dyna", total=cfg.episodes, completed=len(self.store), info="")
+            while len(self.store) < cfg.episodes:
+                n = min(cfg.collect_per_iter, cfg.episodes - len(self.store))
+                self.collect(n)
+                bar.update(task, completed=len(self.store), info="fitting")
+                metrics = self.fit(cfg.updates_per_iter)
+                self.state["iterations"] += 1
+                self.save()
+                bar.update(task, info=_fmt(metrics))
+            if cfg.updates_after_collection and self.state["updates"] < self._planned_updates():
+                remaining = self._planned_updates() - self.state["updates"]
+                fit_task = bar.add_task("fit", total=remaining, info="")
+                while remaining > 0:
+                    k = min(cfg.updates_per_iter, remaining)
+                    metrics = self.fit(k)
+                    remaining -= k
+                    self.save()
+                    bar.update(fit_task, advance=k, info=_fmt(metrics))
+        return metrics
+
+    def _planned_updates(self) -> int:
+        cfg = self.cfg
+        iters = -(-cfg.episodes // cfg.collect_per_iter)
+        return iters * cfg.updates_per_iter + cfg.updates_after_collection
+
+    def collect(self, n: int) -> None:
+        """Collect `n` episodes with the exploration policy on training seeds."""
+        env = self.suite.make_env()
+        recorder = EpisodeRecorder(meta={"suite": self.suite.name, "env_id": self.suite.env_id,
+                                         "policy": "explore"})
+        seeds = self.suite.iter_seeds("train", evaluation=False)
+        for _ in range(self.state["next_seed_offset"]):
+            next(seeds)
+        for _ in range(n):
+            seed = next(seeds)
+            self.state["next_seed_offset"] += 1
+            obs, info = env.reset(seed=seed)
+            recorder.reset(obs, info, meta={"seed": seed})
+            episode = None
+            while episode is None:
+                action = int(self.rng.choice(len(EXPLORATION_PROBS), p=EXPLORATION_PROBS))
+                episode = recorder.step(action, *env.step(action))
+            self.store.append(episode)
+
+    def fit(self, updates: int) -> dict[str, float]:
+        """`updates` gradient steps on windows from the store; returns mean metrics."""
+        cfg = self.cfg
+        self.sampler.refresh()
+        self.model.train()
+        sums: dict[str, float] = {}
+        for _ in range(updates):
+            batch = self.sampler.sample(cfg.batch_size, self.rng)
+            goals = relabel(batch, self.vocab, self.rng, cfg.n_goals, discount=cfg.discount)
+            tensors = batch.to_torch()
+            tensors.update(goal=torch.from_numpy(goals.goal),
+                           goal_reward=torch.from_numpy(goals.reward),
+                           goal_value=torch.from_numpy(goals.value),
+                           goal_mask=torch.from_numpy(goals.mask))
+            loss, parts = self.model.loss(tensors, self.goal_table)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss {parts} at update {self.state['updates']}; the last "
+                    f"checkpoint in {self.dir} is intact: lower --lr and resume"
+                )
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.opt.step()
+            self.state["updates"] += 1
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+        metrics = {k: v / max(updates, 1) for k, v in sums.items()}
+        self._log(metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ goals
+
+    def _goal_table(self) -> tuple[GoalVocab, torch.Tensor]:
+        """The training goal vocabulary (held-out combinations left out) and its embeddings,
+        computed once per run and stored beside the checkpoint."""
+        from safetensors.torch import load_file, save_file
+
+        texts = [g.text for g in all_concrete_goals() if self.suite.split_of_goal(g) == "train"]
+        vocab = GoalVocab(texts)
+        names, table = self.dir / "goals.json", self.dir / "goals.safetensors"
+        if names.exists() and table.exists() and json.loads(names.read_text()) == vocab.texts:
+            return vocab, load_file(str(table))["embeddings"]
+        from lwm.language.embed import GoalEncoder
+
+        emb = GoalEncoder().encode(vocab.texts, as_torch=True)
+        save_file({"embeddings": emb.contiguous()}, str(table))
+        names.write_text(json.dumps(vocab.texts))
+        return vocab, emb
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> None:
+        """Write model, optimizer and trainer state (each file atomically)."""
+        from safetensors.torch import save_file
+
+        self.model.save_pretrained(self.dir / "model")
+        tensors, layout = _flatten_optimizer(self.opt)
+        tmp = self.dir / "optimizer.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.dir / "optimizer.safetensors")
+        _write_json(self.dir / "optimizer.json", layout)
+        _write_json(self.dir / "trainer.json", {
+            "config": dataclasses.asdict(self.cfg),
+            "state": self.state,
+            "rng": self.rng.bit_generator.state,
+            "saved_at": time.time(),
+        })
+
+    def _check_resumable(self) -> None:
+        saved = json.loads((self.dir / "trainer.json").read_text())["config"]
+        ours = dataclasses.asdict(self.cfg)
+        fixed = ("suite", "preset", "backbone", "seq_len", "seed")
+        diff = [f"{k}: run has {saved.get(k)!r}, asked for {ours[k]!r}" for k in fixed
+                if saved.get(k) != ours[k]]
+        if diff:
+            raise CheckpointError(
+                f"{self.dir}: cannot resume with a different setup ({'; '.join(diff)}); "
+                "use another run directory"
+            )
+
+    def _load_trainer_state(self) -> None:
+        from safetensors.torch import load_file
+
+        saved = json.loads((self.dir / "trainer.json").read_text())
+        self.state = saved["state"]
+        self.rng.bit_generator.state = saved["rng"]
+        opt_file = self.dir / "optimizer.safetensors"
+        if opt_file.exists():
+            layout = json.loads((self.dir / "optimizer.json").read_text())
+            self.opt.load_state_dict(_unflatten_optimizer(load_file(str(opt_file)), layout))
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional: scalars still go to metrics.jsonl
+                self._writer = False
+            else:
+                self._writer = SummaryWriter(str(self.dir / "tb"))
+        step = self.state["updates"]
+        if self._writer:
+            for k, v in metrics.items():
+                self._writer.add_scalar(f"train/{k}", v, step)
+            self._writer.add_scalar("data/episodes", len(self.store), step)
+            self._writer.flush()
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"updates": step, "episodes": len(self.store), **metrics}) + "\n")
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as named tensors + a JSON layout (safetensors holds no pickle)."""
+    sd = opt.state_dict()
+    tensors, layout = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for pid, entries in sd["state"].items():
+        layout["state"][str(pid)] = {}
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().contiguous()
+                layout["state"][str(pid)][name] = "tensor"
+            else:
+                layout["state"][str(pid)][name] = value
+    return tensors, layout
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], layout: dict) -> dict:
+    state = {}
+    for pid, entries in layout["state"].items():
+        state[int(pid)] = {
+            name: tensors[f"{pid}.{name}"] if value == "tensor" else value
+            for name, value in entries.items()
+        }
+    return {"state": state, "param_groups": layout["param_groups"]}

@@ -1,0 +1,138 @@
+"""The world model: shapes, step == sequence, loss goes down, save/load, bad checkpoints."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lwm.models.metrics import auroc, open_loop_accuracy
+from lwm.models.world_model import CheckpointError, WorldModel, preset
+
+
+def _batch(b=3, length=6, goals=4, vocab=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "image": torch.randint(0, 3, (b, length + 1, 7, 7, 3), generator=g),
+        "direction": torch.randint(0, 4, (b, length + 1), generator=g),
+        "carrying": torch.randint(0, 6, (b, length + 1, 2), generator=g),
+        "action": torch.randint(0, 7, (b, length), generator=g),
+        "mask": torch.ones(b, length, dtype=torch.bool),
+        "is_terminal": torch.zeros(b, length + 1, dtype=torch.bool),
+        "goal": torch.randint(0, vocab, (b, length, goals), generator=g),
+        "goal_reward": torch.randint(0, 2, (b, length, goals), generator=g).float(),
+        "goal_value": torch.rand(b, length, goals, generator=g),
+        "goal_mask": torch.ones(b, length, goals, dtype=torch.bool),
+    }
+
+
+@pytest.mark.parametrize("backbone", ["mamba2", "gru", "transformer"])
+def test_stepping_matches_the_sequence_pass(backbone):
+    torch.manual_seed(0)
+    model = WorldModel(preset("debug", backbone=backbone)).eval()
+    batch = _batch()
+    z = model.encode(batch["image"][:, :6], batch["direction"][:, :6], batch["carrying"][:, :6])
+    with torch.no_grad():
+        h_seq = model.sequence(z, batch["action"])
+        state, hs = model.init_state(3), []
+        for t in range(6):
+            h, state = model.next(state, z[:, t], batch["action"][:, t])
+            hs.append(h)
+    torch.testing.assert_close(torch.stack(hs, 1), h_seq, atol=1e-5, rtol=1e-4)
+
+
+def test_imagine_shapes_and_state_is_consumed_not_shared():
+    model = WorldModel(preset("debug")).eval()
+    batch = _batch()
+    z = model.encode(batch["image"][:, 0], batch["direction"][:, 0], batch["carrying"][:, 0])
+    state = model.init_state(3)
+    out = model.imagine(state.clone(), z, batch["action"], goal=torch.randn(384),
+                        decode_frames=True)
+    assert out["h"].shape == (3, 6, 32) and out["reward"].shape == (3, 6)
+    assert out["image"].shape == (3, 6, 7, 7, 3) and out["carrying"].shape == (3, 6, 2)
+    again = model.imagine(state.clone(), z, batch["action"], goal=torch.randn(384))
+    torch.testing.assert_close(again["h"], out["h"])
+
+
+def test_training_reduces_the_loss():
+    torch.manual_seed(0)
+    model = WorldModel(preset("debug"))
+    batch, table = _batch(), torch.nn.functional.normalize(torch.randn(10, 384), dim=-1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss, parts = model.loss(batch, table)
+        first = first if first is not None else parts
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(np.isfinite(list(parts.values())))
+    assert parts["loss"] < 0.6 * first["loss"]
+    assert parts["reward"] < first["reward"]
+
+
+def test_save_load_round_trip(tmp_path):
+    model = WorldModel(preset("debug", backbone="gru")).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = WorldModel.from_pretrained(tmp_path / "ckpt", expect=preset("debug", backbone="gru"))
+    batch = _batch()
+    z1 = model.encode(batch["image"], batch["direction"], batch["carrying"])
+    z2 = loaded.encode(batch["image"], batch["direction"], batch["carrying"])
+    torch.testing.assert_close(model.sequence(z1[:, :6], batch["action"]),
+                               loaded.sequence(z2[:, :6], batch["action"]))
+
+
+def test_refuses_mismatched_corrupt_and_foreign_checkpoints(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    WorldModel(preset("debug")).save_pretrained(ckpt)
+    with pytest.raises(CheckpointError, match="backbone: expected 'gru', checkpoint has 'mamba2'"):
+        WorldModel.from_pretrained(ckpt, expect=preset("debug", backbone="gru"))
+    with pytest.raises(CheckpointError, match="no config.json"):
+        WorldModel.from_pretrained(tmp_path)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(CheckpointError, match="not an lwm world-model config"):
+        WorldModel.from_pretrained(tmp_path / "foreign")
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt weights"):
+        WorldModel.from_pretrained(ckpt)
+
+
+def test_refuses_nan_weights(tmp_path):
+    model = WorldModel(preset("debug"))
+    with torch.no_grad():
+        model.cell_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="cell_proj.weight contains NaN"):
+        WorldModel.from_pretrained(tmp_path)
+
+
+def test_auroc():
+    assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
+    assert auroc(np.array([1, 2, 3]), np.array([0, 1, 1])) == 1.0
+    assert auroc(np.array([1.0, 1.0]), np.array([0, 1])) == 0.5
+    assert np.isnan(auroc(np.array([1.0]), np.array([1])))
+
+
+def test_open_loop_accuracy_is_perfect_for_a_model_that_copies_the_truth(monkeypatch):
+    model = WorldModel(preset("debug")).eval()
+    batch = _batch(length=8)
+    truth = batch["image"]
+    calls = {"t": 0}
+
+    def perfect_decode(h, head=0):
+        t = calls["t"]
+        calls["t"] += 1
+        onehot = torch.nn.functional.one_hot
+        img = truth[:, 2 + t]
+        return {"type": onehot(img[..., 0], 11).float(), "color": onehot(img[..., 1], 6).float(),
+                "state": onehot(img[..., 2], 3).float(),
+                "direction": onehot(batch["direction"][:, 2 + t], 4).float(),
+                "carry_type": onehot(batch["carrying"][:, 2 + t, 0], 11).float(),
+                "carry_color": onehot(batch["carrying"][:, 2 + t, 1], 6).float()}
+
+    monkeypatch.setattr(model, "decode", perfect_decode)
+    acc = open_loop_accuracy(model, truth, batch["direction"], batch["carrying"],
+                             batch["action"], start=1, horizons=(1, 5))
+    assert acc == {1: 1.0, 5: 1.0}
