@@ -161,11 +161,14 @@ class TaskSuite(_Strict):
         kwargs.setdefault("max_steps", self.max_steps)
         return make_env(self.env_id, **kwargs)
 
-    def iter_seeds(self, split: Split | None, *, evaluation: bool, env=None) -> Iterator[int]:
+    def iter_seeds(
+        self, split: Split | None, *, evaluation: bool, env=None, start: int | None = None
+    ) -> Iterator[int]:
         """Seeds, in order, whose mission falls in `split` (all when None), from the training or
-        the evaluation seed range."""
+        the evaluation seed range (from `start` when given)."""
         env = env if env is not None else self.make_env()
         seed = self.seeds.eval_start if evaluation else self.seeds.train_start
+        seed = seed if start is None else start
         while True:
             if split is None:
                 yield seed

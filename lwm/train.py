@@ -90,7 +90,7 @@ class Trainer:
         torch.set_num_threads(cfg.threads)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.model_cfg: WorldModelConfig = preset(cfg.preset, backbone=cfg.backbone)
-        self.state: dict[str, Any] = {"updates": 0, "iterations": 0, "next_seed_offset": 0}
+        self.state: dict[str, Any] = {"updates": 0, "iterations": 0}
         resumed = (self.dir / "trainer.json").exists()
         if resumed:
             self._check_resumable()
@@ -149,12 +149,12 @@ class Trainer:
         env = self.suite.make_env()
         recorder = EpisodeRecorder(meta={"suite": self.suite.name, "env_id": self.suite.env_id,
                                          "policy": "explore"})
-        seeds = self.suite.iter_seeds("train", evaluation=False)
-        for _ in range(self.state["next_seed_offset"]):
-            next(seeds)
+        # Continue after the newest stored episode's seed, so episodes a killed run stored after
+        # its last checkpoint are not collected twice.
+        start = self.store[len(self.store) - 1].meta["seed"] + 1 if len(self.store) else None
+        seeds = self.suite.iter_seeds("train", evaluation=False, start=start)
         for _ in range(n):
             seed = next(seeds)
-            self.state["next_seed_offset"] += 1
             obs, info = env.reset(seed=seed)
             recorder.reset(obs, info, meta={"seed": seed})
             episode = None
