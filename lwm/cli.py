@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from lwm.envs import ACTION_NAMES
+from lwm.config import TrainConfig, options_from
 
 app = typer.Typer(
     help="lwm: language-conditioned world-model planning on BabyAI.",
@@ -69,6 +70,7 @@ def demo(
 
 
 def _bot_episode(env, policy_cls, seed: int, gif: Path) -> tuple[str, ...]:
+    from lwm.envs import ACTION_NAMES
     from lwm.viz import caption_frame, write_gif
 
     obs, info = env.reset(seed=seed)
@@ -99,9 +101,22 @@ def _bot_episode(env, policy_cls, seed: int, gif: Path) -> tuple[str, ...]:
 
 
 @app.command()
-def train() -> None:
-    """Train a world model on a task suite with the Dyna loop."""
-    _not_available("train", 4)
+@options_from(TrainConfig)
+def train(
+    run_dir: Path | None = typer.Option(
+        None, "--run-dir", help="run directory (default runs/train/<suite>-<backbone>); "
+        "a directory with a checkpoint is resumed"),
+    **fields: Any,
+) -> None:
+    """Train a world model on a task suite with the Dyna loop (collect, store, fit, repeat)."""
+    from lwm.train import Trainer
+
+    cfg = TrainConfig(**fields)
+    run_dir = run_dir or Path("runs/train") / f"{Path(cfg.suite).stem}-{cfg.backbone}"
+    console.print(f"training a [bold]{cfg.preset}[/bold] {cfg.backbone} world model on "
+                  f"[bold]{cfg.suite}[/bold] in {run_dir}")
+    metrics = Trainer(cfg, run_dir).run()
+    console.print("final: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
 @app.command()

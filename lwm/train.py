@@ -23,13 +23,13 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from lwm.config import TrainConfig
 from lwm.data import EpisodeRecorder, EpisodeStore, SequenceSampler
 from lwm.data.relabel import GoalVocab, relabel
 from lwm.goals import all_concrete_goals
@@ -41,42 +41,6 @@ __all__ = ["TrainConfig", "Trainer", "EXPLORATION_PROBS"]
 EXPLORATION_PROBS = np.array([0.2, 0.2, 0.4, 0.08, 0.06, 0.06, 0.0])
 """Exploration policy over minigrid's actions (left, right, forward, pickup, drop, toggle, done):
 mostly moving, never the no-op `done`."""
-
-
-@dataclass
-class TrainConfig:
-    """Settings of a Dyna training run (the CLI's `lwm train` options)."""
-
-    suite: str = "babyai-goto"
-    """Task suite to train on (name or YAML path)."""
-    preset: str = "small"
-    """World-model size preset: debug, small or base."""
-    backbone: str = "mamba2"
-    """Sequence backbone: mamba2, gru or transformer."""
-    episodes: int = 2000
-    """Episodes to collect in total."""
-    collect_per_iter: int = 100
-    """Episodes collected per Dyna iteration."""
-    updates_per_iter: int = 100
-    """Gradient updates per Dyna iteration."""
-    batch_size: int = 32
-    """Windows per gradient update."""
-    seq_len: int = 32
-    """Window length (steps)."""
-    lr: float = 3e-4
-    """Adam learning rate."""
-    grad_clip: float = 10.0
-    """Gradient-norm clip."""
-    n_goals: int = 16
-    """Relabelled goal slots per step."""
-    discount: float = 0.9
-    """Discount of the value targets."""
-    seed: int = 0
-    """Seed of the sampler, relabeling, exploration and model init."""
-    threads: int = 1
-    """torch threads (two 1-thread jobs use 2 cores better than one 2-thread job)."""
-    updates_after_collection: int = 0
-    """Extra gradient updates once all episodes are collected."""
 
 
 class Trainer:

@@ -16,7 +16,7 @@ def test_help_lists_the_verbs():
 
 
 def test_unfinished_verbs_say_so_and_fail():
-    for verb in ("train", "plan", "eval"):
+    for verb in ("plan", "eval"):
         result = runner.invoke(app, [verb])
         assert result.exit_code == 2
         assert "not available yet" in result.output
@@ -37,3 +37,16 @@ def test_suites_lists_shipped_suites():
     result = runner.invoke(app, ["suites"])
     assert result.exit_code == 0
     assert "babyai-goto" in result.output and "BabyAI-PutNextLocal-v0" in result.output
+
+
+def test_train_options_come_from_the_config_dataclass(tmp_path):
+    result = runner.invoke(app, ["train", "--help"])
+    assert result.exit_code == 0
+    assert "--updates-per-iter" in result.output and "Gradient updates per Dyna" in result.output
+    result = runner.invoke(app, [
+        "train", "--run-dir", str(tmp_path), "--preset", "debug", "--episodes", "4",
+        "--collect-per-iter", "4", "--updates-per-iter", "2", "--batch-size", "2",
+        "--seq-len", "4",
+    ])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "model" / "config.json").exists()
