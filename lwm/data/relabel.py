@@ -8,8 +8,10 @@ For each step t of a `SequenceBatch` window, `relabel` picks G goal slots:
 - the rest: negatives, half drawn from goals achieved anywhere in the batch (hard: achievable
   here, just not now) and half uniformly from the vocabulary.
 
-Targets per slot: `reward` = 1 if the goal is achieved on arriving at t+1; `value` = discount**k
-where k >= 0 is how many steps after t the goal is next achieved within the window (0 if never).
+Targets per slot: `reward` = 1 if the goal is achieved on arriving at o_{t+1}; `value` =
+discount**(j - t - 1) for the first later step j > t whose arrival at o_{j+1} achieves it within
+the window (0 if none): the chance-weighted discount of achieving it *after* o_{t+1}, the terminal
+value the planners bootstrap from (lwm/planning/base.py).
 Only goals in the vocabulary take part: a suite's held-out combinations are left out of it, so
 training never sees them, not even as negatives.
 """
@@ -49,7 +51,7 @@ class RelabeledGoals:
     reward: np.ndarray
     """(B, L, G) float32: 1 when the goal is achieved on arriving at observation t+1."""
     value: np.ndarray
-    """(B, L, G) float32: discount**k, k = steps until the goal is next achieved (0: never)."""
+    """(B, L, G) float32: discount**(j - t - 1) for the next achievement j > t (0: none)."""
     mask: np.ndarray
     """(B, L, G) bool: the slot holds a goal and the step is real (not padding)."""
 
@@ -101,17 +103,17 @@ def relabel(
     reward = np.zeros(goal.shape, np.float32)
     value = np.zeros(goal.shape, np.float32)
     for b in range(n_windows):
-        # next_at[i]: the first step j >= t with goal i achieved on arriving at j+1 (filled
-        # walking backwards, so at step t it holds the next achievement at or after t).
+        # Walking backwards, next_at[i] is the first step j >= t+1 whose arrival at o_{j+1}
+        # achieves goal i: the value counts achievements after the immediate one.
         next_at: dict[int, int] = {}
         for t in range(length - 1, -1, -1):
+            if batch.mask[b, t]:
+                now = set(achieved[b][t + 1])
+                for k, i in enumerate(goal[b, t]):
+                    j = next_at.get(int(i))
+                    if j is not None:
+                        value[b, t, k] = discount ** (j - t - 1)
+                    reward[b, t, k] = float(int(i) in now)
             for i in achieved[b][t + 1]:
                 next_at[i] = t
-            if not batch.mask[b, t]:
-                continue
-            for k, i in enumerate(goal[b, t]):
-                j = next_at.get(int(i))
-                if j is not None:
-                    value[b, t, k] = discount ** (j - t)
-                    reward[b, t, k] = float(j == t)
     return RelabeledGoals(goal=goal, reward=reward, value=value, mask=mask)
