@@ -162,3 +162,23 @@ def test_wrapper_works_on_plain_minigrid():
     assert env.observation_space.contains(obs)
     _, _, _, _, info = env.step(2)
     assert set(info) >= {"events", "achieved", "achieved_locs"}
+
+
+def test_an_instruction_replaces_the_env_mission():
+    env = make_env("BabyAI-GoToLocal-v0")
+    obs, _ = env.reset(seed=0)
+    own_mission, (own_goal,) = obs["mission"], instr_goals(env.unwrapped.instrs)
+    bot = BabyAIBot(env.unwrapped)  # the bot plans for the env's own mission
+    actions = []
+    for _ in range(64):
+        actions.append(bot.replan())
+        _, reward, terminated, _, _ = env.step(actions[-1])
+        if terminated:
+            break
+    assert reward > 0
+    obs, _ = env.reset(seed=0, options={"instruction": "pick up the red ball"})
+    assert obs["mission"] == "pick up the red ball" != own_mission
+    for a in actions:  # the same actions achieve the env's own mission, which no longer counts
+        _, reward, terminated, truncated, info = env.step(a)
+        assert reward == 0 and not terminated
+    assert goal_achieved(own_goal, info)  # reported as achieved all the same

@@ -91,9 +91,19 @@ class LanguageWrapper(gym.Wrapper):
     # ------------------------------------------------------------------ gymnasium API
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """Reset; `options={"instruction": text}` makes `text` the mission instead of the env's
+        own: the env's verifier is switched off for the episode (its mission can no longer end
+        it or pay reward), and whoever gave the instruction judges success from `achieved`."""
+        options = dict(options or {})
+        instruction = options.pop("instruction", None)
         # BabyAI's rejection sampling prints "Sampling rejected: ..." to stdout; keep it quiet.
         with contextlib.redirect_stdout(io.StringIO()):
-            obs, info = self.env.reset(seed=seed, options=options)
+            obs, info = self.env.reset(seed=seed, options=options or None)
+        if instruction is not None:
+            if hasattr(self.base, "instrs"):
+                self.base.instrs = _NoVerifier()
+            self.base.mission = instruction
+            obs = dict(obs, mission=instruction)
         self._start_locs = self._compute_start_locs()
         self._first_step = True
         front = self._front()
@@ -285,6 +295,19 @@ class LanguageWrapper(gym.Wrapper):
                     found.add("behind")
                 locs[id(cell)] = frozenset(found)
         return locs
+
+
+class _NoVerifier:
+    """Stands in for a BabyAI instruction whose verifier must not end the episode."""
+
+    def verify(self, action) -> str:
+        return "continue"
+
+    def update_objs_poss(self) -> None:
+        """BabyAI calls this after a drop; nothing is tracked."""
+
+    def reset_verifier(self, env) -> None:
+        """Nothing to reset."""
 
 
 def _where(right: int, forward: int) -> str:
