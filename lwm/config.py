@@ -96,8 +96,6 @@ class TrainConfig:
     """Gradient-norm clip."""
     n_goals: int = 16
     """Relabelled goal slots per step."""
-    discount: float = 0.9
-    """Discount of the value targets."""
     seed: int = 0
     """Seed of the sampler, relabeling, exploration and model init."""
     threads: int = 1

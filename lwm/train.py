@@ -135,11 +135,12 @@ class Trainer:
         sums: dict[str, float] = {}
         for _ in range(updates):
             batch = self.sampler.sample(cfg.batch_size, self.rng)
-            goals = relabel(batch, self.vocab, self.rng, cfg.n_goals, discount=cfg.discount)
+            goals = relabel(batch, self.vocab, self.rng, cfg.n_goals)
             tensors = batch.to_torch()
-            tensors.update(goal=torch.from_numpy(goals.goal),
+            prev = tensors["prev_action"]
+            tensors.update(prev_action=torch.where(prev < 0, self.model.START, prev),
+                           goal=torch.from_numpy(goals.goal),
                            goal_reward=torch.from_numpy(goals.reward),
-                           goal_value=torch.from_numpy(goals.value),
                            goal_mask=torch.from_numpy(goals.mask))
             loss, parts = self.model.loss(tensors, self.goal_table)
             if not torch.isfinite(loss):
@@ -151,6 +152,7 @@ class Trainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.opt.step()
+            self.model.update_target()
             self.state["updates"] += 1
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v

@@ -20,8 +20,8 @@ def _batch(b=3, length=6, goals=4, vocab=10, seed=0):
         "mask": torch.ones(b, length, dtype=torch.bool),
         "is_terminal": torch.zeros(b, length + 1, dtype=torch.bool),
         "goal": torch.randint(0, vocab, (b, length, goals), generator=g),
+        "prev_action": torch.full((b,), 7),
         "goal_reward": torch.randint(0, 2, (b, length, goals), generator=g).float(),
-        "goal_value": torch.rand(b, length, goals, generator=g),
         "goal_mask": torch.ones(b, length, goals, dtype=torch.bool),
     }
 
@@ -32,11 +32,12 @@ def test_stepping_matches_the_sequence_pass(backbone):
     model = WorldModel(preset("debug", backbone=backbone)).eval()
     batch = _batch()
     z = model.encode(batch["image"][:, :6], batch["direction"][:, :6], batch["carrying"][:, :6])
+    prev = torch.cat([torch.full((3, 1), model.START), batch["action"][:, :5]], dim=1)
     with torch.no_grad():
-        h_seq = model.sequence(z, batch["action"])
+        h_seq = model.sequence(z, prev)
         state, hs = model.init_state(3), []
         for t in range(6):
-            h, state = model.next(state, z[:, t], batch["action"][:, t])
+            h, state = model.next(state, z[:, t], prev[:, t])
             hs.append(h)
     torch.testing.assert_close(torch.stack(hs, 1), h_seq, atol=1e-5, rtol=1e-4)
 
@@ -45,12 +46,13 @@ def test_imagine_shapes_and_state_is_consumed_not_shared():
     model = WorldModel(preset("debug")).eval()
     batch = _batch()
     z = model.encode(batch["image"][:, 0], batch["direction"][:, 0], batch["carrying"][:, 0])
-    state = model.init_state(3)
-    out = model.imagine(state.clone(), z, batch["action"], goal=torch.randn(384),
+    h, state = model.next(model.init_state(3), z, torch.full((3,), model.START))
+    out = model.imagine(state.clone(), h, batch["action"], goal=torch.randn(384),
                         decode_frames=True)
     assert out["h"].shape == (3, 6, 32) and out["reward"].shape == (3, 6)
+    assert out["value"].shape == (3,) and out["cont"].shape == (3, 6)
     assert out["image"].shape == (3, 6, 7, 7, 3) and out["carrying"].shape == (3, 6, 2)
-    again = model.imagine(state.clone(), z, batch["action"], goal=torch.randn(384))
+    again = model.imagine(state.clone(), h, batch["action"], goal=torch.randn(384))
     torch.testing.assert_close(again["h"], out["h"])
 
 
@@ -66,9 +68,36 @@ def test_training_reduces_the_loss():
         opt.zero_grad()
         loss.backward()
         opt.step()
+        model.update_target()
     assert all(np.isfinite(list(parts.values())))
     assert parts["loss"] < 0.6 * first["loss"]
-    assert parts["reward"] < first["reward"]
+    assert parts["reward"] < first["reward"] and parts["q"] < first["q"]
+
+
+def test_q_learns_the_discounted_chance_of_a_goal():
+    """One deterministic 3-step chain where only the last action achieves goal 0: TD must give
+    Q(step t, taken action) ~ gamma**(2 - t)."""
+    torch.manual_seed(0)
+    model = WorldModel(preset("debug"))
+    batch = _batch(b=1, length=3, goals=2, vocab=2)
+    batch["goal"] = torch.tensor([[[0, 1]] * 3])
+    batch["goal_reward"] = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]]])
+    batch["is_terminal"][0, 3] = True
+    table = torch.nn.functional.normalize(torch.randn(2, 384), dim=-1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(400):
+        loss, _ = model.loss(batch, table)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_target()
+    z = model.encode(batch["image"][:, :3], batch["direction"][:, :3], batch["carrying"][:, :3])
+    prev = torch.cat([batch["prev_action"][:, None], batch["action"][:, :2]], dim=1)
+    with torch.no_grad():
+        q = torch.sigmoid(model.q(model.sequence(z, prev), table[0]))[0]  # (3, A)
+    taken = q.gather(-1, batch["action"][0, :, None])[:, 0]
+    gamma = model.cfg.discount
+    torch.testing.assert_close(taken, torch.tensor([gamma**2, gamma, 1.0]), atol=0.08, rtol=0)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -80,6 +109,8 @@ def test_save_load_round_trip(tmp_path):
     z2 = loaded.encode(batch["image"], batch["direction"], batch["carrying"])
     torch.testing.assert_close(model.sequence(z1[:, :6], batch["action"]),
                                loaded.sequence(z2[:, :6], batch["action"]))
+    torch.testing.assert_close(loaded.q_target.goal_mlp[0].weight,
+                               model.q_target.goal_mlp[0].weight)
 
 
 def test_refuses_mismatched_corrupt_and_foreign_checkpoints(tmp_path):
@@ -121,7 +152,7 @@ def test_open_loop_accuracy_is_perfect_for_a_model_that_copies_the_truth(monkeyp
     truth = batch["image"]
     calls = {"t": 0}
 
-    def perfect_decode(h, head=0):
+    def perfect_decode(h, action, head=0):
         t = calls["t"]
         calls["t"] += 1
         onehot = torch.nn.functional.one_hot

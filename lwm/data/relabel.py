@@ -3,15 +3,14 @@
 For each step t of a `SequenceBatch` window, `relabel` picks G goal slots:
 
 - slot 0: a goal achieved on arriving at observation t+1, when there is one (a reward positive);
-- slots 1..n_future: goals achieved later in the window (hindsight "future" goals: value
-  positives, and reward positives when they happen at t+1 too);
+- slots 1..n_future: goals achieved later in the window (hindsight "future" goals, whose TD
+  targets carry the discounted success back to step t);
 - the rest: negatives, half drawn from goals achieved anywhere in the batch (hard: achievable
   here, just not now) and half uniformly from the vocabulary.
 
-Targets per slot: `reward` = 1 if the goal is achieved on arriving at o_{t+1}; `value` =
-discount**(j - t - 1) for the first later step j > t whose arrival at o_{j+1} achieves it within
-the window (0 if none): the chance-weighted discount of achieving it *after* o_{t+1}, the terminal
-value the planners bootstrap from (lwm/planning/base.py).
+The target per slot is `reward` = 1 if the goal is achieved on arriving at o_{t+1}; the world
+model learns Q by TD from these rewards, so future goals need no Monte-Carlo value targets (which
+would value the behaviour policy, not the best one).
 Only goals in the vocabulary take part: a suite's held-out combinations are left out of it, so
 training never sees them, not even as negatives.
 """
@@ -50,8 +49,6 @@ class RelabeledGoals:
     """(B, L, G) int64 vocabulary indices."""
     reward: np.ndarray
     """(B, L, G) float32: 1 when the goal is achieved on arriving at observation t+1."""
-    value: np.ndarray
-    """(B, L, G) float32: discount**(j - t - 1) for the next achievement j > t (0: none)."""
     mask: np.ndarray
     """(B, L, G) bool: the slot holds a goal and the step is real (not padding)."""
 
@@ -62,7 +59,6 @@ def relabel(
     rng: np.random.Generator,
     n_goals: int = 16,
     n_future: int = 3,
-    discount: float = 0.9,
 ) -> RelabeledGoals:
     """Choose goal slots and targets for every step of `batch` (see the module docstring)."""
     if n_goals < n_future + 2:
@@ -101,19 +97,9 @@ def relabel(
             mask[b, t] = True
 
     reward = np.zeros(goal.shape, np.float32)
-    value = np.zeros(goal.shape, np.float32)
     for b in range(n_windows):
-        # Walking backwards, next_at[i] is the first step j >= t+1 whose arrival at o_{j+1}
-        # achieves goal i: the value counts achievements after the immediate one.
-        next_at: dict[int, int] = {}
-        for t in range(length - 1, -1, -1):
+        for t in range(length):
             if batch.mask[b, t]:
                 now = set(achieved[b][t + 1])
-                for k, i in enumerate(goal[b, t]):
-                    j = next_at.get(int(i))
-                    if j is not None:
-                        value[b, t, k] = discount ** (j - t - 1)
-                    reward[b, t, k] = float(int(i) in now)
-            for i in achieved[b][t + 1]:
-                next_at[i] = t
-    return RelabeledGoals(goal=goal, reward=reward, value=value, mask=mask)
+                reward[b, t] = [float(int(i) in now) for i in goal[b, t]]
+    return RelabeledGoals(goal=goal, reward=reward, mask=mask)

@@ -52,6 +52,8 @@ class SequenceBatch:
     """(B,) int64: the store index of each window's episode."""
     start: np.ndarray
     """(B,) int64: the step each window starts at."""
+    prev_action: np.ndarray
+    """(B,) int64: the action that led to each window's first observation; -1 at a reset."""
     mission: list[str]
     """B missions."""
     achieved: list[list[list[str]]]
@@ -138,9 +140,12 @@ class SequenceSampler:
         is_first = np.zeros((batch_size, length + 1), bool)
         is_last = np.zeros((batch_size, length + 1), bool)
         is_terminal = np.zeros((batch_size, length + 1), bool)
+        prev_action = np.full(batch_size, -1, np.int64)
         missions, achieved, achieved_locs = [], [], []
         for b, (i, s) in enumerate(zip(which, starts, strict=True)):
             ep = self._episodes[i]
+            if s > 0:
+                prev_action[b] = ep.action[s - 1]
             n = min(length, ep.num_steps - s)  # real steps in this window
             image[b, : n + 1] = ep.image[s : s + n + 1]
             direction[b, : n + 1] = ep.direction[s : s + n + 1]
@@ -171,6 +176,7 @@ class SequenceSampler:
             is_terminal=is_terminal,
             episode=np.asarray(self._store_index, np.int64)[which],
             start=starts.astype(np.int64),
+            prev_action=prev_action,
             mission=missions,
             achieved=achieved,
             achieved_locs=achieved_locs,

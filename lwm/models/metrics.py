@@ -36,17 +36,20 @@ def open_loop_accuracy(
     """Cell accuracy of open-loop predictions k steps ahead.
 
     image (N, T+1, 7, 7, 3), direction (N, T+1), carrying (N, T+1, 2), action (N, T) of N real
-    episodes (each at least start + max(horizons) steps long). The model filters the real history
-    up to observation `start`, then imagines under the real actions feeding back its own decoded
-    observations; a cell counts as right when type, colour and state all match the real one.
-    Returns {k: accuracy}.
+    episodes from their reset (each at least start + max(horizons) steps long). The model takes
+    in the real history through observation `start`, then imagines under the real actions,
+    feeding back its own decoded observations; a cell counts as right when type, colour and
+    state all match the real one. Returns {k: accuracy}.
     """
     k_max = max(horizons)
-    z = model.encode(image, direction, carrying)  # (N, T+1, d)
-    state = model.init_state(image.shape[0])
-    for t in range(start):
-        _, state = model.next(state, z[:, t], action[:, t])
-    out = model.imagine(state, z[:, start], action[:, start : start + k_max], decode_frames=True)
+    n = image.shape[0]
+    z = model.encode(image[:, : start + 1], direction[:, : start + 1],
+                     carrying[:, : start + 1])  # (N, start+1, d)
+    prev = torch.cat([torch.full((n, 1), model.START), action[:, :start]], dim=1)
+    state = model.init_state(n)
+    for t in range(start + 1):
+        h, state = model.next(state, z[:, t], prev[:, t])
+    out = model.imagine(state, h, action[:, start : start + k_max], decode_frames=True)
     pred = out["image"]  # (N, k_max, 7, 7, 3)
     real = image[:, start + 1 : start + 1 + k_max].long()
     right = (pred == real).all(dim=-1).float().mean(dim=(-1, -2))  # (N, k_max)
@@ -58,14 +61,15 @@ def reward_scores(
     model: WorldModel, image: Tensor, direction: Tensor, carrying: Tensor, action: Tensor,
     goal_table: Tensor,
 ) -> Tensor:
-    """Teacher-forced reward probabilities for every goal at every step.
+    """Teacher-forced reward probabilities for every goal at every step of one episode.
 
-    One episode: image (T+1, 7, 7, 3), direction (T+1,), carrying (T+1, 2), action (T,);
-    goal_table (V, goal_dim) -> (T, V) probabilities that each goal is achieved on arriving at
-    the next observation.
+    image (T+1, 7, 7, 3), direction (T+1,), carrying (T+1, 2), action (T,); goal_table
+    (V, goal_dim) -> (T, V) probabilities that the action taken at step t achieves each goal on
+    arriving at the next observation.
     """
     steps = action.shape[0]
     z = model.encode(image[None, :steps], direction[None, :steps], carrying[None, :steps])
-    h = model.sequence(z, action[None])[0]  # (T, d)
+    prev = torch.cat([torch.tensor([model.START]), action[:-1]])[None]  # (1, T)
+    h = model.sequence(z, prev)[0]  # (T, d)
     psi = model.goal_features(goal_table)["reward"]  # (V, k + 1)
-    return torch.sigmoid(model.reward(h[:, None, :], psi=psi[None]))  # (T, V)
+    return torch.sigmoid(model.reward(h[:, None, :], action[:, None], psi=psi[None]))  # (T, V)

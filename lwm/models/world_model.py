@@ -1,17 +1,23 @@
 """The world model: encode observations, step a sequence backbone, predict what comes next.
 
-    z_t   = encode(o_t)                     observation (7x7 symbolic view, direction, carrying)
-    h_t   = next(state, z_t, a_t)           backbone step on the token (z_t, a_t)
-    ô_t+1 = decode(h_t)                     logits of the next view: per-cell type/colour/state,
-                                            direction, carried type/colour
-    r     = reward(h_t, g)                  logit: goal g (a 384-d embedding) becomes achieved on
-                                            arriving at o_t+1
-    c     = cont(h_t)                       logit: the episode goes on after o_t+1
-    v     = value(h_t, g)                   logit of the discounted chance of achieving g later
+    z_t   = encode(o_t)                   observation (7x7 symbolic view, direction, carrying)
+    h_t   = next(state, z_t, a_t-1)       backbone step on the token (z_t, the action that led
+                                          to o_t; `START` before the first action): the history
+                                          through o_t
+    ô_t+1 = decode(h_t, a_t)              logits of the next view: per-cell type/colour/state,
+                                          direction, carried type/colour
+    r     = reward(h_t, a_t, g)           logit: goal g (a 384-d embedding) becomes achieved on
+                                          arriving at o_t+1
+    c     = cont(h_t, a_t)                logit: the episode goes on after o_t+1
+    Q     = q(h_t, g)                     (A,) logits of the discounted chance of achieving g when
+                                          taking each action now and acting greedily after
+    v     = value(h_t, g)                 max_a Q: the goal-reaching value of the history
 
-Imagination feeds the most likely decoded observation back through `encode`, so imagined
-futures are grids that can be shown, scored and compared with real ones. An optional ensemble of
-decoder heads measures uncertainty by disagreement.
+Q is learned by TD on relabelled goals (DQN with hindsight inside the world model): it is the
+planner's terminal bootstrap and, greedily, a fast policy on its own. Imagination feeds the most
+likely decoded observation back through `encode`, so imagined futures are grids that can be
+shown, scored and compared with real ones. An optional ensemble of decoder heads measures
+uncertainty by disagreement.
 
 Tensors only: goal embeddings and observations arrive as tensors; this module knows neither the
 language layer nor the environments.
@@ -19,6 +25,7 @@ language layer nor the environments.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -67,6 +74,10 @@ class WorldModelConfig:
     """Discrete actions (minigrid has 7)."""
     ensemble: int = 1
     """Decoder heads; > 1 gives an uncertainty estimate from their disagreement."""
+    discount: float = 0.9
+    """gamma of Q: the value of achieving a goal k steps from now is gamma**k."""
+    target_ema: float = 0.98
+    """Polyak factor of the target Q head used for TD targets."""
 
     @property
     def d_model(self) -> int:
@@ -118,29 +129,33 @@ def preset(name: str, **overrides: Any) -> WorldModelConfig:
 
 
 class _GoalHead(nn.Module):
-    """logit(h, g) = <phi(h), psi(g)> / sqrt(k) + bias(g): a two-stream (UVFA-style) head.
+    """n_out logits(h, g) = <phi_i(h), psi(g)> / sqrt(k) + bias_i(g): a two-stream (UVFA) head.
 
     The goal stream depends on the goal alone, so a batch scores many goals per state at the
     cost of one dot product each: compute `goal_features` of a goal table once and pass `psi`.
     """
 
-    def __init__(self, d: int, goal_dim: int, hidden: int):
+    def __init__(self, d: int, goal_dim: int, hidden: int, n_out: int = 1):
         super().__init__()
-        self.hidden = hidden
-        self.state_mlp = nn.Sequential(nn.Linear(d, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.hidden, self.n_out = hidden, n_out
+        self.state_mlp = nn.Sequential(
+            nn.Linear(d, hidden), nn.SiLU(), nn.Linear(hidden, hidden * n_out)
+        )
         self.goal_mlp = nn.Sequential(
-            nn.Linear(goal_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden + 1)
+            nn.Linear(goal_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden + n_out)
         )
 
     def goal_features(self, g: Tensor) -> Tensor:
-        """g (..., goal_dim) -> psi (..., k + 1): the goal stream plus a per-goal bias."""
+        """g (..., goal_dim) -> psi (..., k + n_out): the goal stream plus per-output biases."""
         return self.goal_mlp(g)
 
     def forward(self, h: Tensor, g: Tensor | None = None, psi: Tensor | None = None) -> Tensor:
-        """h (..., d) and g (..., goal_dim) or psi (..., k + 1), broadcastable -> logits (...)."""
+        """h (..., d) and g (..., goal_dim) or psi (..., k + n_out), broadcastable ->
+        logits (..., n_out)."""
         psi = self.goal_features(g) if psi is None else psi
-        phi = self.state_mlp(h)
-        return (phi * psi[..., :-1]).sum(-1) / math.sqrt(self.hidden) + psi[..., -1]
+        phi = self.state_mlp(h).unflatten(-1, (self.n_out, self.hidden))  # (..., n_out, k)
+        dot = (phi * psi[..., None, : self.hidden]).sum(-1)  # (..., n_out)
+        return dot / math.sqrt(self.hidden) + psi[..., self.hidden :]
 
 
 class WorldModel(nn.Module):
@@ -161,17 +176,24 @@ class WorldModel(nn.Module):
         self.carry_type_emb = nn.Embedding(N_TYPES, d)
         self.carry_color_emb = nn.Embedding(N_COLORS, d)
         self.z_norm = nn.LayerNorm(d)
-        self.action_emb = nn.Embedding(cfg.n_actions, d)
+        self.prev_action_emb = nn.Embedding(cfg.n_actions + 1, d)  # + START
         self.backbone = make_backbone(cfg.backbone, cfg.backbone_cfg)
+        self.action_emb = nn.Embedding(cfg.n_actions, d)
         self.decoders = nn.ModuleList(
             nn.Sequential(nn.Linear(d, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, OBS_LOGITS))
             for _ in range(cfg.ensemble)
         )
         self.reward_head = _GoalHead(d, cfg.goal_dim, cfg.hidden)
-        self.value_head = _GoalHead(d, cfg.goal_dim, cfg.hidden)
+        self.q_head = _GoalHead(d, cfg.goal_dim, cfg.hidden, n_out=cfg.n_actions)
         self.cont_head = nn.Sequential(
             nn.Linear(d, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, 1)
         )
+        self.q_target = copy.deepcopy(self.q_head).requires_grad_(False)
+
+    @property
+    def START(self) -> int:
+        """The "previous action" of the first observation of an episode."""
+        return self.cfg.n_actions
 
     # ------------------------------------------------------------------ the math
 
@@ -179,8 +201,7 @@ class WorldModel(nn.Module):
         """image (..., 7, 7, 3), direction (...), carrying (..., 2) -> z (..., d)."""
         image = image.long()
         cells = (
-            self.type_emb(image[..., 0])
-            + self.color_emb(image[..., 1])
+            self.type_emb(image[..., 0]) + self.color_emb(image[..., 1])
             + self.state_emb(image[..., 2].clamp(max=N_STATES - 1))
         )  # (..., 7, 7, e)
         z = self.cell_proj(cells.flatten(-3))  # (..., d)
@@ -189,30 +210,35 @@ class WorldModel(nn.Module):
         z = z + self.carry_color_emb(carrying[..., 1].long())
         return self.z_norm(F.silu(z))
 
-    def token(self, z: Tensor, action: Tensor) -> Tensor:
-        """The backbone input for observation latent z (..., d) and action (...) int."""
-        return z + self.action_emb(action.long())
+    def token(self, z: Tensor, prev_action: Tensor) -> Tensor:
+        """The backbone input for latent z (..., d) and the action (...) that led to it."""
+        return z + self.prev_action_emb(prev_action.long())
 
-    def sequence(self, z: Tensor, action: Tensor) -> Tensor:
-        """Teacher-forced training pass: z (B, T, d), action (B, T) -> h (B, T, d)."""
-        return self.backbone(self.token(z, action))
+    def sequence(self, z: Tensor, prev_action: Tensor) -> Tensor:
+        """Teacher-forced pass: z (B, T, d), prev_action (B, T) -> h (B, T, d)."""
+        return self.backbone(self.token(z, prev_action))
 
     def init_state(self, batch: int) -> BatchState:
         """The backbone state before the first observation."""
         return self.backbone.init_state(batch)
 
-    def next(self, state: BatchState, z: Tensor, action: Tensor) -> tuple[Tensor, BatchState]:
-        """One step: z (B, d), action (B,) -> h (B, d) and the state after it.
+    def next(self, state: BatchState, z: Tensor, prev_action: Tensor) -> tuple[Tensor, BatchState]:
+        """Take in observation latent z (B, d) reached by prev_action (B,) (`START` at reset)
+        -> h (B, d), the history through it, and the state after it.
 
         The state may be updated in place (see `Backbone.step`): clone one you want to keep.
         """
-        return self.backbone.step(state, self.token(z, action))
+        return self.backbone.step(state, self.token(z, prev_action))
 
-    def decode(self, h: Tensor, head: int = 0) -> dict[str, Tensor]:
-        """h (..., d) -> logits of the next observation: cells (..., 7, 7, 20) split into
-        type (11), colour (6), state (3); direction (..., 4); carried type (..., 11) and colour
-        (..., 6)."""
-        out = self.decoders[head](h)
+    def with_action(self, h: Tensor, action: Tensor) -> Tensor:
+        """h (..., d) and the action about to be taken (...) -> the features of the pair."""
+        return h + self.action_emb(action.long())
+
+    def decode(self, h: Tensor, action: Tensor, head: int = 0) -> dict[str, Tensor]:
+        """h (..., d), action (...) -> logits of the next observation: cells (..., 7, 7, 20)
+        split into type (11), colour (6), state (3); direction (..., 4); carried type (..., 11)
+        and colour (..., 6)."""
+        out = self.decoders[head](self.with_action(h, action))
         cells = out[..., : N_CELLS * CELL_LOGITS].unflatten(-1, (VIEW, VIEW, CELL_LOGITS))
         rest = out[..., N_CELLS * CELL_LOGITS :]
         return {
@@ -224,49 +250,58 @@ class WorldModel(nn.Module):
             "carry_color": rest[..., N_DIRECTIONS + N_TYPES :],
         }
 
-    def reward(self, h: Tensor, g: Tensor | None = None, psi: Tensor | None = None) -> Tensor:
-        """h (..., d), goal embeddings g (..., goal_dim) -> logit that g is achieved next.
+    def reward(self, h: Tensor, action: Tensor, g: Tensor | None = None,
+               psi: Tensor | None = None) -> Tensor:
+        """h (..., d), action (...), goal embeddings g (..., goal_dim) -> logit (...) that the
+        action achieves g on arriving at the next observation.
 
         Pass `psi = model.goal_features(g)["reward"]` instead of g to score the same goals at
         many states without recomputing the goal stream.
         """
-        return self.reward_head(h, g, psi)
+        return self.reward_head(self.with_action(h, action), g, psi)[..., 0]
+
+    def q(self, h: Tensor, g: Tensor | None = None, psi: Tensor | None = None) -> Tensor:
+        """h (..., d), g (..., goal_dim) (or `psi = goal_features(g)["q"]`) -> (..., A) logits of
+        the discounted chance of achieving g by taking each action now, greedily after."""
+        return self.q_head(h, g, psi)
 
     def value(self, h: Tensor, g: Tensor | None = None, psi: Tensor | None = None) -> Tensor:
-        """h (..., d), g (..., goal_dim) -> logit of the discounted chance of achieving g later
-        (or `psi = goal_features(g)["value"]`)."""
-        return self.value_head(h, g, psi)
+        """max_a Q: h (..., d), g (..., goal_dim) -> logit (...) of the goal-reaching value."""
+        return self.q(h, g, psi).amax(-1)
 
     def goal_features(self, g: Tensor) -> dict[str, Tensor]:
-        """g (..., goal_dim) -> the reward and value heads' goal streams, (..., hidden + 1)."""
-        return {"reward": self.reward_head.goal_features(g),
-                "value": self.value_head.goal_features(g)}
+        """g (..., goal_dim) -> the goal streams of the reward and Q heads."""
+        return {"reward": self.reward_head.goal_features(g), "q": self.q_head.goal_features(g)}
 
-    def cont(self, h: Tensor) -> Tensor:
-        """h (..., d) -> logit that the episode continues after the next observation."""
-        return self.cont_head(h).squeeze(-1)
+    def cont(self, h: Tensor, action: Tensor) -> Tensor:
+        """h (..., d), action (...) -> logit that the episode goes on after the next observation."""
+        return self.cont_head(self.with_action(h, action)).squeeze(-1)
 
     # ------------------------------------------------------------------ training
 
     def loss(self, batch: dict[str, Tensor], goal_table: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Teacher-forced loss on a batch of windows.
+        """Loss on a batch of windows: teacher-forced dynamics, reward and continuation, and TD
+        for Q with relabelled goals.
 
         batch: image (B, L+1, 7, 7, 3), direction (B, L+1), carrying (B, L+1, 2), action (B, L),
-        mask (B, L), is_terminal (B, L+1), and relabelled goal slots goal (B, L, G) (indices into
-        goal_table (V, goal_dim)), goal_reward / goal_value targets and goal_mask (B, L, G).
+        prev_action (B,) (the action before the window; `START` at an episode's start), mask
+        (B, L), is_terminal (B, L+1), and relabelled goal slots goal (B, L, G) (indices into
+        goal_table (V, goal_dim)), goal_reward (B, L, G) targets and goal_mask (B, L, G).
         Returns the total loss and its parts as floats.
         """
+        cfg = self.cfg
         length = batch["action"].shape[1]
         mask = batch["mask"].float()  # (B, L)
         denom = mask.sum().clamp(min=1)
-        z = self.encode(batch["image"][:, :length], batch["direction"][:, :length],
-                        batch["carrying"][:, :length])  # (B, L, d)
-        h = self.sequence(z, batch["action"])  # (B, L, d)
+        z = self.encode(batch["image"], batch["direction"], batch["carrying"])  # (B, L+1, d)
+        prev = torch.cat([batch["prev_action"][:, None], batch["action"]], dim=1)  # (B, L+1)
+        h_all = self.sequence(z, prev)  # (B, L+1, d)
+        h, action = h_all[:, :length], batch["action"]
 
         target_img = batch["image"][:, 1:].long()  # (B, L, 7, 7, 3)
         obs_loss = h.new_zeros(())
-        for k in range(self.cfg.ensemble):
-            logits = self.decode(h, k)
+        for k in range(cfg.ensemble):
+            logits = self.decode(h, action, k)
             cells = (
                 _ce(logits["type"], target_img[..., 0])
                 + _ce(logits["color"], target_img[..., 1])
@@ -278,26 +313,44 @@ class WorldModel(nn.Module):
                 + _ce(logits["carry_color"], batch["carrying"][:, 1:, 1])
             ) / N_CELLS
             obs_loss = obs_loss + ((cells + rest) * mask).sum() / denom
-        obs_loss = obs_loss / self.cfg.ensemble
+        obs_loss = obs_loss / cfg.ensemble
 
-        psi = self.goal_features(goal_table)  # (V, hidden + 1) per head: each goal once
+        psi = self.goal_features(goal_table)  # each goal of the table once
+        goals = batch["goal"]  # (B, L, G)
         gmask = batch["goal_mask"].float()
         gdenom = gmask.sum().clamp(min=1)
-        hg = h[:, :, None, :]  # (B, L, 1, d)
-        reward_logits = self.reward(hg, psi=psi["reward"][batch["goal"]])  # (B, L, G)
-        value_logits = self.value(hg, psi=psi["value"][batch["goal"]])
+        r_target = batch["goal_reward"]  # (B, L, G)
+        reward_logits = self.reward(h[:, :, None], action[:, :, None],
+                                    psi=psi["reward"][goals])  # (B, L, G)
         reward_loss = (F.binary_cross_entropy_with_logits(
-            reward_logits, batch["goal_reward"], reduction="none") * gmask).sum() / gdenom
-        value_loss = (F.binary_cross_entropy_with_logits(
-            value_logits, batch["goal_value"], reduction="none") * gmask).sum() / gdenom
-        cont_target = 1.0 - batch["is_terminal"][:, 1:].float()
-        cont_loss = (F.binary_cross_entropy_with_logits(
-            self.cont(h), cont_target, reduction="none") * mask).sum() / denom
+            reward_logits, r_target, reduction="none") * gmask).sum() / gdenom
 
-        total = obs_loss + reward_loss + value_loss + cont_loss
-        parts = {"loss": total, "obs": obs_loss, "reward": reward_loss, "value": value_loss,
-                 "cont": cont_loss}
+        alive = 1.0 - batch["is_terminal"][:, 1:].float()  # (B, L): o_{t+1} is not terminal
+        cont_loss = (F.binary_cross_entropy_with_logits(
+            self.cont(h, action), alive, reduction="none") * mask).sum() / denom
+
+        # TD: Q(h_t, a_t, g) <- r + gamma (1 - r) alive max_a' Q_target(h_{t+1}, a', g); padded
+        # steps are masked, and h_{t+1} of the window's last step exists (L+1 observations).
+        with torch.no_grad():
+            psi_target = self.q_target.goal_features(goal_table)[goals]  # (B, L, G, k + A)
+            next_q = self.q_target(h_all[:, 1:, None].detach(), psi=psi_target)
+            bootstrap = torch.sigmoid(next_q).amax(-1)  # (B, L, G)
+            y = r_target + cfg.discount * (1 - r_target) * alive[..., None] * bootstrap
+        q_all = self.q(h[:, :, None], psi=psi["q"][goals])  # (B, L, G, A)
+        q_taken = q_all.gather(-1, action[:, :, None, None].expand(*goals.shape, 1))[..., 0]
+        q_loss = (F.binary_cross_entropy_with_logits(q_taken, y, reduction="none")
+                  * gmask).sum() / gdenom
+
+        total = obs_loss + reward_loss + cont_loss + q_loss
+        parts = {"loss": total, "obs": obs_loss, "reward": reward_loss, "cont": cont_loss,
+                 "q": q_loss, "q_mean": torch.sigmoid(q_taken).mean()}
         return total, {k: float(v.detach()) for k, v in parts.items()}
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """Move the target Q head towards the online one (call after each optimizer step)."""
+        for tgt, src in zip(self.q_target.parameters(), self.q_head.parameters(), strict=True):
+            tgt.lerp_(src, 1.0 - self.cfg.target_ema)
 
     # ------------------------------------------------------------------ imagination
 
@@ -314,43 +367,45 @@ class WorldModel(nn.Module):
         )
         return {"image": image, "direction": logits["direction"].argmax(-1), "carrying": carrying}
 
-    def disagreement(self, h: Tensor) -> Tensor:
-        """h (..., d) -> mean variance across decoder heads of the cell-type probabilities (...);
-        zeros with a single head."""
+    def disagreement(self, h: Tensor, action: Tensor) -> Tensor:
+        """h (..., d), action (...) -> mean variance across decoder heads of the predicted
+        cell-type probabilities (...); zeros with a single head."""
         if self.cfg.ensemble < 2:
             return h.new_zeros(h.shape[:-1])
-        probs = torch.stack(
-            [self.decode(h, k)["type"].softmax(-1) for k in range(self.cfg.ensemble)]
-        )
+        probs = torch.stack([self.decode(h, action, k)["type"].softmax(-1)
+                             for k in range(self.cfg.ensemble)])
         return probs.var(dim=0).mean(dim=(-1, -2, -3))
 
     @torch.no_grad()
     def imagine(
-        self,
-        state: BatchState,
-        z: Tensor,
-        actions: Tensor,
-        goal: Tensor | None = None,
+        self, state: BatchState, h: Tensor, actions: Tensor, goal: Tensor | None = None,
         decode_frames: bool = False,
     ) -> dict[str, Tensor]:
-        """Roll the model forward from `state` (consumed) and current latent z (B, d) under
-        action sequences (B, H). Returns h (B, H, d), reward and value logits (B, H) for goal
-        (B, goal_dim) or (goal_dim,) when given, cont logits (B, H), and with `decode_frames` the
-        imagined observations image (B, H, 7, 7, 3), direction (B, H), carrying (B, H, 2)."""
-        hs, frames = [], []
+        """Roll the model forward under action sequences (B, H) from h (B, d), the history
+        through the current real observation, and `state` (consumed), the backbone state after
+        it. Returns per imagined step reward and cont logits (B, H) (reward needs `goal`, (B,
+        goal_dim) or (goal_dim,)), the histories h (B, H, d) after each imagined observation,
+        the terminal value logit (B,) of the last one, and with `decode_frames` the imagined
+        observations image (B, H, 7, 7, 3), direction (B, H), carrying (B, H, 2)."""
+        psi = None
+        if goal is not None:
+            psi = self.goal_features(goal)
+        rewards, conts, hs, frames = [], [], [], []
         for t in range(actions.shape[1]):
-            h, state = self.next(state, z, actions[:, t])
-            obs = self.most_likely(self.decode(h))
+            a = actions[:, t]
+            if psi is not None:
+                rewards.append(self.reward(h, a, psi=psi["reward"]))
+            conts.append(self.cont(h, a))
+            obs = self.most_likely(self.decode(h, a))
             z = self.encode(obs["image"], obs["direction"], obs["carrying"])
+            h, state = self.next(state, z, a)
             hs.append(h)
             if decode_frames:
                 frames.append(obs)
-        h = torch.stack(hs, dim=1)  # (B, H, d)
-        out: dict[str, Tensor] = {"h": h, "cont": self.cont(h)}
-        if goal is not None:
-            psi = self.goal_features(goal if goal.dim() == 1 else goal[:, None, :])
-            out["reward"] = self.reward(h, psi=psi["reward"])
-            out["value"] = self.value(h, psi=psi["value"])
+        out: dict[str, Tensor] = {"h": torch.stack(hs, dim=1), "cont": torch.stack(conts, 1)}
+        if psi is not None:
+            out["reward"] = torch.stack(rewards, dim=1)
+            out["value"] = self.value(h, psi=psi["q"])
         if decode_frames:
             for key in ("image", "direction", "carrying"):
                 out[key] = torch.stack([f[key] for f in frames], dim=1)

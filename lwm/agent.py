@@ -1,0 +1,241 @@
+"""The agent: instruction -> goal spec -> embeddings -> plan, act, check, critique, re-plan.
+
+    agent = Agent.from_pretrained("runs/train/babyai-goto-mamba2", llm="local")
+    result = agent.run("please walk over to the red ball", env, seed=3)
+
+For each subgoal of the spec (in stage order) the agent embeds its canonical text, plans in
+imagination from the current real observation (MPC: a new plan every step), acts, and moves on
+when the env reports the subgoal achieved. When a subgoal takes longer than its share of the step
+budget, the critic reads the text trace and may revise the remaining subgoals (at most
+`max_critiques` times); at the end it judges the episode. The instruction wins over the env's own
+mission: the env's verifier is switched off and success means every subgoal was achieved.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lwm.envs import goal_achieved
+from lwm.language.critic import Critic, Critique
+from lwm.language.embed import GoalEncoder
+from lwm.language.spec import GoalParser, GoalSpec
+from lwm.models.world_model import WorldModel
+from lwm.planning import Planner, PlanResult, make_planner
+
+__all__ = ["Agent", "EpisodeResult", "StepRecord"]
+
+
+@dataclass
+class StepRecord:
+    """One real step and what the planner imagined before taking it."""
+
+    step: int
+    subgoal: str
+    action: int
+    events: list[str]
+    achieved: list[str]
+    imagined_return: float
+    """The planner's objective J for the chosen sequence (discounted chance of the subgoal)."""
+    imagined_reward: list[float]
+    """Predicted probabilities that the subgoal is achieved at each imagined step."""
+    plan_ms: float
+    imagined_image: np.ndarray | None = None
+    """(H, 7, 7, 3) decoded imagined views of the chosen sequence, when asked for."""
+    real_image: np.ndarray | None = None
+    """(7, 7, 3) the real view the plan started from, when imagined views were asked for."""
+
+
+@dataclass
+class EpisodeResult:
+    """What happened when the agent followed an instruction."""
+
+    instruction: str
+    subgoals: list[str]
+    success: bool
+    steps: int
+    achieved_at: dict[str, int]
+    """Subgoal text -> the step at which it was achieved."""
+    events: list[str]
+    """Real text events in order (the trace the critic reads)."""
+    records: list[StepRecord] = field(default_factory=list)
+    critiques: list[Critique] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    """parse_s, plan_ms_mean, critic_s, total_s."""
+
+    def summary(self) -> str:
+        """A short text summary for people and tool-using LLMs."""
+        verdict = "succeeded" if self.success else "failed"
+        done = ", ".join(f"{g} (step {s})" for g, s in self.achieved_at.items()) or "nothing"
+        text = (f"{verdict} in {self.steps} steps: '{self.instruction}' -> "
+                f"{' ; '.join(self.subgoals)}. Achieved: {done}.")
+        if self.critiques:
+            text += f" Critic: {self.critiques[-1].reason}"
+        return text
+
+
+class Agent:
+    """A world model, a planner, a goal parser, a goal encoder and (optionally) a critic."""
+
+    def __init__(
+        self,
+        model: WorldModel,
+        planner: Planner,
+        parser: GoalParser,
+        encoder: GoalEncoder | None = None,
+        critic: Critic | None = None,
+        max_critiques: int = 1,
+        seed: int = 0,
+    ):
+        self.model = model.eval()
+        self.planner = planner
+        self.parser = parser
+        self.encoder = encoder or GoalEncoder()
+        self.critic = critic
+        self.max_critiques = max_critiques
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        llm: Any = "local",
+        planner: str = "cem",
+        planner_cfg: Any = None,
+        critic: bool = True,
+        **kwargs: Any,
+    ) -> Agent:
+        """Load the world model of a run directory (or a model directory) and build an agent.
+
+        llm: "local" (the embedded llama.cpp model), a provider string, a langchain chat model,
+        or None for BabyAI's grammar parser and no critic. The planner's discount is the one Q
+        was trained with unless `planner_cfg` is given.
+        """
+        from lwm.planning import PLANNERS
+
+        path = Path(path)
+        model_dir = path / "model" if (path / "model").is_dir() else path
+        model = WorldModel.from_pretrained(model_dir)
+        if planner_cfg is None:
+            planner_cfg = PLANNERS[planner][1](discount=model.cfg.discount)
+        if llm is None:
+            from lwm.language.mission import BabyAIMissionParser
+
+            parser, judge = BabyAIMissionParser(), None
+        else:
+            from lwm.language.critic import LLMCritic
+            from lwm.language.parse import LLMGoalParser
+
+            parser = LLMGoalParser(llm)
+            judge = LLMCritic(parser.llm) if critic else None
+        return cls(model, make_planner(planner, planner_cfg), parser, critic=judge, **kwargs)
+
+    # ------------------------------------------------------------------ acting
+
+    @torch.no_grad()
+    def run(
+        self,
+        instruction: str,
+        env,
+        seed: int | None = None,
+        max_steps: int | None = None,
+        decode: bool = False,
+        on_step: Callable[[StepRecord], None] | None = None,
+        spec: GoalSpec | None = None,
+    ) -> EpisodeResult:
+        """Follow `instruction` in `env` (an lwm env) from `reset(seed)`.
+
+        Raises `InstructionError` before acting when the instruction can't be grounded. `spec`
+        skips parsing. `decode` keeps imagined and real views per step (for GIFs); `on_step` is
+        called after every step (live displays).
+        """
+        t_start = time.perf_counter()
+        if spec is None:
+            spec = self.parser.parse(instruction)
+        parse_s = time.perf_counter() - t_start
+        obs, _ = env.reset(seed=seed, options={"instruction": instruction})
+        budget = max_steps or env.unwrapped.max_steps
+        self.planner.reset()
+
+        pending = list(spec.subgoals)
+        achieved_at: dict[str, int] = {}
+        events: list[str] = []
+        records: list[StepRecord] = []
+        critiques: list[Critique] = []
+        critic_s = 0.0
+        state = self.model.init_state(1)
+        h_prev = None
+        subgoal_started = 0
+        share = max(budget // max(len(pending), 1), 1)
+        step = 0
+        while pending and step < budget:
+            stage = pending[0].stage
+            current = pending[0]
+            goal_vec = self.encoder.encode(current.text, as_torch=True)[None]  # (1, 384)
+            z = self.model.encode(*_obs_tensors(obs))  # (1, d)
+            t0 = time.perf_counter()
+            plan: PlanResult = self.planner.plan(self.model, state, z, goal_vec, h=h_prev,
+                                                 decode=decode, generator=self.generator)
+            plan_ms = (time.perf_counter() - t0) * 1e3
+            action = int(plan.action[0])
+            h_prev, state = self.model.next(state, z, plan.action)
+            real_view = obs["image"].copy() if decode else None
+            obs, _, terminated, truncated, info = env.step(action)
+            step += 1
+            events += info["events"]
+            for sub in [s for s in pending if s.stage == stage]:
+                if goal_achieved(sub.goal, info):
+                    achieved_at[sub.text] = step
+                    pending.remove(sub)
+            if not pending or pending[0].stage != stage:
+                subgoal_started = step
+            record = StepRecord(
+                step=step, subgoal=current.text, action=action, events=list(info["events"]),
+                achieved=list(info["achieved"]), imagined_return=float(plan.objective[0]),
+                imagined_reward=plan.reward[0].tolist(), plan_ms=plan_ms,
+                imagined_image=plan.image[0].numpy() if decode and plan.image is not None
+                else None,
+                real_image=real_view,
+            )
+            records.append(record)
+            if on_step is not None:
+                on_step(record)
+            if terminated or truncated:
+                break
+            stuck = pending and step - subgoal_started >= share
+            if stuck and self.critic is not None and len(critiques) < self.max_critiques:
+                t0 = time.perf_counter()
+                verdict = self.critic.critique(instruction, spec, events)
+                critic_s += time.perf_counter() - t0
+                critiques.append(verdict)
+                subgoal_started = step
+                if verdict.revised_subgoals is not None:
+                    spec = verdict.revised_subgoals
+                    pending = [s for s in spec.subgoals if s.text not in achieved_at]
+
+        success = not pending
+        if self.critic is not None and not success and len(critiques) < self.max_critiques:
+            t0 = time.perf_counter()
+            critiques.append(self.critic.critique(instruction, spec, events))
+            critic_s += time.perf_counter() - t0
+        plan_times = [r.plan_ms for r in records]
+        return EpisodeResult(
+            instruction=instruction, subgoals=spec.texts, success=success, steps=step,
+            achieved_at=achieved_at, events=events, records=records, critiques=critiques,
+            timings={"parse_s": parse_s, "plan_ms_mean": float(np.mean(plan_times)) if plan_times
+                     else 0.0, "critic_s": critic_s, "total_s": time.perf_counter() - t_start},
+        )
+
+
+def _obs_tensors(obs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An lwm observation dict -> batched (1, ...) image, direction, carrying tensors."""
+    return (torch.from_numpy(np.asarray(obs["image"]))[None],
+            torch.tensor([int(obs["direction"])]),
+            torch.from_numpy(np.asarray(obs["carrying"]))[None])
+
