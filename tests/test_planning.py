@@ -19,6 +19,7 @@ from lwm.planning import (
     make_planner,
     objective,
 )
+from lwm.planning.base import imagine_candidates, score_sequences
 
 torch.set_num_threads(1)
 
@@ -37,17 +38,21 @@ def model(request) -> WorldModel:
 
 
 def history(model: WorldModel, batch: int, steps: int = 3):
-    """A model state after a short random history, the current latent and goal embeddings."""
+    """The backbone state and history h (B, d) after a few random observations and actions,
+    and goal embeddings."""
     gen = torch.Generator().manual_seed(1)
     state = model.init_state(batch)
-    image = torch.randint(0, 3, (batch, 7, 7, 3), generator=gen)
-    direction = torch.randint(0, 4, (batch,), generator=gen)
-    carrying = torch.zeros(batch, 2, dtype=torch.long)
-    z = model.encode(image, direction, carrying)
+    prev = torch.full((batch,), model.START)
     with torch.no_grad():
         for _ in range(steps):
-            _, state = model.next(state, z, torch.randint(0, 7, (batch,), generator=gen))
-    return state, z, torch.randn(batch, 384, generator=gen)
+            z = model.encode(
+                torch.randint(0, 3, (batch, 7, 7, 3), generator=gen),
+                torch.randint(0, 4, (batch,), generator=gen),
+                torch.zeros(batch, 2, dtype=torch.long),
+            )
+            h, state = model.next(state, z, prev)
+            prev = torch.randint(0, 7, (batch,), generator=gen)
+    return state, h, torch.randn(batch, 384, generator=gen)
 
 
 def tensors(state: BatchState) -> list[Tensor]:
@@ -59,8 +64,8 @@ def tensors(state: BatchState) -> list[Tensor]:
 @pytest.mark.parametrize("name", sorted(PLANNERS))
 def test_shapes_for_a_batch_of_envs(model, name):
     B, H = 3, SMALL["horizon"]
-    state, z, goal = history(model, B)
-    result = small_planner(name).plan(model, state, z, goal, decode=True)
+    state, h, goal = history(model, B)
+    result = small_planner(name).plan(model, state, h, goal, decode=True)
     assert result.action.shape == (B,) and result.action.dtype == torch.long
     assert torch.equal(result.action, result.actions[:, 0])
     assert result.actions.shape == result.reward.shape == result.cont.shape == (B, H)
@@ -75,9 +80,9 @@ def test_shapes_for_a_batch_of_envs(model, name):
 
 @pytest.mark.parametrize("name", sorted(PLANNERS))
 def test_caller_state_is_untouched(model, name):
-    state, z, goal = history(model, 2)
+    state, h, goal = history(model, 2)
     before = state.clone()
-    small_planner(name).plan(model, state, z, goal, decode=True)
+    small_planner(name).plan(model, state, h, goal, decode=True)
     after, kept = tensors(state), tensors(before)
     assert after and len(after) == len(kept)
     for a, b in zip(after, kept, strict=True):
@@ -89,9 +94,9 @@ def test_caller_state_is_untouched(model, name):
 def test_same_generator_seed_same_plan(name):
     torch.manual_seed(0)
     model = WorldModel(preset("debug")).eval()
-    state, z, goal = history(model, 2)
+    state, h, goal = history(model, 2)
     results = [
-        small_planner(name).plan(model, state, z, goal, generator=torch.Generator().manual_seed(7))
+        small_planner(name).plan(model, state, h, goal, generator=torch.Generator().manual_seed(7))
         for _ in range(2)
     ]
     assert torch.equal(results[0].actions, results[1].actions)
@@ -102,24 +107,40 @@ def test_same_generator_seed_same_plan(name):
 def test_warm_start_shifts_the_last_plan(name):
     torch.manual_seed(0)
     model = WorldModel(preset("debug")).eval()
-    state, z, goal = history(model, 3)
+    state, h, goal = history(model, 3)
     planner = small_planner(name, uniform_mix=0.2)
     uniform = torch.full((3, SMALL["horizon"], 7), 1 / 7)
-    torch.testing.assert_close(planner.warm.start(3, 7, z.device), uniform)
+    torch.testing.assert_close(planner.warm.start(3, 7, h.device), uniform)
 
-    probs = planner.plan(model, state, z, goal).probs
-    start = planner.warm.start(3, 7, z.device)
+    probs = planner.plan(model, state, h, goal).probs
+    start = planner.warm.start(3, 7, h.device)
     torch.testing.assert_close(start[:, :-1], 0.8 * probs[:, 1:] + 0.2 / 7)
     torch.testing.assert_close(start[:, -1], uniform[:, -1])
 
     planner.reset_envs([1])
-    start = planner.warm.start(3, 7, z.device)
+    start = planner.warm.start(3, 7, h.device)
     torch.testing.assert_close(start[1], uniform[1])
     torch.testing.assert_close(start[0, :-1], 0.8 * probs[0, 1:] + 0.2 / 7)
     with pytest.raises(ValueError, match="reset"):
         planner.plan(model, *history(model, 2))
     planner.reset()
-    torch.testing.assert_close(planner.warm.start(2, 7, z.device), uniform[:2])
+    torch.testing.assert_close(planner.warm.start(2, 7, h.device), uniform[:2])
+
+
+def test_shared_prefixes_score_as_if_stepped_separately(model):
+    B, K, H = 2, 40, 4
+    state, h, goal = history(model, B)
+    gen = torch.Generator().manual_seed(3)
+    # Few distinct actions, so prefixes repeat a lot; plus one sequence that is all different.
+    actions = torch.randint(0, 2, (B, K, H), generator=gen)
+    actions[:, 0] = torch.arange(H) + 3
+    shared = score_sequences(model, state, h, goal, actions, 0.9)
+    flat = actions.flatten(0, 1)  # (B*K, H)
+    separate = imagine_candidates(model, state, h, goal, K, H, 0.9, lambda t, h: flat[:, t])
+    for name in ("reward", "cont", "value", "objective"):
+        torch.testing.assert_close(
+            getattr(shared, name), getattr(separate, name), atol=1e-5, rtol=1e-4
+        )
 
 
 def test_objective_treats_the_goal_as_the_end():
@@ -149,7 +170,7 @@ def test_make_planner_rejects_unknown_names_and_foreign_configs():
 
 @dataclass
 class MatchState(BatchState):
-    """matched: (B,) 1 while every action so far equals the target's; t: steps taken."""
+    """matched: (B,) 1 while every action so far equals the target's; t: actions taken."""
 
     matched: Tensor
     t: int = 0
@@ -157,42 +178,49 @@ class MatchState(BatchState):
 
 class TargetSequenceModel(WorldModel):
     """A debug world model whose dynamics and heads are replaced by a known toy: the goal is
-    achieved exactly when the actions taken so far are `target`, and never otherwise.
+    achieved exactly by the action that completes `target`, and never otherwise.
 
-    h carries (matched, t == len(target), t / 10) in its first three channels. Decoding and
-    encoding stay the real (untrained) networks, so the planner's imagination loop runs as usual.
+    h carries (matched, actions taken / 10) in its first two channels. Decoding and encoding
+    stay the real (untrained) networks, so the planner's imagination loop runs as usual.
     """
 
     def __init__(self, target: list[int]):
         super().__init__(preset("debug"))
         self.target = target
 
-    def init_state(self, batch: int) -> MatchState:
-        return MatchState(torch.ones(batch))
+    def start(self, batch: int) -> tuple[MatchState, Tensor]:
+        """The state and history h (B, d) at the first observation."""
+        h = torch.zeros(batch, self.cfg.d_model)
+        h[:, 0] = 1.0
+        return MatchState(torch.ones(batch)), h
 
-    def next(self, state: MatchState, z: Tensor, action: Tensor) -> tuple[Tensor, MatchState]:
+    def next(self, state: MatchState, z: Tensor, prev_action: Tensor) -> tuple[Tensor, MatchState]:
         want = self.target[state.t] if state.t < len(self.target) else -1
-        matched = state.matched * (action == want)
-        t = state.t + 1
+        matched = state.matched * (prev_action == want)
         h = z.new_zeros(z.shape[0], self.cfg.d_model)
-        h[:, 0], h[:, 1], h[:, 2] = matched, float(t == len(self.target)), t / 10
-        return h, MatchState(matched, t)
+        h[:, 0], h[:, 1] = matched, (state.t + 1) / 10
+        return h, MatchState(matched, state.t + 1)
 
-    def reward(self, h: Tensor, g: Tensor) -> Tensor:
-        return 20 * h[..., 0] * h[..., 1] - 10
+    def steps(self, h: Tensor) -> Tensor:
+        return (h[..., 1] * 10).round().long()
 
-    def cont(self, h: Tensor) -> Tensor:
+    def reward(self, h: Tensor, action: Tensor, g=None, psi=None) -> Tensor:
+        last = len(self.target) - 1
+        completes = h[..., 0] * (self.steps(h) == last) * (action == self.target[last])
+        return 20 * completes - 10
+
+    def cont(self, h: Tensor, action: Tensor) -> Tensor:
         return torch.full_like(h[..., 0], 10.0)
 
-    def value(self, h: Tensor, g: Tensor) -> Tensor:
-        return torch.full_like(h[..., 0], -10.0)
+    def q(self, h: Tensor, g=None, psi=None) -> Tensor:
+        return torch.full((*h.shape[:-1], self.cfg.n_actions), -10.0)
 
 
 def target_prior(target: list[int]):
-    """A policy prior that knows the target sequence: reads the step from h's third channel."""
+    """A policy prior that knows the target sequence: reads the step from h."""
 
-    def prior(h: Tensor, z: Tensor, goal: Tensor) -> Tensor:
-        t = (h[:, 2] * 10).round().long().clamp(max=len(target) - 1)  # (N,)
+    def prior(h: Tensor, goal: Tensor) -> Tensor:
+        t = (h[:, 1] * 10).round().long().clamp(max=len(target) - 1)  # (N,)
         return 5.0 * torch.nn.functional.one_hot(torch.tensor(target)[t], 7).float()
 
     return prior
@@ -203,33 +231,44 @@ def test_finds_the_rewarded_sequence(name):
     target = [3, 5, 1]  # 1 in 343 random sequences
     model = TargetSequenceModel(target).eval()
     B = 8
-    state = model.init_state(B)
-    z = torch.randn(B, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
-    goal = torch.zeros(B, 384)
+    state, h = model.start(B)
     planner = make_planner(
         name, PLANNERS[name][1](horizon=5, candidates=512, iterations=4, elites=16)
     )
-    result = planner.plan(model, state, z, goal, generator=torch.Generator().manual_seed(0))
+    result = planner.plan(
+        model, state, h, torch.zeros(B, 384), generator=torch.Generator().manual_seed(0)
+    )
     # Chance would pick the first action 3 for 1 env in 7; one random sequence in 343 is right.
-    assert (result.action == 3).float().mean() >= 0.9
+    assert (result.action == 3).float().mean() >= 0.75
     hit = (result.actions[:, :3] == torch.tensor(target)).all(1)
-    assert hit.float().mean() >= 0.9
-    assert (result.objective[hit] > 0.9).all()
+    assert hit.float().mean() >= 0.75
+    # Achieved on arriving at o_3, two steps after the first reward could come: gamma^2.
+    gamma = planner.cfg.discount
+    expect = torch.full((int(hit.sum()),), gamma**2)
+    torch.testing.assert_close(result.objective[hit], expect, atol=1e-3, rtol=0)  # sigmoid(10) < 1
 
 
 def test_mppi_uses_its_policy_prior():
     target = [3, 5, 1, 6, 2]  # 1 in 16,807: out of reach of 32 random candidates
     model = TargetSequenceModel(target).eval()
     B = 4
-    state = model.init_state(B)
-    z = torch.randn(B, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    state, h = model.start(B)
+    goal = torch.zeros(B, 384)
     cfg = MPPIConfig(horizon=6, candidates=32, iterations=2, elites=8, prior_share=0.25)
     with_prior = MPPI(cfg, prior=target_prior(target)).plan(
-        model, state, z, torch.zeros(B, 384), generator=torch.Generator().manual_seed(0)
+        model, state, h, goal, generator=torch.Generator().manual_seed(0)
     )
     assert (with_prior.actions[:, :5] == torch.tensor(target)).all()
-    assert (with_prior.objective > 0.9).all()
-    without = MPPI(cfg).plan(
-        model, state, z, torch.zeros(B, 384), generator=torch.Generator().manual_seed(0)
-    )
+    assert (with_prior.objective > 0.99 * cfg.discount**4).all()
+    cfg.q_prior = False
+    without = MPPI(cfg).plan(model, state, h, goal, generator=torch.Generator().manual_seed(0))
     assert (without.objective < 0.1).all()
+
+
+def test_mppi_default_prior_is_the_q_head():
+    torch.manual_seed(0)
+    model = WorldModel(preset("debug")).eval()
+    state, h, goal = history(model, 2)
+    planner = MPPI(MPPIConfig(prior_temperature=0.5))
+    torch.testing.assert_close(planner.proposal(model)(h, goal), model.q(h, goal) / 0.5)
+    assert MPPI(MPPIConfig(q_prior=False)).proposal(model) is None

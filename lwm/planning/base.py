@@ -1,13 +1,13 @@
 """What every planner shares: the interface, the objective, and scoring candidates in imagination.
 
-A planner searches over discrete action sequences a_0..a_{H-1} from the current real observation,
-for B environments at once, and scores each sequence by rolling the world model forward:
+A planner searches over discrete action sequences a_0..a_{H-1} from the current real observation
+o_0, for B environments at once, and scores each sequence by rolling the world model forward
+from h_0, the history through o_0, and the backbone state after it:
 
-    h_t = next(state_t, z_t, a_t)       z_0: the real latent; then z_{t+1} = encode(ô_{t+1}),
-                                        ô_{t+1} = most_likely(decode(h_t))
-    p_t = sigmoid(reward(h_t, g))       goal g becomes achieved on arriving at o_{t+1}
-    c_t = sigmoid(cont(h_t))            the episode goes on after o_{t+1}
-    v   = sigmoid(value(h_{H-1}, g))    discounted chance of achieving g after o_H, counted from o_H
+    p_t = sigmoid(reward(h_t, a_t, g))  goal g becomes achieved on arriving at o_{t+1}
+    c_t = sigmoid(cont(h_t, a_t))       the episode goes on after o_{t+1}
+    ô_{t+1} = most_likely(decode(h_t, a_t)),  h_{t+1} = next(state, encode(ô_{t+1}), a_t)
+    v   = sigmoid(value(h_H, g))        max_a Q: discounted chance of achieving g from o_H on
 
 Achieving the goal ends the task, so a reward only counts if the goal was not achieved before and
 the episode did not end before:
@@ -15,12 +15,11 @@ the episode did not end before:
     alive_0 = 1,   alive_{t+1} = alive_t (1 - p_t) c_t
     J = sum_{t<H} gamma^t alive_t p_t  +  gamma^H alive_H v
 
-J is the discounted probability of achieving the goal, in [0, 1]. The value head must be fitted
-to the same quantity seen from o_{t+1}:
+J is the discounted probability of achieving the goal, in [0, 1]; unrolled, it is the world
+model's own TD target for Q, Q(h_t, a_t) = p_t + gamma (1 - p_t) c_t max_a Q(h_{t+1}, a), so
+gamma must be the discount Q was trained with.
 
-    v(h_t) ~ sum_{k>=1} gamma^(k-1) P(g first achieved on arriving at o_{t+k+1}).
-
-The caller's state is never stepped: candidates run on `state.expand(K)`, which owns its memory.
+The caller's state is never stepped: candidates run on copies (`BatchState.index`, `expand`).
 """
 
 from __future__ import annotations
@@ -39,11 +38,11 @@ from lwm.models.world_model import WorldModel
 
 
 class PolicyPrior(Protocol):
-    """A proposal distribution over the next action, e.g. a policy trained in imagination."""
+    """A proposal distribution over the next action, e.g. a softmax over the model's Q head."""
 
-    def __call__(self, h: Tensor, z: Tensor, goal: Tensor) -> Tensor:
-        """h: (N, d) backbone output of the previous step (zeros before the first), z: (N, d)
-        latent of the current observation, goal: (N, goal_dim) -> action logits (N, A)."""
+    def __call__(self, h: Tensor, goal: Tensor) -> Tensor:
+        """h: (N, d) history through the current (real or imagined) observation,
+        goal: (N, goal_dim) -> action logits (N, A)."""
         ...
 
 
@@ -60,7 +59,7 @@ class PlanResult:
     cont: Tensor
     """(B, H): predicted probability that the episode goes on after o_{t+1}."""
     value: Tensor
-    """(B,): predicted terminal value, the discounted chance of achieving the goal after o_H."""
+    """(B,): predicted terminal value, the discounted chance of achieving the goal from o_H on."""
     objective: Tensor
     """(B,): J of `actions`, the discounted probability of achieving the goal (module docstring)."""
     probs: Tensor
@@ -85,22 +84,21 @@ class Planner(ABC):
         self,
         model: WorldModel,
         state: BatchState,
-        z: Tensor,
+        h: Tensor,
         goal: Tensor,
-        h: Tensor | None = None,
         decode: bool = False,
         generator: torch.Generator | None = None,
     ) -> PlanResult:
         """Choose the next action of B environments.
 
-        state: model state after the history up to the previous step (not modified);
-        z: (B, d) latent of the current real observation; goal: (B, goal_dim) goal embeddings;
-        h: (B, d) backbone output of the previous real step, for a policy prior (None: zeros);
-        decode: also return the imagined views of the best sequence.
+        state: the backbone state after the current real observation (not modified);
+        h: (B, d) the history through it, as returned with that state by `model.next`;
+        goal: (B, goal_dim) goal embeddings; decode: also return the imagined views of the best
+        sequence; generator: the source of randomness (None: torch's global one).
         """
         raise NotImplementedError(
-            "plan(model, state, z: (B, d), goal: (B, goal_dim), h=None, decode=False, "
-            "generator=None) -> PlanResult"
+            "plan(model, state, h: (B, d), goal: (B, goal_dim), decode=False, generator=None)"
+            " -> PlanResult"
         )
 
     def reset(self) -> None:  # noqa: B027 - a planner without memory needs no reset
@@ -159,70 +157,116 @@ def objective(reward: Tensor, cont: Tensor, value: Tensor, discount: float) -> T
 def imagine_candidates(
     model: WorldModel,
     state: BatchState,
-    z: Tensor,
+    h: Tensor,
     goal: Tensor,
     k: int,
     horizon: int,
     discount: float,
-    act: Callable[[int, Tensor, Tensor], Tensor],
+    act: Callable[[int, Tensor], Tensor],
 ) -> Candidates:
-    """Roll K candidates per environment forward H steps from (state, z) and score them.
+    """Roll K candidates per environment forward H steps, each separately, and score them.
 
-    state: the model state of B environments (not modified); z: (B, d); goal: (B, goal_dim).
-    act(t, h, z) -> (B*K,) actions at step t, given the previous backbone output h (B*K, d)
-    (zeros at t = 0) and the current latent z (B*K, d); candidates of one environment are
-    consecutive rows.
+    state, h (B, d): as for `Planner.plan` (state is not modified); goal: (B, goal_dim).
+    act(t, h) -> (B*K,) actions at step t given the histories h (B*K, d); the candidates of an
+    environment are consecutive rows.
     """
-    B, d = z.shape
-    s = state.expand(k)  # (B*K, ...) and owns its memory: stepping it leaves `state` alone
-    z = z.repeat_interleave(k, dim=0)  # (B*K, d)
-    h = z.new_zeros(B * k, d)
-    hs, actions = [], []
+    B = h.shape[0]
+    psi = model.goal_features(goal)  # goal streams, once per environment
+    env = torch.arange(B, device=h.device).repeat_interleave(k)  # (B*K,)
+    s = state.expand(k)  # (B*K, ...) owns its memory: stepping it leaves `state` alone
+    h = h.repeat_interleave(k, dim=0)  # (B*K, d)
+    rewards, conts, actions = [], [], []
     for t in range(horizon):
-        a = act(t, h, z)
-        h, s = model.next(s, z, a)
-        obs = model.most_likely(model.decode(h))
-        z = model.encode(obs["image"], obs["direction"], obs["carrying"])
-        hs.append(h)
+        a = act(t, h)
+        rewards.append(model.reward(h, a, psi=psi["reward"][env]))
+        conts.append(model.cont(h, a))
+        obs = model.most_likely(model.decode(h, a))
+        h, s = model.next(s, model.encode(obs["image"], obs["direction"], obs["carrying"]), a)
         actions.append(a)
-    h = torch.stack(hs, dim=1).view(B, k, horizon, d)  # (B, K, H, d)
-    # The goal broadcasts over candidates and steps, so its projection runs on B rows, not B*K*H.
-    reward = torch.sigmoid(model.reward(h, goal[:, None, None]))  # (B, K, H)
-    cont = torch.sigmoid(model.cont(h))  # (B, K, H)
-    value = torch.sigmoid(model.value(h[:, :, -1], goal[:, None]))  # (B, K)
+    reward = torch.sigmoid(torch.stack(rewards, dim=1)).view(B, k, horizon)
+    cont = torch.sigmoid(torch.stack(conts, dim=1)).view(B, k, horizon)
+    value = torch.sigmoid(model.value(h, psi=psi["q"][env])).view(B, k)
     actions_ = torch.stack(actions, dim=1).view(B, k, horizon)  # (B, K, H)
     return Candidates(actions_, reward, cont, value, objective(reward, cont, value, discount))
 
 
+def padded_rows(model: WorldModel, m: int) -> int:
+    """How many rows to step for m distinct prefixes: m, or with a compiled backbone step (one
+    graph per batch size, seconds to compile each) the next power of two from 8 on, so that a
+    whole run needs a handful of graphs."""
+    if not model.cfg.backbone_cfg.compile:
+        return m
+    return max(8, 1 << (m - 1).bit_length())
+
+
+@torch.no_grad()
 def score_sequences(
-    model: WorldModel, state: BatchState, z: Tensor, goal: Tensor, actions: Tensor,
+    model: WorldModel, state: BatchState, h: Tensor, goal: Tensor, actions: Tensor,
     discount: float,
 ) -> Candidates:
-    """Score given action sequences (B, K, H) from (state, z) for goal (B, goal_dim)."""
-    _, k, horizon = actions.shape
-    flat = actions.flatten(0, 1)  # (B*K, H)
-    return imagine_candidates(
-        model, state, z, goal, k, horizon, discount, lambda t, h, z: flat[:, t]
-    )
+    """Score given action sequences (B, K, H) from (state, h (B, d)) for goal (B, goal_dim).
+
+    Imagination is deterministic (it feeds back the most likely observation), so candidates
+    that share a prefix a_0..a_t share its imagined future up to t. Each distinct prefix is
+    stepped once: at most 7 rows per environment at t = 0, 49 at t = 1, and far fewer than K
+    at every step once the distribution has concentrated (later iterations, warm starts).
+    The scores are those of stepping every candidate separately (`imagine_candidates`).
+    """
+    B, K, H = actions.shape
+    A = model.cfg.n_actions
+    flat = actions.reshape(B * K, H)
+    psi = model.goal_features(goal)  # goal streams, once per environment
+    env = torch.arange(B, device=h.device).repeat_interleave(K)  # (B*K,)
+    prefix = env  # (B*K,): each candidate's row in the current histories: its env at t = 0
+    s, h_rows, state_rows = state, h, B
+    h_pairs, a_pairs, env_pairs, rows = [], [], [], []  # per step, per distinct (h_t, a_t)
+    offset = 0  # where this step's distinct pairs start among all steps'
+    for t in range(H):
+        distinct, prefix_next = torch.unique(prefix * A + flat[:, t], return_inverse=True)
+        m = len(distinct)
+        # One candidate per distinct prefix a_0..a_t (any: they agree on parent and action).
+        first = torch.empty(m, dtype=torch.long, device=h.device).scatter_(
+            0, prefix_next, torch.arange(B * K, device=h.device)
+        )
+        parent, a = prefix[first], flat[first, t]  # (M,) history rows of a_0..a_t-1, a_t
+        h_parent = h_rows[parent]  # (M, d)
+        obs = model.most_likely(model.decode(h_parent, a))
+        z = model.encode(obs["image"], obs["direction"], obs["carrying"])  # (M, d)
+        n_rows = padded_rows(model, m)  # M' >= M: rows past M are stepped and ignored
+        # The copy at t = 0 keeps the caller's state unstepped; later, rows that stay in place
+        # (no prefix branched, same padding) need none.
+        same = n_rows == state_rows and torch.equal(parent, torch.arange(m, device=h.device))
+        if t == 0 or not same:
+            s = s.index(F.pad(parent, (0, n_rows - m)))  # (M', ...)
+        h_next, s = model.next(s, F.pad(z, (0, 0, 0, n_rows - m)), F.pad(a, (0, n_rows - m)))
+        h_pairs.append(h_parent)
+        a_pairs.append(a)
+        env_pairs.append(env[first])
+        rows.append(offset + prefix_next)
+        h_rows, prefix, offset, state_rows = h_next[:m], prefix_next, offset + m, n_rows
+    # The heads run once on the pairs of all steps: a few large matmuls, not 2H small ones.
+    h_all, a_all = torch.cat(h_pairs), torch.cat(a_pairs)  # (R, d), (R,)
+    rows_ = torch.stack(rows, dim=1)  # (B*K, H): each candidate's pair at each step
+    reward = torch.sigmoid(model.reward(h_all, a_all, psi=psi["reward"][torch.cat(env_pairs)]))
+    cont = torch.sigmoid(model.cont(h_all, a_all))
+    value = torch.sigmoid(model.value(h_rows, psi=psi["q"][env_pairs[-1]]))  # (M_H,)
+    reward, cont = reward[rows_].view(B, K, H), cont[rows_].view(B, K, H)
+    value = value[prefix].view(B, K)
+    return Candidates(actions, reward, cont, value, objective(reward, cont, value, discount))
 
 
 def sample_prior(
-    model: WorldModel, state: BatchState, z: Tensor, goal: Tensor, prior: PolicyPrior,
-    h: Tensor | None, k: int, horizon: int, discount: float,
-    generator: torch.Generator | None = None,
+    model: WorldModel, state: BatchState, h: Tensor, goal: Tensor, prior: PolicyPrior, k: int,
+    horizon: int, discount: float, generator: torch.Generator | None = None,
 ) -> Candidates:
-    """K sequences per environment drawn step by step from `prior` in imagination, scored.
-
-    h: (B, d) the backbone output of the last real step (None: zeros), the prior's first input.
-    """
+    """K sequences per environment drawn step by step from `prior` in imagination, scored."""
     goal_k = goal.repeat_interleave(k, dim=0)  # (B*K, goal_dim)
-    h0 = None if h is None else h.repeat_interleave(k, dim=0)  # (B*K, d)
 
-    def act(t: int, h: Tensor, z: Tensor) -> Tensor:
-        logits = prior(h0 if t == 0 and h0 is not None else h, z, goal_k)  # (B*K, A)
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    def act(t: int, h: Tensor) -> Tensor:
+        probs = prior(h, goal_k).softmax(-1)  # (B*K, A)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
-    return imagine_candidates(model, state, z, goal, k, horizon, discount, act)
+    return imagine_candidates(model, state, h, goal, k, horizon, discount, act)
 
 
 def sample_sequences(probs: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
@@ -269,7 +313,7 @@ class WarmStart:
         if self.memory.shape != uniform.shape:
             raise ValueError(
                 f"planner remembers plans of shape {tuple(self.memory.shape)}, asked to plan "
-                f"{tuple(uniform.shape)}: call reset(batch) when the number of envs changes"
+                f"{tuple(uniform.shape)}: call reset() when the number of envs changes"
             )
         return (1 - self.uniform_mix) * self.memory + self.uniform_mix * uniform
 
@@ -280,8 +324,8 @@ class WarmStart:
 
 
 def plan_result(
-    model: WorldModel, state: BatchState, z: Tensor, goal: Tensor, best: Candidates,
-    probs: Tensor, decode: bool,
+    model: WorldModel, state: BatchState, h: Tensor, best: Candidates, probs: Tensor,
+    decode: bool,
 ) -> PlanResult:
     """Package the best candidate per environment (B, 1, ...) as a `PlanResult`, decoding its
     imagined views (one more rollout of B sequences) when asked."""
@@ -291,7 +335,7 @@ def plan_result(
         value=best.value[:, 0], objective=best.objective[:, 0], probs=probs,
     )
     if decode:
-        frames = model.imagine(state.clone(), z, actions, decode_frames=True)
+        frames = model.imagine(state.clone(), h, actions, decode_frames=True)
         result.image, result.direction, result.carrying = (
             frames["image"], frames["direction"], frames["carrying"]
         )

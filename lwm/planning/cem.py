@@ -43,8 +43,8 @@ class CEMConfig:
     """E: best sequences the distribution is refitted to."""
     momentum: float = 0.1
     """Weight of the previous distribution in the refit (0: elite frequencies only)."""
-    discount: float = 0.99
-    """gamma of the objective J."""
+    discount: float = 0.9
+    """gamma of the objective J; must be the discount the value head was trained with."""
     warm_start: bool = True
     """Start from the previous call's final distribution shifted by one step (MPC)."""
     uniform_mix: float = 0.2
@@ -65,19 +65,18 @@ class CEM(Planner):
         self,
         model: WorldModel,
         state: BatchState,
-        z: Tensor,
+        h: Tensor,
         goal: Tensor,
-        h: Tensor | None = None,
         decode: bool = False,
         generator: torch.Generator | None = None,
     ) -> PlanResult:
-        """See `Planner.plan`; `h` is unused (CEM has no policy prior)."""
+        """See `Planner.plan`."""
         cfg, A = self.cfg, model.cfg.n_actions
-        probs = self.warm.start(z.shape[0], A, z.device)  # (B, H, A)
+        probs = self.warm.start(h.shape[0], A, h.device)  # (B, H, A)
         best = None
         for _ in range(cfg.iterations):
             actions = sample_sequences(probs, cfg.candidates, generator)  # (B, K, H)
-            scored = score_sequences(model, state, z, goal, actions, cfg.discount)
+            scored = score_sequences(model, state, h, goal, actions, cfg.discount)
             elites = scored.top(cfg.elites)  # (B, E, ...)
             probs = cfg.momentum * probs + (1 - cfg.momentum) * action_frequencies(
                 elites.actions, A
@@ -85,7 +84,7 @@ class CEM(Planner):
             best = elites.top(1) if best is None else best.cat(elites).top(1)
         if cfg.warm_start:
             self.warm.remember(probs)
-        return plan_result(model, state, z, goal, best, probs, decode)
+        return plan_result(model, state, h, best, probs, decode)
 
     def reset(self) -> None:
         self.warm.reset()

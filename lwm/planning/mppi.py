@@ -4,9 +4,10 @@ Like CEM, each plan step has a categorical distribution (B, H, A) that is sample
 imagination and refitted. The differences are TD-MPC2's: the refit weights the E best sequences
 by softmax(J / temperature) instead of equally, so a clearly better sequence dominates and
 near-ties share; a share of the candidates comes from a policy prior rolled out in imagination
-(drawn once per call, kept in every iteration's elite pool); and the plan taken is either the
-best sequence (greedy) or one drawn from the final elites by their weights (exploration).
-J bootstraps from the value head at the horizon (`lwm.planning.base`).
+(drawn once per call, kept in every iteration's elite pool), by default the world model's own Q
+head, softmax(Q(h, g) / prior_temperature), as TD-MPC2 uses its policy; and the plan taken is
+either the best sequence (greedy) or one drawn from the final elites by their weights. J
+bootstraps from the value head at the horizon (`lwm.planning.base`).
 """
 
 from __future__ import annotations
@@ -50,9 +51,13 @@ class MPPIConfig:
     momentum: float = 0.1
     """Weight of the previous distribution in the refit (0: weighted elite frequencies only)."""
     prior_share: float = 0.25
-    """Share of the K candidates drawn from the policy prior, when the planner has one."""
-    discount: float = 0.99
-    """gamma of the objective J."""
+    """Share of the K candidates drawn from the policy prior (0: none)."""
+    q_prior: bool = True
+    """Without a prior callable, use the world model's Q head as the prior."""
+    prior_temperature: float = 0.5
+    """Temperature of softmax(Q logits / T), the Q-head prior."""
+    discount: float = 0.9
+    """gamma of the objective J; must be the discount Q was trained with."""
     greedy: bool = True
     """Take the best sequence; False: draw one from the final elites by their weights."""
     warm_start: bool = True
@@ -64,21 +69,23 @@ class MPPIConfig:
 class MPPI(Planner):
     """MPPI planner (module docstring), batched over environments.
 
-    prior: optional proposal `prior(h, z, goal) -> logits` (see `PolicyPrior`).
+    prior: optional proposal `prior(h, goal) -> logits` (see `PolicyPrior`); None: the world
+    model's Q head if `cfg.q_prior`, else no prior.
     """
 
     def __init__(self, cfg: MPPIConfig | None = None, prior: PolicyPrior | None = None):
         self.cfg = cfg or MPPIConfig()
         self.prior = prior
-        n_prior = self.n_prior
+        n_prior = round(self.cfg.prior_share * self.cfg.candidates)
         if not 0 < self.cfg.elites <= self.cfg.candidates or n_prior >= self.cfg.candidates:
             raise ValueError(f"need 0 < elites <= candidates > prior rollouts, got {self.cfg}")
         self.warm = WarmStart(self.cfg.horizon, self.cfg.uniform_mix)
 
-    @property
-    def n_prior(self) -> int:
-        """Candidates per environment drawn from the prior (0 without one)."""
-        return 0 if self.prior is None else round(self.cfg.prior_share * self.cfg.candidates)
+    def proposal(self, model: WorldModel) -> PolicyPrior | None:
+        """The prior candidates are drawn from: the given one, the Q head's, or none."""
+        if self.prior is not None or not self.cfg.q_prior:
+            return self.prior
+        return lambda h, goal: model.q(h, goal) / self.cfg.prior_temperature
 
     def weights(self, objective: Tensor) -> Tensor:
         """Softmax weights (B, E) of elite objectives (B, E) at the temperature."""
@@ -89,26 +96,28 @@ class MPPI(Planner):
         self,
         model: WorldModel,
         state: BatchState,
-        z: Tensor,
+        h: Tensor,
         goal: Tensor,
-        h: Tensor | None = None,
         decode: bool = False,
         generator: torch.Generator | None = None,
     ) -> PlanResult:
         """See `Planner.plan`."""
         cfg, A = self.cfg, model.cfg.n_actions
-        probs = self.warm.start(z.shape[0], A, z.device)  # (B, H, A)
+        probs = self.warm.start(h.shape[0], A, h.device)  # (B, H, A)
+        prior = self.proposal(model)
+        n_prior = 0 if prior is None else round(cfg.prior_share * cfg.candidates)
         pool: Candidates | None = None  # the prior's rollouts, scored once, in every pool
-        if self.prior is not None:
+        if n_prior:
             pool = sample_prior(
-                model, state, z, goal, self.prior, h, self.n_prior, cfg.horizon, cfg.discount,
-                generator,
+                model, state, h, goal, prior, n_prior, cfg.horizon, cfg.discount, generator
             )
         best = None
         for _ in range(cfg.iterations):
-            actions = sample_sequences(probs, cfg.candidates - self.n_prior, generator)
-            scored = score_sequences(model, state, z, goal, actions, cfg.discount)
-            elites = (scored if pool is None else pool.cat(scored)).top(cfg.elites)  # (B, E, ...)
+            actions = sample_sequences(probs, cfg.candidates - n_prior, generator)  # (B, K', H)
+            scored = score_sequences(model, state, h, goal, actions, cfg.discount)
+            # Fresh samples first: top-k breaks ties by position, and a flat objective must not
+            # refit to the same prior rollouts every iteration.
+            elites = (scored if pool is None else scored.cat(pool)).top(cfg.elites)  # (B, E, ...)
             weights = self.weights(elites.objective)  # (B, E)
             probs = cfg.momentum * probs + (1 - cfg.momentum) * action_frequencies(
                 elites.actions, A, weights
@@ -119,7 +128,7 @@ class MPPI(Planner):
             best = elites.select(pick)
         if cfg.warm_start:
             self.warm.remember(probs)
-        return plan_result(model, state, z, goal, best, probs, decode)
+        return plan_result(model, state, h, best, probs, decode)
 
     def reset(self) -> None:
         self.warm.reset()

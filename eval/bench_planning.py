@@ -1,0 +1,260 @@
+"""Planning speed on CPU: ms per action for CEM and MPPI over each backbone, one run.
+
+    python eval/bench_planning.py --json runs/bench_planning.json
+
+1 torch thread, world model preset `small` (random weights: speed does not depend on training),
+one environment, 512 candidates x horizon 8 x 4 iterations = 16,384 candidate transitions an
+action. Each planner plans from the state after a 16-step random history; "cold" is a call from
+the uniform distribution (the first of an episode), "warm" the median of MPC calls warm-started
+from the previous plan. Planners step each distinct action prefix once (`score_sequences`), so
+the rows actually stepped are reported beside the candidate transitions; "dense" is the same
+4 x 512 x 8 imagination with every candidate stepped separately, for scale. Analytic FLOPs of the
+stepped rows (backbone, decoder, encoder, heads; elementwise work not counted) over the
+machine's measured matmul FLOP/s show how close each path is to the hardware limit. Paths are
+timed in interleaved rounds so that ratios are taken under the same load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from eval._common import machine_info, write_json  # noqa: E402
+from eval.bench_ssm import (  # noqa: E402
+    gru_flops_per_token,
+    mamba2_flops_per_token,
+    matmul_peak,
+    transformer_flops_per_token,
+)
+from lwm.models.world_model import N_CELLS, OBS_LOGITS, WorldModel, preset  # noqa: E402
+from lwm.planning import PLANNERS, make_planner  # noqa: E402
+from lwm.planning.base import imagine_candidates  # noqa: E402
+
+K, H, ITERATIONS = 512, 8, 4
+HISTORY = 16
+TARGET_MS = 100.0
+
+
+def row_flops(model: WorldModel, context: float) -> float:
+    """Matmul FLOPs of one stepped (history, action) pair: decoder, encoder, backbone step,
+    reward and cont heads (the Q head runs on the last step's rows only and is left out)."""
+    cfg, bb = model.cfg, model.cfg.backbone_cfg
+    d, hid = cfg.d_model, cfg.hidden
+    backbone = {
+        "mamba2": lambda: mamba2_flops_per_token(bb, None),
+        "gru": lambda: gru_flops_per_token(bb),
+        "transformer": lambda: transformer_flops_per_token(bb, context),
+    }[cfg.backbone]()
+    decode = 2 * (d * hid + hid * OBS_LOGITS)
+    encode = 2 * N_CELLS * cfg.cell_dim * d
+    reward = 2 * (d * hid + hid * hid) + 2 * hid  # state stream, then a dot with the goal's
+    cont = 2 * (d * hid + hid)
+    return backbone + decode + encode + reward + cont
+
+
+def build(backbone: str, mode: str, seed: int) -> WorldModel:
+    """A `small` world model; mode "eager", "compile" or "compile+bf16" (Mamba-2 only)."""
+    torch.manual_seed(seed)
+    model = WorldModel(preset("small", backbone=backbone)).eval()
+    if mode != "eager":
+        model = copy.deepcopy(model)
+        model.cfg.backbone_cfg.compile = True  # the same object the backbone reads
+        model.cfg.backbone_cfg.bf16_matmul = mode == "compile+bf16"
+    return model
+
+
+def history(model: WorldModel, seed: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """State and history h (1, d) after HISTORY random observations and actions, and a goal."""
+    gen = torch.Generator().manual_seed(seed)
+    state = model.init_state(1)
+    prev = torch.full((1,), model.START)
+    with torch.no_grad():
+        for _ in range(HISTORY):
+            z = model.encode(
+                torch.randint(0, 6, (1, 7, 7, 3), generator=gen),
+                torch.randint(0, 4, (1,), generator=gen),
+                torch.zeros(1, 2, dtype=torch.long),
+            )
+            h, state = model.next(state, z, prev)
+            prev = torch.randint(0, 7, (1,), generator=gen)
+    return state, h, torch.randn(1, 384, generator=gen)
+
+
+class Bench:
+    """One (backbone, mode, planner) combination: its model, planner and measurements."""
+
+    def __init__(self, backbone: str, mode: str, planner: str, seed: int):
+        self.name = f"{backbone} {mode} {planner}"
+        self.backbone, self.mode, self.planner_name = backbone, mode, planner
+        self.model = build(backbone, mode, seed)
+        self.state, self.h, self.goal = history(self.model, seed)
+        cfg = PLANNERS[planner][1](horizon=H, candidates=K, iterations=ITERATIONS)
+        self.planner = make_planner(planner, cfg)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rows: list[int] = []
+        step = self.model.next
+
+        def counting_next(state, z, prev_action):
+            self.rows.append(len(prev_action))
+            return step(state, z, prev_action)
+
+        self.model.next = counting_next  # counts the rows the planner steps
+        self.seconds: list[float] = []
+        self.rows_per_call: list[int] = []
+        self.first_call_s = 0.0
+        self.fell_back = False
+
+    def call(self) -> None:
+        self.rows.clear()
+        start = time.perf_counter()
+        self.planner.plan(self.model, self.state, self.h, self.goal, generator=self.gen)
+        self.seconds.append(time.perf_counter() - start)
+        self.rows_per_call.append(sum(self.rows))
+
+    def warm_up(self) -> None:
+        """A few calls (compiles every graph a compiled step needs), then forget them."""
+        start = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                self.call()
+        self.first_call_s = time.perf_counter() - start
+        self.fell_back = any("eager" in str(w.message).lower() for w in caught)
+        self.seconds.clear()
+        self.rows_per_call.clear()
+        self.planner.reset()
+
+
+def dense_seconds(backbone: str, seed: int) -> float:
+    """Seconds of ITERATIONS x K x H imagination with every candidate stepped (eager)."""
+    model = build(backbone, "eager", seed)
+    state, h, goal = history(model, seed)
+    actions = torch.randint(0, 7, (K, H), generator=torch.Generator().manual_seed(seed))
+    start = time.perf_counter()
+    for _ in range(ITERATIONS):
+        imagine_candidates(model, state, h, goal, K, H, 0.9, lambda t, h: actions[:, t])
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", type=Path, help="write all figures and the machine here")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=6, help="MPC calls timed per path")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled paths")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    compiled = [] if args.no_compile else ["compile"]
+    if not args.no_compile and peak["bf16"] > peak["fp32"]:  # no AVX-512 bf16: far slower
+        compiled.append("compile+bf16")
+    modes = {"mamba2": ["eager", *compiled]}
+    paths = [
+        Bench(backbone, mode, planner, args.seed)
+        for backbone in ("mamba2", "gru", "transformer")
+        for mode in modes.get(backbone, ["eager"])
+        for planner in sorted(PLANNERS)
+    ]
+    for path in paths:
+        path.warm_up()
+    for _ in range(args.rounds):  # round 0 is cold (uniform start), the rest warm-started
+        for path in paths:
+            path.call()
+    dense = {b: dense_seconds(b, args.seed) for b in ("mamba2", "gru", "transformer")}
+
+    results = {}
+    for path in paths:
+        warm_s = statistics.median(path.seconds[1:])
+        warm_rows = statistics.median(path.rows_per_call[1:])
+        flops = row_flops(path.model, HISTORY + H / 2)
+        dtype = "bf16" if path.mode == "compile+bf16" else "fp32"
+        results[path.name] = {
+            "backbone": path.backbone,
+            "mode": path.mode,
+            "planner": path.planner_name,
+            "cold_ms": 1e3 * path.seconds[0],
+            "warm_ms": 1e3 * warm_s,
+            "calls_ms": [1e3 * s for s in path.seconds],
+            "cold_rows_stepped": path.rows_per_call[0],
+            "warm_rows_stepped": warm_rows,
+            "candidate_transitions_per_s": K * H * ITERATIONS / warm_s,
+            "stepped_transitions_per_s": warm_rows / warm_s,
+            "fraction_of_peak": warm_rows * flops / warm_s / peak[dtype],
+            "peak_dtype": dtype,
+            "warm_up_s": path.first_call_s,
+            "compile_fell_back_to_eager": path.fell_back,
+        }
+    best = min(r["warm_ms"] for r in results.values() if r["backbone"] == "mamba2")
+    result = {
+        "machine": machine_info(),
+        "seed": args.seed,
+        "setup": {
+            "preset": "small", "envs": 1, "candidates": K, "horizon": H,
+            "iterations": ITERATIONS, "history": HISTORY, "rounds": args.rounds,
+        },
+        "matmul_peak_flops": peak,
+        "row_flops": {b: row_flops(build(b, "eager", args.seed), HISTORY + H / 2)
+                      for b in ("mamba2", "gru", "transformer")},
+        "paths": results,
+        "dense_ms_per_action": {b: 1e3 * s for b, s in dense.items()},
+        "target_ms_per_action": TARGET_MS,
+        "target_met_mamba2": best <= TARGET_MS,
+        "bf16_skipped": "compile+bf16" not in modes["mamba2"] and not args.no_compile,
+        "total_seconds": time.perf_counter() - start,
+    }
+    if args.json:
+        write_json(args.json, result)
+    report(result)
+    return result
+
+
+def report(result: dict[str, Any]) -> None:
+    console = Console(width=130)
+    m = result["machine"]
+    console.print(
+        f"[bold]{m['cpu_model']}[/] ({m['cpu_capability']}), 1 thread, torch {m['torch_version']}:"
+        f" matmul peak {result['matmul_peak_flops']['fp32'] / 1e9:.0f} GFLOP/s fp32, "
+        f"{result['matmul_peak_flops']['bf16'] / 1e9:.0f} bf16"
+    )
+    table = Table(title=f"Planning, {K} candidates x horizon {H} x {ITERATIONS} iterations, 1 env")
+    for col in ("path", "cold ms", "warm ms", "rows stepped", "cand. trans/s", "stepped/s",
+                "% of peak", "warm-up s"):
+        table.add_column(col, justify="left" if col == "path" else "right")
+    for name, r in result["paths"].items():
+        flag = " [red](eager fallback)[/]" if r["compile_fell_back_to_eager"] else ""
+        table.add_row(
+            name + flag,
+            f"{r['cold_ms']:.0f}",
+            f"{r['warm_ms']:.0f}",
+            f"{r['cold_rows_stepped']} / {r['warm_rows_stepped']:.0f}",
+            f"{r['candidate_transitions_per_s']:,.0f}",
+            f"{r['stepped_transitions_per_s']:,.0f}",
+            f"{100 * r['fraction_of_peak']:.1f} % {r['peak_dtype']}",
+            f"{r['warm_up_s']:.0f}",
+        )
+    console.print(table)
+    dense = ", ".join(f"{b} {ms:.0f} ms" for b, ms in result["dense_ms_per_action"].items())
+    console.print(f"every candidate stepped separately (eager): {dense}")
+    met = "[green]met[/]" if result["target_met_mamba2"] else "[red]missed[/]"
+    console.print(
+        f"target <= {TARGET_MS:.0f} ms/action with mamba2 (warm): {met}; "
+        f"total {result['total_seconds']:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
