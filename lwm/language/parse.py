@@ -1,8 +1,10 @@
 """Instruction → `GoalSpec` with a chat model (any langchain model, or lwm's local one).
 
 The model fills in `WireParse` by structured output; its answer is then grounded: every phrase
-it marks as unknown, and every subgoal lwm's goal grammar rejects ("open the red ball"), becomes
-an `InstructionError` that says what could not be grounded. Answers are cached per (model, text).
+it marks as unknown (unless all its words are in lwm's vocabulary: small models sometimes list a
+synonym they did map, "the blue sphere"), and every subgoal lwm's goal grammar rejects ("open the
+red ball"), becomes an `InstructionError` that says what could not be grounded. Answers are
+cached per (model, text).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pydantic import ValidationError
 from lwm.language.llm import get_chat_model, invoke_structured, model_key
 from lwm.language.prompts import load_prompt, render_prompt
 from lwm.language.spec import GoalSpec, InstructionError
-from lwm.language.wire import WireParse
+from lwm.language.wire import WireParse, is_grounded_phrase
 
 __all__ = ["LLMGoalParser", "clear_parse_cache", "parse_instruction"]
 
@@ -40,9 +42,10 @@ def _normalize(text: str) -> str:
 
 def ground(answer: WireParse, instruction: str) -> GoalSpec:
     """The `GoalSpec` of a model's answer, or `InstructionError` naming what is not grounded."""
-    if answer.unknown:
-        names = ", ".join(repr(u) for u in answer.unknown)
-        verb = "is" if len(answer.unknown) == 1 else "are"
+    unknown = [u for u in answer.unknown if not is_grounded_phrase(u)]
+    if unknown:
+        names = ", ".join(repr(u) for u in unknown)
+        verb = "is" if len(unknown) == 1 else "are"
         raise InstructionError(
             f"{names} {verb} not an object or action in this task's vocabulary "
             f"(instruction: {instruction!r})"

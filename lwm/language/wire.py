@@ -3,18 +3,32 @@
 These differ from `lwm.language.spec` on purpose: every field is required and an open colour or
 location is a word ("any", "anywhere") rather than a missing key, because constrained decoding
 with small models is most reliable when each field is always present and every choice is an
-enum. Arrays carry `maxItems` (pydantic `max_length`) so a small model cannot loop on an item.
+enum. A subgoal is one of two shapes, so only "put next to" has a target and the model cannot
+attach one to another verb. Arrays carry `maxItems` (pydantic `max_length`) so a small model
+cannot loop on an item.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from lwm.language.spec import ObjectSpec, Subgoal, Verb
+from lwm.goals import COLORS, OBJECT_TYPES
+from lwm.language.spec import ObjectSpec, Subgoal
 
-__all__ = ["MAX_SUBGOALS", "WireCritique", "WireObject", "WireParse", "WireSubgoal"]
+__all__ = [
+    "MAX_SUBGOALS",
+    "WireAction",
+    "WireCheck",
+    "WireCritique",
+    "WireObject",
+    "WireParse",
+    "WirePut",
+    "WireSubgoal",
+    "is_grounded_phrase",
+]
 
 MAX_SUBGOALS = 4
 """Most subgoals an LLM may return; BabyAI's longest missions have four actions."""
@@ -36,33 +50,76 @@ class WireObject(BaseModel):
         )
 
 
-class WireSubgoal(BaseModel):
-    """A subgoal as the LLM states it."""
+class WireAction(BaseModel):
+    """A one-object subgoal."""
 
-    verb: Verb
+    verb: Literal["go to", "pick up", "open", "drop"]
     object: WireObject
-    target: WireObject | None = Field(
-        description="the object to put next to, for 'put next to'; null otherwise"
-    )
 
     def to_subgoal(self, stage: int) -> Subgoal:
-        """The `Subgoal` this states, at position `stage` (raises ValueError if ill-formed)."""
-        target = self.target.to_spec() if self.target is not None else None
-        return Subgoal(verb=self.verb, object=self.object.to_spec(), target=target, stage=stage)
+        """The `Subgoal` this states, at `stage` (ValidationError if ill-formed)."""
+        return Subgoal(verb=self.verb, object=self.object.to_spec(), stage=stage)
+
+
+class WirePut(BaseModel):
+    """Put `object` next to `target`."""
+
+    verb: Literal["put next to"]
+    object: WireObject
+    target: WireObject
+
+    def to_subgoal(self, stage: int) -> Subgoal:
+        """The `Subgoal` this states, at `stage` (ValidationError if ill-formed)."""
+        return Subgoal(verb=self.verb, object=self.object.to_spec(),
+                       target=self.target.to_spec(), stage=stage)
+
+
+WireSubgoal = WireAction | WirePut
 
 
 class WireParse(BaseModel):
-    """The LLM's reading of an instruction."""
+    """The LLM's reading of an instruction. `unknown` comes after the subgoals, so the model
+    lists only what it could not fit into them."""
 
+    subgoals: list[WireSubgoal] = Field(max_length=MAX_SUBGOALS)
     unknown: list[Annotated[str, Field(max_length=40)]] = Field(
         max_length=3, description="phrases naming things outside the vocabulary, as written"
     )
-    subgoals: list[WireSubgoal] = Field(max_length=MAX_SUBGOALS)
+
+
+class WireCheck(BaseModel):
+    """Whether the real trace achieves one subgoal, with the event that shows it."""
+
+    subgoal: int = Field(ge=1, le=MAX_SUBGOALS, description="the subgoal's number")
+    event: str = Field(max_length=100,
+                       description="the real event achieving it, copied exactly; 'none' if none")
+    done: bool
 
 
 class WireCritique(BaseModel):
-    """The LLM's verdict on an episode; the reason comes first so the verdict can follow it."""
+    """The LLM's verdict on an episode: one check per subgoal, then a reason and what is left.
 
-    reason: str = Field(max_length=300)
-    success: bool
+    Checks come first so the verdict follows from evidence the model has just written down.
+    """
+
+    checks: list[WireCheck] = Field(max_length=MAX_SUBGOALS)
+    reason: str = Field(max_length=200)
     revised_subgoals: list[WireSubgoal] | None = Field(max_length=MAX_SUBGOALS)
+
+
+# Words that are part of the vocabulary or carry no content. A phrase the model calls unknown
+# but made only of these ("the blue sphere") is a synonym it did ground, not an unknown thing.
+_KNOWN_WORDS = frozenset(
+    [*COLORS, *OBJECT_TYPES, "gray", "violet", "balls", "boxes", "keys", "doors", "sphere",
+     "spheres", "orb", "crate", "chest", "carton", "doorway", "gate", "entrance", "object",
+     "thing", "one", "the", "a", "an", "your", "you", "on", "to", "in", "of", "at", "by", "it",
+     "left", "right", "front", "behind", "ahead", "back", "next", "beside", "near", "please",
+     "go", "walk", "move", "head", "approach", "reach", "get", "find", "visit", "pick", "up",
+     "grab", "take", "fetch", "collect", "lift", "hold", "open", "unlock", "drop", "put", "down",
+     "place", "bring", "set", "leave", "release", "then", "and", "after", "before", "first"]
+)
+
+
+def is_grounded_phrase(phrase: str) -> bool:
+    """True when every word of `phrase` is in lwm's vocabulary (or is a filler word)."""
+    return all(w in _KNOWN_WORDS for w in re.findall(r"[a-z]+", phrase.lower()))
