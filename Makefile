@@ -8,6 +8,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_VERSION := 2.13.0
 STAMPS := $(VENV)/.stamps
+# llama-cpp-python (extra llm-local) builds from source: portable flags, both cores; pip caches
+# the wheel, so only the first install pays the few minutes.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
+export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 DEMO_ARGS ?=
 
 .PHONY: demo test lint install install-dev clean
@@ -33,12 +37,12 @@ $(STAMPS)/torch: | $(PY)
 	$(PIP) install torch==$(TORCH_VERSION)
 	@touch $@
 
-$(STAMPS)/core: pyproject.toml $(STAMPS)/torch
-	$(PIP) install -e .
+$(STAMPS)/core: pyproject.toml Makefile $(STAMPS)/torch
+	$(PIP) install -e ".[llm-local]"
 	@touch $@
 
-$(STAMPS)/dev: pyproject.toml $(STAMPS)/core
-	$(PIP) install -e ".[dev]"
+$(STAMPS)/dev: pyproject.toml Makefile $(STAMPS)/core
+	$(PIP) install -e ".[llm-local,dev]"
 	@touch $@
 
 clean:

@@ -148,19 +148,21 @@ class Agent:
         decode: bool = False,
         on_step: Callable[[StepRecord], None] | None = None,
         spec: GoalSpec | None = None,
+        time_limit_s: float | None = None,
     ) -> EpisodeResult:
         """Follow `instruction` in `env` (an lwm env) from `reset(seed)`.
 
         Raises `InstructionError` before acting when the instruction can't be grounded. `spec`
         skips parsing. `decode` keeps imagined and real views per step (for GIFs); `on_step` is
-        called after every step (live displays).
+        called after every step (live displays). The episode stops after `max_steps` steps (the
+        env's limit by default) or `time_limit_s` seconds, whichever comes first.
         """
         t_start = time.perf_counter()
         if spec is None:
             spec = self.parser.parse(instruction)
         parse_s = time.perf_counter() - t_start
         obs, _ = env.reset(seed=seed, options={"instruction": instruction})
-        budget = max_steps or env.unwrapped.max_steps
+        budget = min(max_steps or env.unwrapped.max_steps, env.unwrapped.max_steps)
         self.planner.reset()
 
         pending = list(spec.subgoals)
@@ -174,7 +176,8 @@ class Agent:
         subgoal_started = 0
         share = max(budget // max(len(pending), 1), 1)
         step = 0
-        while pending and step < budget:
+        deadline = t_start + time_limit_s if time_limit_s is not None else float("inf")
+        while pending and step < budget and time.perf_counter() < deadline:
             stage = pending[0].stage
             current = pending[0]
             goal_vec = self.encoder.encode(current.text, as_torch=True)[None]  # (1, 384)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -120,9 +121,76 @@ def train(
 
 
 @app.command()
-def plan() -> None:
-    """Follow one plain-language instruction with a trained world model and planner."""
-    _not_available("plan", 5)
+def plan(
+    instruction: str = typer.Argument(..., help="what to do, in plain language"),
+    suite: str = typer.Option("babyai-goto", help="task suite whose env to act in"),
+    seed: int = typer.Option(0, help="seed of the episode's layout"),
+    checkpoint: Path | None = typer.Option(
+        None, help="run or model directory (default runs/train/<suite>-mamba2)"),
+    llm: str = typer.Option(
+        "local", help="'local' (embedded llama.cpp model), a provider string such as "
+        "'openai:gpt-4o-mini', or 'grammar' for BabyAI's grammar parser and no critic"),
+    planner: str = typer.Option("cem", help="cem or mppi"),
+    max_steps: int | None = typer.Option(None, help="step budget (default: the suite's)"),
+    gif: Path | None = typer.Option(None, help="GIF of real frames beside imagined futures "
+                                    "(default runs/plan/<suite>-seed<seed>.gif)"),
+) -> None:
+    """Follow one plain-language instruction: plan in imagination, act, critique, write a GIF."""
+    from rich.live import Live
+
+    from lwm.agent import Agent
+    from lwm.envs import ACTION_NAMES
+    from lwm.language.spec import InstructionError
+    from lwm.tasks import load_suite
+    from lwm.viz import caption_frame, egocentric_frame, write_gif
+
+    s = load_suite(suite)
+    checkpoint = checkpoint or Path("runs/train") / f"{s.name}-mamba2"
+    if not (checkpoint / "model" / "config.json").exists() and not (
+            checkpoint / "config.json").exists():
+        console.print(f"[red]no trained world model at {checkpoint}[/red]: run "
+                      f"`lwm train --suite {s.name}` first, or pass --checkpoint")
+        raise typer.Exit(code=1)
+    agent = Agent.from_pretrained(checkpoint, llm=None if llm == "grammar" else llm,
+                                  planner=planner)
+    env = s.make_env(render_mode="rgb_array")
+    table = Table(title=f"{instruction!r} on {s.name}, seed {seed}")
+    for col in ("step", "action", "imagined return", "subgoal", "events"):
+        table.add_column(col)
+    frames = []
+
+    def show(record) -> None:
+        events = "; ".join(record.events + [f"[green]achieved[/green] {a}"
+                                            for a in record.achieved])
+        table.add_row(str(record.step), ACTION_NAMES[record.action],
+                      f"{record.imagined_return:.3f}", record.subgoal, events)
+        real = env.render()
+        views = [egocentric_frame(record.real_image)]
+        if record.imagined_image is not None and len(record.imagined_image):
+            views.append(egocentric_frame(record.imagined_image[0]))
+        pad = max(real.shape[0] - views[0].shape[0], 0)
+        row = np.concatenate([real] + [np.pad(v, ((0, pad), (4, 0), (0, 0))) for v in views], 1)
+        frames.append(caption_frame(row, [
+            f"{instruction} | subgoal: {record.subgoal}",
+            f"step {record.step}: {ACTION_NAMES[record.action]} | imagined return "
+            f"{record.imagined_return:.2f} | real | real view | imagined next view",
+        ]))
+
+    try:
+        with Live(table, console=console, refresh_per_second=4):
+            result = agent.run(instruction, env, seed=seed, max_steps=max_steps, decode=True,
+                               on_step=show)
+    except InstructionError as err:
+        console.print(f"[red]cannot follow this instruction[/red]: {err}")
+        raise typer.Exit(code=1) from None
+    for critique in result.critiques:
+        verdict = "success" if critique.success else "failure"
+        console.print(f"critic: [bold]{verdict}[/bold]: {critique.reason}")
+    gif = gif or Path("runs/plan") / f"{s.name}-seed{seed}.gif"
+    if frames:
+        write_gif(frames, gif)
+    console.print(result.summary())
+    console.print(f"GIF: {gif}  |  planning {result.timings['plan_ms_mean']:.0f} ms/action")
 
 
 @app.command(name="eval")

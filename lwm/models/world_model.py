@@ -157,6 +157,13 @@ class _GoalHead(nn.Module):
         dot = (phi * psi[..., None, : self.hidden]).sum(-1)  # (..., n_out)
         return dot / math.sqrt(self.hidden) + psi[..., self.hidden :]
 
+    def pairwise(self, h: Tensor, psi: Tensor) -> Tensor:
+        """Every state against its own set of goals: h (B, L, d), psi (B, L, G, k + n_out) ->
+        logits (B, L, G, n_out), as one batched matmul (no (B, L, G, n_out, k) intermediate)."""
+        phi = self.state_mlp(h).unflatten(-1, (self.n_out, self.hidden))  # (B, L, n_out, k)
+        dot = torch.einsum("blnk,blgk->blgn", phi, psi[..., : self.hidden])
+        return dot / math.sqrt(self.hidden) + psi[..., self.hidden :]
+
 
 class WorldModel(nn.Module):
     """See the module docstring. Observations are dicts of tensors:
@@ -320,8 +327,8 @@ class WorldModel(nn.Module):
         gmask = batch["goal_mask"].float()
         gdenom = gmask.sum().clamp(min=1)
         r_target = batch["goal_reward"]  # (B, L, G)
-        reward_logits = self.reward(h[:, :, None], action[:, :, None],
-                                    psi=psi["reward"][goals])  # (B, L, G)
+        reward_logits = self.reward_head.pairwise(
+            self.with_action(h, action), psi["reward"][goals])[..., 0]  # (B, L, G)
         reward_loss = (F.binary_cross_entropy_with_logits(
             reward_logits, r_target, reduction="none") * gmask).sum() / gdenom
 
@@ -333,10 +340,10 @@ class WorldModel(nn.Module):
         # steps are masked, and h_{t+1} of the window's last step exists (L+1 observations).
         with torch.no_grad():
             psi_target = self.q_target.goal_features(goal_table)[goals]  # (B, L, G, k + A)
-            next_q = self.q_target(h_all[:, 1:, None].detach(), psi=psi_target)
+            next_q = self.q_target.pairwise(h_all[:, 1:].detach(), psi_target)  # (B, L, G, A)
             bootstrap = torch.sigmoid(next_q).amax(-1)  # (B, L, G)
             y = r_target + cfg.discount * (1 - r_target) * alive[..., None] * bootstrap
-        q_all = self.q(h[:, :, None], psi=psi["q"][goals])  # (B, L, G, A)
+        q_all = self.q_head.pairwise(h, psi["q"][goals])  # (B, L, G, A)
         q_taken = q_all.gather(-1, action[:, :, None, None].expand(*goals.shape, 1))[..., 0]
         q_loss = (F.binary_cross_entropy_with_logits(q_taken, y, reduction="none")
                   * gmask).sum() / gdenom
