@@ -144,6 +144,10 @@ class _GoalHead(nn.Module):
         self.goal_mlp = nn.Sequential(
             nn.Linear(goal_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden + n_out)
         )
+        # Goals are rarely achieved: start near p = 0.05 rather than 0.5, so TD does not have to
+        # unlearn an optimistic start goal by goal.
+        with torch.no_grad():
+            self.goal_mlp[-1].bias[hidden:] = -3.0
 
     def goal_features(self, g: Tensor) -> Tensor:
         """g (..., goal_dim) -> psi (..., k + n_out): the goal stream plus per-output biases."""
