@@ -7,8 +7,10 @@ one environment, 512 candidates x horizon 8 x 4 iterations = 16,384 candidate tr
 action. Each planner plans from the state after a 16-step random history; "cold" is a call from
 the uniform distribution (the first of an episode), "warm" the median of MPC calls warm-started
 from the previous plan. Planners step each distinct action prefix once (`score_sequences`), so
-the rows actually stepped are reported beside the candidate transitions; "dense" is the same
-4 x 512 x 8 imagination with every candidate stepped separately, for scale. Analytic FLOPs of the
+the rows actually stepped by the backbone (with a compiled step: padded to powers of two) are
+reported beside the candidate transitions; "dense" is the same 4 x 512 x 8 imagination with
+every candidate stepped separately, for scale. A breakdown of one more warm call shows which
+world-model parts the time goes to. Analytic FLOPs of the
 stepped rows (backbone, decoder, encoder, heads; elementwise work not counted) over the
 machine's measured matmul FLOP/s show how close each path is to the hardware limit. Paths are
 timed in interleaved rounds so that ratios are taken under the same load.
@@ -38,6 +40,7 @@ from eval.bench_ssm import (  # noqa: E402
     matmul_peak,
     transformer_flops_per_token,
 )
+from lwm.models.ssm import BatchState  # noqa: E402
 from lwm.models.world_model import N_CELLS, OBS_LOGITS, WorldModel, preset  # noqa: E402
 from lwm.planning import PLANNERS, make_planner  # noqa: E402
 from lwm.planning.base import imagine_candidates  # noqa: E402
@@ -110,6 +113,7 @@ class Bench:
             self.rows.append(len(prev_action))
             return step(state, z, prev_action)
 
+        self.counting_next = counting_next
         self.model.next = counting_next  # counts the rows the planner steps
         self.seconds: list[float] = []
         self.rows_per_call: list[int] = []
@@ -122,6 +126,37 @@ class Bench:
         self.planner.plan(self.model, self.state, self.h, self.goal, generator=self.gen)
         self.seconds.append(time.perf_counter() - start)
         self.rows_per_call.append(sum(self.rows))
+
+    def breakdown(self) -> dict[str, float]:
+        """ms spent in each world-model part during one more warm call; "planner" is the rest
+        (sampling, prefix bookkeeping, refits). The Q head serves the terminal value and, in
+        MPPI, the prior."""
+        spent: dict[str, float] = {}
+
+        def timed(name, fn):
+            def wrapper(*args, **kwargs):
+                start = time.perf_counter()
+                out = fn(*args, **kwargs)
+                spent[name] = spent.get(name, 0.0) + 1e3 * (time.perf_counter() - start)
+                return out
+
+            return wrapper
+
+        parts = ("next", "decode", "most_likely", "encode", "reward", "cont", "q")
+        for name in parts:
+            setattr(self.model, name, timed(name, getattr(self.model, name)))
+        index = BatchState.index
+        BatchState.index = timed("state.index", index)
+        try:
+            self.call()
+        finally:
+            BatchState.index = index
+            for name in parts:
+                delattr(self.model, name)
+            self.model.next = self.counting_next
+        spent["planner"] = 1e3 * self.seconds.pop() - sum(spent.values())
+        self.rows_per_call.pop()
+        return spent
 
     def warm_up(self) -> None:
         """A few calls (compiles every graph a compiled step needs), then forget them."""
@@ -174,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for _ in range(args.rounds):  # round 0 is cold (uniform start), the rest warm-started
         for path in paths:
             path.call()
+    breakdown = {path.name: path.breakdown() for path in paths}
     dense = {b: dense_seconds(b, args.seed) for b in ("mamba2", "gru", "transformer")}
 
     results = {}
@@ -197,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "peak_dtype": dtype,
             "warm_up_s": path.first_call_s,
             "compile_fell_back_to_eager": path.fell_back,
+            "breakdown_ms": breakdown[path.name],
         }
     best = min(r["warm_ms"] for r in results.values() if r["backbone"] == "mamba2")
     result = {
@@ -247,6 +284,14 @@ def report(result: dict[str, Any]) -> None:
             f"{r['warm_up_s']:.0f}",
         )
     console.print(table)
+    parts = Table(title="Where a warm call's time goes (ms)")
+    names = list(next(iter(result["paths"].values()))["breakdown_ms"])
+    parts.add_column("path")
+    for name in names:
+        parts.add_column(name, justify="right")
+    for name, r in result["paths"].items():
+        parts.add_row(name, *(f"{r['breakdown_ms'].get(n, 0.0):.0f}" for n in names))
+    console.print(parts)
     dense = ", ".join(f"{b} {ms:.0f} ms" for b, ms in result["dense_ms_per_action"].items())
     console.print(f"every candidate stepped separately (eager): {dense}")
     met = "[green]met[/]" if result["target_met_mamba2"] else "[red]missed[/]"

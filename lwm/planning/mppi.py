@@ -50,8 +50,8 @@ class MPPIConfig:
     """tau of the weights softmax(J / tau); J is a probability, so differences are small."""
     momentum: float = 0.1
     """Weight of the previous distribution in the refit (0: weighted elite frequencies only)."""
-    prior_share: float = 0.25
-    """Share of the K candidates drawn from the policy prior (0: none)."""
+    prior_share: float = 0.05
+    """Share of the K candidates drawn from the policy prior (0: none); TD-MPC2 uses 24/512."""
     q_prior: bool = True
     """Without a prior callable, use the world model's Q head as the prior."""
     prior_temperature: float = 0.5
