@@ -364,7 +364,7 @@ def invoke_structured(
         try:
             out = runnable.invoke(history)
             return out if isinstance(out, schema) else schema.model_validate(out)
-        except (OutputParserException, ValidationError, ValueError) as e:
+        except (OutputParserException, ValidationError, json.JSONDecodeError) as e:
             errors.append(str(e).splitlines()[0][:300])
             history = [*messages, HumanMessage(
                 f"Your previous answer was invalid ({errors[-1]}). Answer again with JSON that "

@@ -1,0 +1,185 @@
+"""Benchmark of the language layer: parse accuracy, critic accuracy and latency per call.
+
+    python eval/language.py --json eval/results/language.json
+    python eval/language.py --models grammar,local --kinds paraphrase,ungroundable --limit 20
+
+Parsers: `grammar` (BabyAI's mission grammar, deterministic, no LLM) and chat models by
+`get_chat_model` spec ("local" = Qwen2.5-Coder-1.5B, "local:qwen2.5-coder-0.5b", or a provider
+string). Suites: `tasks/parse_suite.yaml` (exact match of the ordered canonical subgoal texts;
+an ungroundable instruction is right when it raises an `InstructionError` naming the expected
+word) and `tasks/critic_suite.yaml` (verdict = label), the latter for chat models only.
+
+Latency is wall time per call on whatever else the machine is running; the load average at the
+start and end of each section is recorded beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval._common import machine_info, write_json  # noqa: E402
+from lwm.language import (  # noqa: E402
+    InstructionError,
+    LLMCritic,
+    LLMGoalParser,
+    StructuredOutputError,
+    clear_parse_cache,
+    get_chat_model,
+    parse_babyai_mission,
+)
+from lwm.resources import files  # noqa: E402
+
+SEED = 0
+"""llama.cpp's sampling seed (decoding is greedy, temperature 0, so it matters little)."""
+
+
+def load_suite(name: str) -> list[dict[str, Any]]:
+    """Items of a suite YAML in tasks/."""
+    return yaml.safe_load(files("tasks").joinpath(name).read_text())["items"]
+
+
+def _latency(times: list[float]) -> dict[str, float]:
+    if not times:
+        return {}
+    ordered = sorted(times)
+    return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times),
+            "p90_s": ordered[int(0.9 * (len(ordered) - 1))], "calls": len(times)}
+
+
+def run_parse(parse, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Exact-match accuracy of `parse` (text → GoalSpec) per kind, with every miss listed."""
+    per_kind: dict[str, list[bool]] = {}
+    times: list[float] = []
+    misses = []
+    load_start = os.getloadavg()[0]
+    for item in items:
+        start = time.perf_counter()
+        try:
+            got: Any = parse(item["text"]).texts
+        except (InstructionError, StructuredOutputError) as e:
+            got = f"error: {e}"
+        times.append(time.perf_counter() - start)
+        if item["kind"] == "ungroundable":
+            ok = isinstance(got, str) and item["expected_error"] in got.lower()
+        else:
+            ok = got == item["expected"]
+        per_kind.setdefault(item["kind"], []).append(ok)
+        if not ok:
+            misses.append({"text": item["text"], "expected": item.get("expected")
+                           or item["expected_error"], "got": got})
+        print(f"  parse {'ok  ' if ok else 'MISS'} {times[-1]:6.2f}s {item['text']!r} -> {got}",
+              file=sys.stderr)
+    return {
+        "accuracy": {k: sum(v) / len(v) for k, v in per_kind.items()},
+        "counts": {k: len(v) for k, v in per_kind.items()},
+        "latency": _latency(times),
+        "loadavg_1min": [load_start, os.getloadavg()[0]],
+        "misses": misses,
+    }
+
+
+def run_critic(critic: LLMCritic, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Verdict accuracy of `critic` over labelled traces, per category."""
+    per_cat: dict[str, list[bool]] = {}
+    times: list[float] = []
+    misses = []
+    load_start = os.getloadavg()[0]
+    for item in items:
+        spec = parse_babyai_mission(item["spec"])
+        start = time.perf_counter()
+        try:
+            verdict = critic.critique(item["instruction"], spec, item["trace"],
+                                      item.get("imagined"))
+            got, reason = verdict.success, verdict.reason
+        except StructuredOutputError as e:
+            got, reason = None, str(e)
+        times.append(time.perf_counter() - start)
+        ok = got == item["success"]
+        per_cat.setdefault(item["category"], []).append(ok)
+        if not ok:
+            misses.append({"instruction": item["instruction"], "trace": item["trace"],
+                           "expected": item["success"], "got": got, "reason": reason})
+        print(f"  critic {'ok  ' if ok else 'MISS'} {times[-1]:6.2f}s {item['category']}: "
+              f"{got} ({reason})", file=sys.stderr)
+    every = [ok for v in per_cat.values() for ok in v]
+    return {
+        "accuracy": sum(every) / len(every) if every else None,
+        "per_category": {k: sum(v) / len(v) for k, v in per_cat.items()},
+        "counts": {k: len(v) for k, v in per_cat.items()},
+        "latency": _latency(times),
+        "loadavg_1min": [load_start, os.getloadavg()[0]],
+        "misses": misses,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="grammar,local,local:qwen2.5-coder-0.5b",
+                    help="comma-separated: grammar and/or get_chat_model specs")
+    ap.add_argument("--kinds", default="grammar,paraphrase,ungroundable",
+                    help="parse-suite kinds to run the chat models on (grammar runs all)")
+    ap.add_argument("--limit", type=int, default=0, help="at most this many items per kind")
+    ap.add_argument("--no-critic", action="store_true", help="skip the critic suite")
+    ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
+    ap.add_argument("--json", type=Path, help="write all figures here")
+    args = ap.parse_args()
+
+    parse_items = load_suite("parse_suite.yaml")
+    critic_items = load_suite("critic_suite.yaml")
+    kinds = args.kinds.split(",")
+
+    def pick(items: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+        if not args.limit:
+            return items
+        seen: dict[str, int] = {}
+        out = []
+        for item in items:
+            seen[item[key]] = seen.get(item[key], 0) + 1
+            if seen[item[key]] <= args.limit:
+                out.append(item)
+        return out
+
+    report: dict[str, Any] = {"machine": machine_info(), "seed": SEED, "threads": args.threads,
+                              "suites": {"parse": len(parse_items), "critic": len(critic_items)},
+                              "results": {}}
+    for name in args.models.split(","):
+        print(f"== {name}", file=sys.stderr)
+        if name == "grammar":
+            report["results"][name] = {"parse": run_parse(parse_babyai_mission, parse_items)}
+        else:
+            llm = get_chat_model(name, n_threads=args.threads, seed=SEED)
+            start = time.perf_counter()
+            llm.invoke("Say OK.", max_tokens=2)
+            clear_parse_cache()
+            parser = LLMGoalParser(llm)
+            items = pick([i for i in parse_items if i["kind"] in kinds], "kind")
+            result = {"load_and_first_call_s": time.perf_counter() - start,
+                      "parse": run_parse(parser.parse, items)}
+            if not args.no_critic:
+                result["critic"] = run_critic(LLMCritic(llm), pick(critic_items, "category"))
+            report["results"][name] = result
+        if args.json:
+            write_json(args.json, report)
+    for name, result in report["results"].items():
+        parse = result["parse"]
+        line = f"{name:28s} parse " + " ".join(
+            f"{k} {v:.0%} ({parse['counts'][k]})" for k, v in parse["accuracy"].items())
+        line += f"  median {parse['latency'].get('median_s', 0):.2f}s/call"
+        if "critic" in result:
+            line += (f" | critic {result['critic']['accuracy']:.0%}"
+                     f" median {result['critic']['latency']['median_s']:.2f}s/call")
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
