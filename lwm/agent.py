@@ -172,9 +172,11 @@ class Agent:
         critiques: list[Critique] = []
         critic_s = 0.0
         state = self.model.init_state(1)
-        h_prev = None
+        prev_action = torch.tensor([self.model.START])
         subgoal_started = 0
-        share = max(budget // max(len(pending), 1), 1)
+        # Each subgoal's share of the budget; a critic's revisions need room of their own.
+        rounds = len(pending) + (self.max_critiques if self.critic is not None else 0)
+        share = max(budget // rounds, 1)
         step = 0
         deadline = t_start + time_limit_s if time_limit_s is not None else float("inf")
         while pending and step < budget and time.perf_counter() < deadline:
@@ -182,12 +184,13 @@ class Agent:
             current = pending[0]
             goal_vec = self.encoder.encode(current.text, as_torch=True)[None]  # (1, 384)
             z = self.model.encode(*_obs_tensors(obs))  # (1, d)
+            h, state = self.model.next(state, z, prev_action)  # history through o_t
             t0 = time.perf_counter()
-            plan: PlanResult = self.planner.plan(self.model, state, z, goal_vec, h=h_prev,
-                                                 decode=decode, generator=self.generator)
+            plan: PlanResult = self.planner.plan(self.model, state, h, goal_vec, decode=decode,
+                                                 generator=self.generator)
             plan_ms = (time.perf_counter() - t0) * 1e3
             action = int(plan.action[0])
-            h_prev, state = self.model.next(state, z, plan.action)
+            prev_action = plan.action
             real_view = obs["image"].copy() if decode else None
             obs, _, terminated, truncated, info = env.step(action)
             step += 1

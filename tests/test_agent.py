@@ -1,0 +1,76 @@
+"""The agent loop, with a small untrained world model and real envs; fakes only for the critic."""
+
+import pytest
+import torch
+
+from lwm.agent import Agent
+from lwm.envs import make_env
+from lwm.language.critic import Critique
+from lwm.language.mission import BabyAIMissionParser
+from lwm.language.spec import GoalSpec, InstructionError
+from lwm.models.world_model import WorldModel, preset
+from lwm.planning import CEMConfig, make_planner
+
+
+class _Critic:
+    """Scripted critic (orchestration test): always revises to `revision`."""
+
+    def __init__(self, revision: GoalSpec | None):
+        self.revision = revision
+        self.calls = []
+
+    def critique(self, instruction, goal_spec, trace, imagined=None):
+        self.calls.append((instruction, goal_spec.texts, list(trace)))
+        return Critique(success=False, reason="not done yet", revised_subgoals=self.revision)
+
+
+def _agent(critic=None, max_critiques=1):
+    torch.manual_seed(0)
+    model = WorldModel(preset("debug"))
+    planner = make_planner("cem", CEMConfig(horizon=3, candidates=16, iterations=1, elites=4))
+    return Agent(model, planner, BabyAIMissionParser(), critic=critic,
+                 max_critiques=max_critiques)
+
+
+def test_runs_an_episode_and_the_instruction_wins_over_the_mission():
+    env = make_env("BabyAI-GoToLocal-v0")
+    agent = _agent()
+    result = agent.run("pick up the grey key", env, seed=1, max_steps=6)
+    assert env.unwrapped.mission == "pick up the grey key"
+    assert result.subgoals == ["pick up the grey key"]
+    assert 1 <= result.steps <= 6 and len(result.records) == result.steps
+    assert result.success == ("pick up the grey key" in result.achieved_at)
+    for record in result.records:
+        assert 0.0 <= record.imagined_return <= 1.0 and record.plan_ms > 0
+    assert result.timings["total_s"] >= result.timings["parse_s"]
+
+
+def test_refuses_an_instruction_it_cannot_ground():
+    with pytest.raises(InstructionError):
+        _agent().run("fly to the moon", make_env("BabyAI-GoToLocal-v0"), seed=0)
+
+
+def test_critic_revises_a_stuck_subgoal():
+    revision = GoalSpec.from_texts(["go to the red ball"])
+    critic = _Critic(revision)
+    agent = _agent(critic=critic)
+    result = agent.run("open the blue door", make_env("BabyAI-GoToLocal-v0"), seed=0,
+                       max_steps=8)
+    assert critic.calls and critic.calls[0][1] == ["open the blue door"]
+    subgoals = [r.subgoal for r in result.records]
+    assert subgoals[0] == "open the blue door"
+    if not result.success:
+        assert "go to the red ball" in subgoals  # pursued after the revision
+        assert result.subgoals == ["go to the red ball"]
+    assert len(critic.calls) <= 1 + 1  # one revision, and one final verdict at most
+
+
+def test_time_limit_and_decoded_views():
+    env = make_env("BabyAI-GoToLocal-v0")
+    stopped = _agent().run("go to the red ball", env, seed=0, time_limit_s=0.0)
+    assert stopped.steps == 0 and not stopped.success
+    seen = []
+    result = _agent().run("go to the red ball", env, seed=0, max_steps=2, decode=True,
+                          on_step=seen.append)
+    assert len(seen) == result.steps
+    assert seen[0].imagined_image.shape == (3, 7, 7, 3) and seen[0].real_image.shape == (7, 7, 3)
