@@ -420,6 +420,25 @@ def test_local_model_uses_constrained_decoding(monkeypatch, tmp_path):
         parse_instruction("go to the red box", model, retries=0)
 
 
+def test_local_model_keeps_one_context_per_system_prompt(monkeypatch, tmp_path):
+    import threading
+
+    slots = []
+    parse_answer = json.dumps({"unknown": [], "subgoals": [step("go to", obj("box", "grey"))]})
+    critic_answer = json.dumps(verdict([(1, "you are in front of the grey box", True)]))
+
+    def load(*args):
+        slots.append(args[-1])
+        return FakeLlama(critic_answer if len(set(slots)) > 1 else parse_answer), threading.Lock()
+
+    monkeypatch.setattr(llm_mod, "_load_llama", load)
+    model = LocalChatModel(gguf_path=str(tmp_path / "m.gguf"))
+    spec = parse_instruction("go to the grey box", model)
+    parse_instruction("go to the gray crate", model)
+    assert critique("x", spec, ["you are in front of the grey box"], model).success
+    assert slots[0] == slots[1] != slots[2]
+
+
 def _fake_parts(monkeypatch, tmp_path, chunks: list[bytes]) -> tuple[str, ...]:
     names = []
     for i, data in enumerate(chunks):

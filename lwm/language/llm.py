@@ -23,6 +23,7 @@ import json
 import os
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,13 +179,24 @@ def resolve_gguf(model: str = DEFAULT_LOCAL_MODEL) -> Path:
     return assemble_gguf(PACKAGED_MODELS[model])
 
 
-_LLAMAS: dict[tuple, tuple[Any, threading.Lock]] = {}
+_LLAMAS: OrderedDict[tuple, tuple[Any, threading.Lock]] = OrderedDict()
 _LLAMAS_LOCK = threading.Lock()
+MAX_CONTEXTS = 2
+"""Most llama.cpp contexts kept per process (see `_load_llama`)."""
 
 
-def _load_llama(path: Path, n_ctx: int, n_threads: int, n_batch: int, seed: int):
-    """One `llama_cpp.Llama` per (file, settings) per process: loading costs seconds and RAM."""
-    key = (str(path), n_ctx, n_threads, n_batch, seed)
+def _load_llama(path: Path, n_ctx: int, n_threads: int, n_batch: int, seed: int, slot: str):
+    """A `llama_cpp.Llama` for (file, settings, slot), created once per process.
+
+    llama.cpp reuses the KV cache of the longest prompt prefix it evaluated last, so a context
+    that alternates between the parse and the critic prompts re-reads its whole system prompt on
+    every call (hundreds of tokens: seconds on a CPU). Each `slot` (lwm uses one per system
+    prompt) gets a context of its own instead. The weight file is memory-mapped and shared, but
+    each context also holds llama.cpp's private CPU copy of part of the weights (measured: about
+    0.7 GB for the 1.5B model), so only `MAX_CONTEXTS` are kept, the least recently used
+    dropped: two, for the parse and critic prompts of the plan-act-critique loop.
+    """
+    key = (str(path), n_ctx, n_threads, n_batch, seed, slot)
     with _LLAMAS_LOCK:
         if key not in _LLAMAS:
             try:
@@ -199,6 +211,9 @@ def _load_llama(path: Path, n_ctx: int, n_threads: int, n_batch: int, seed: int)
             )
             # A Llama holds one KV cache; concurrent calls would corrupt it.
             _LLAMAS[key] = (llama, threading.Lock())
+            while len(_LLAMAS) > MAX_CONTEXTS:
+                _LLAMAS.popitem(last=False)
+        _LLAMAS.move_to_end(key)
         return _LLAMAS[key]
 
 
@@ -258,10 +273,12 @@ class LocalChatModel(BaseChatModel):
         run_manager: Any = None,
         **kwargs: Any,
     ) -> ChatResult:
-        llama, lock = _load_llama(
-            self.model_path(), self.n_ctx, self.n_threads, self.n_batch, self.seed
-        )
         chat = [{"role": _role(m), "content": m.text} for m in messages]
+        system = chat[0]["content"] if chat and chat[0]["role"] == "system" else ""
+        slot = hashlib.sha256(system.encode()).hexdigest()[:16]
+        llama, lock = _load_llama(
+            self.model_path(), self.n_ctx, self.n_threads, self.n_batch, self.seed, slot
+        )
         with lock:
             out = llama.create_chat_completion(
                 messages=chat,
