@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import torch
@@ -134,10 +134,10 @@ class Candidates:
 
     def cat(self, other: Candidates) -> Candidates:
         """Both sets side by side: (B, K + K', ...)."""
-        return Candidates(*(torch.cat([a, b], dim=1) for a, b in zip(
-            (self.actions, self.reward, self.cont, self.value, self.objective),
-            (other.actions, other.reward, other.cont, other.value, other.objective), strict=True,
-        )))
+        return Candidates(*(
+            torch.cat([getattr(self, f.name), getattr(other, f.name)], dim=1)
+            for f in fields(self)
+        ))
 
     def top(self, k: int) -> Candidates:
         """The k highest-J candidates per environment, best first."""
