@@ -2,8 +2,9 @@
 
     python eval/bench_planning.py --json runs/bench_planning.json
 
-1 torch thread, world model preset `small` (random weights: speed does not depend on training),
-one environment, 512 candidates x horizon 8 x 4 iterations = 16,384 candidate transitions an
+1 torch thread, world model preset `small` with random weights, and with `--model` a trained
+checkpoint too (how much prefix sharing saves depends on how far the search concentrates), one
+environment, 512 candidates x horizon 8 x 4 iterations = 16,384 candidate transitions an
 action. Each planner plans from the state after a 16-step random history; "cold" is a call from
 the uniform distribution (the first of an episode), "warm" the median of MPC calls warm-started
 from the previous plan. Planners step each distinct action prefix once (`score_sequences`), so
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -67,10 +69,14 @@ def row_flops(model: WorldModel, context: float) -> float:
     return backbone + decode + encode + reward + cont
 
 
-def build(backbone: str, mode: str, seed: int) -> WorldModel:
-    """A `small` world model; mode "eager", "compile" or "compile+bf16" (Mamba-2 only)."""
+def build(backbone: str, mode: str, seed: int, checkpoint: Path | None = None) -> WorldModel:
+    """A `small` world model (or a trained checkpoint's); mode "eager", "compile" or
+    "compile+bf16" (Mamba-2 only)."""
     torch.manual_seed(seed)
-    model = WorldModel(preset("small", backbone=backbone)).eval()
+    if checkpoint is None:
+        model = WorldModel(preset("small", backbone=backbone)).eval()
+    else:
+        model = WorldModel.from_pretrained(checkpoint).eval()
     if mode != "eager":
         model = copy.deepcopy(model)
         model.cfg.backbone_cfg.compile = True  # the same object the backbone reads
@@ -98,12 +104,19 @@ def history(model: WorldModel, seed: int) -> tuple[Any, torch.Tensor, torch.Tens
 class Bench:
     """One (backbone, mode, planner) combination: its model, planner and measurements."""
 
-    def __init__(self, backbone: str, mode: str, planner: str, seed: int):
-        self.name = f"{backbone} {mode} {planner}"
+    def __init__(
+        self, backbone: str, mode: str, planner: str, seed: int, checkpoint: Path | None = None
+    ):
+        self.name = f"{backbone} {mode} {planner}" + (" (trained)" if checkpoint else "")
         self.backbone, self.mode, self.planner_name = backbone, mode, planner
-        self.model = build(backbone, mode, seed)
+        self.model = build(backbone, mode, seed, checkpoint)
         self.state, self.h, self.goal = history(self.model, seed)
-        cfg = PLANNERS[planner][1](horizon=H, candidates=K, iterations=ITERATIONS)
+        table = None if checkpoint is None else checkpoint.parent / "goals.safetensors"
+        if table is not None and table.exists():  # a goal the model was trained on
+            self.goal = load_file(str(table))["embeddings"][:1]  # (1, goal_dim)
+        cfg = PLANNERS[planner][1](
+            horizon=H, candidates=K, iterations=ITERATIONS, discount=self.model.cfg.discount
+        )
         self.planner = make_planner(planner, cfg)
         self.gen = torch.Generator().manual_seed(seed)
         self.rows: list[int] = []
@@ -189,6 +202,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=6, help="MPC calls timed per path")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled paths")
+    parser.add_argument(
+        "--model", type=Path,
+        help="also time a trained checkpoint (e.g. runs/NAME/model), eager, for the run's first "
+        "goal (runs/NAME/goals.safetensors)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -204,6 +222,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for mode in modes.get(backbone, ["eager"])
         for planner in sorted(PLANNERS)
     ]
+    if args.model:
+        trained = WorldModel.from_pretrained(args.model).cfg.backbone
+        paths += [Bench(trained, "eager", p, args.seed, args.model) for p in sorted(PLANNERS)]
     for path in paths:
         path.warm_up()
     for _ in range(args.rounds):  # round 0 is cold (uniform start), the rest warm-started
@@ -246,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "matmul_peak_flops": peak,
         "row_flops": {b: row_flops(build(b, "eager", args.seed), HISTORY + H / 2)
                       for b in ("mamba2", "gru", "transformer")},
+        "checkpoint": str(args.model) if args.model else None,
         "paths": results,
         "dense_ms_per_action": {b: 1e3 * s for b, s in dense.items()},
         "target_ms_per_action": TARGET_MS,
