@@ -35,7 +35,6 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from eval._common import machine_info, write_json  # noqa: E402
 from eval.bench_ssm import (  # noqa: E402
     gru_flops_per_token,
     mamba2_flops_per_token,
@@ -46,6 +45,7 @@ from lwm.models.ssm import BatchState  # noqa: E402
 from lwm.models.world_model import N_CELLS, OBS_LOGITS, WorldModel, preset  # noqa: E402
 from lwm.planning import PLANNERS, make_planner  # noqa: E402
 from lwm.planning.base import imagine_candidates  # noqa: E402
+from lwm.report import machine_info, write_json  # noqa: E402
 
 K, H, ITERATIONS = 512, 8, 4
 HISTORY = 16

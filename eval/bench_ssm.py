@@ -26,8 +26,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from eval._common import machine_info, time_interleaved, write_json  # noqa: E402
 from lwm.models import BackboneConfig, make_backbone  # noqa: E402
+from lwm.report import machine_info, time_interleaved, write_json  # noqa: E402
 
 STEP_BATCH = 1024
 TRAIN_BATCH, TRAIN_T = 256, 16

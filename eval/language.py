@@ -27,7 +27,6 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval._common import machine_info, write_json  # noqa: E402
 from lwm.language import (  # noqa: E402
     InstructionError,
     LLMCritic,
@@ -37,6 +36,7 @@ from lwm.language import (  # noqa: E402
     get_chat_model,
     parse_babyai_mission,
 )
+from lwm.report import machine_info, write_json  # noqa: E402
 from lwm.resources import files  # noqa: E402
 
 SEED = 0

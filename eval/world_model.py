@@ -16,7 +16,6 @@ seen in training). For each run directory (written by `lwm train`):
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from lwm.data import EpisodeRecorder
 from lwm.goals import all_concrete_goals
 from lwm.models.metrics import auroc, open_loop_accuracy, reward_scores
 from lwm.models.world_model import WorldModel
-from lwm.report import write_json
+from lwm.report import machine_info, write_json
 from lwm.tasks import load_suite
 from lwm.train import EXPLORATION_PROBS
 
@@ -139,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{figures['reward_auroc_held_out']:.4f}")
     console.print(table)
     if args.json:
-        write_json(args.json, {"suite": suite.name, "episodes": len(episodes), "runs": results},
-                   seed=args.seed, command=" ".join(sys.argv))
+        write_json(args.json, {"machine": machine_info(), "seed": args.seed, "suite": suite.name,
+                               "episodes": len(episodes), "runs": results})
     return 0
 
 
