@@ -25,6 +25,9 @@ torch.set_num_threads(1)
 
 SMALL = {"horizon": 4, "candidates": 64, "iterations": 2, "elites": 8}
 
+SEARCH_PLANNERS = ("cem", "mppi")
+"""Planners that search over imagined sequences (greedy Q does not)."""
+
 
 def small_planner(name: str, **overrides) -> CEM | MPPI:
     cfg_cls = PLANNERS[name][1]
@@ -61,7 +64,7 @@ def tensors(state: BatchState) -> list[Tensor]:
     return found
 
 
-@pytest.mark.parametrize("name", sorted(PLANNERS))
+@pytest.mark.parametrize("name", SEARCH_PLANNERS)
 def test_shapes_for_a_batch_of_envs(model, name):
     B, H = 3, SMALL["horizon"]
     state, h, goal = history(model, B)
@@ -78,7 +81,7 @@ def test_shapes_for_a_batch_of_envs(model, name):
     torch.testing.assert_close(result.objective, expect)
 
 
-@pytest.mark.parametrize("name", sorted(PLANNERS))
+@pytest.mark.parametrize("name", SEARCH_PLANNERS)
 def test_caller_state_is_untouched(model, name):
     state, h, goal = history(model, 2)
     before = state.clone()
@@ -90,7 +93,7 @@ def test_caller_state_is_untouched(model, name):
     assert repr(state) == repr(before)  # step counters too
 
 
-@pytest.mark.parametrize("name", sorted(PLANNERS))
+@pytest.mark.parametrize("name", SEARCH_PLANNERS)
 def test_same_generator_seed_same_plan(name):
     torch.manual_seed(0)
     model = WorldModel(preset("debug")).eval()
@@ -103,7 +106,7 @@ def test_same_generator_seed_same_plan(name):
     assert torch.equal(results[0].probs, results[1].probs)
 
 
-@pytest.mark.parametrize("name", sorted(PLANNERS))
+@pytest.mark.parametrize("name", SEARCH_PLANNERS)
 def test_warm_start_shifts_the_last_plan(name):
     torch.manual_seed(0)
     model = WorldModel(preset("debug")).eval()
@@ -143,7 +146,7 @@ def test_shared_prefixes_score_as_if_stepped_separately(model):
         )
 
 
-@pytest.mark.parametrize("name", sorted(PLANNERS))
+@pytest.mark.parametrize("name", SEARCH_PLANNERS)
 def test_plan_agrees_with_the_world_models_imagination(model, name):
     state, h, goal = history(model, 2)
     result = small_planner(name).plan(model, state, h, goal, decode=True)
@@ -240,7 +243,7 @@ def target_prior(target: list[int]):
     return prior
 
 
-@pytest.mark.parametrize("name", sorted(PLANNERS))
+@pytest.mark.parametrize("name", SEARCH_PLANNERS)
 def test_finds_the_rewarded_sequence(name):
     target = [3, 5, 1]  # 1 in 343 random sequences
     model = TargetSequenceModel(target).eval()
@@ -286,3 +289,13 @@ def test_mppi_default_prior_is_the_q_head():
     planner = MPPI(MPPIConfig(prior_temperature=0.5))
     torch.testing.assert_close(planner.proposal(model)(h, goal), model.q(h, goal) / 0.5)
     assert MPPI(MPPIConfig(q_prior=False)).proposal(model) is None
+
+
+def test_greedy_q_takes_the_best_q_action(model):
+    state, h, goal = history(model, 3)
+    result = make_planner("greedy").plan(model, state, h, goal, decode=True)
+    q = model.q(h, goal)
+    q[:, 6] = float("-inf")
+    assert torch.equal(result.action, q.argmax(-1))
+    assert result.actions.shape == (3, 1) and result.image.shape == (3, 1, 7, 7, 3)
+    torch.testing.assert_close(result.value, torch.sigmoid(q.amax(-1)))

@@ -1,4 +1,5 @@
-"""Planning in imagination: CEM and MPPI over action sequences, behind one `Planner` interface.
+"""Planning in imagination: CEM and MPPI over action sequences (and greedy Q, no search), behind
+one `Planner` interface.
 
 Planners only talk to a `WorldModel` (tensors in, tensors out); they never touch an environment.
 Adding a planner: one file with a `Planner` subclass and its config, one line in `PLANNERS`.
@@ -16,11 +17,13 @@ from lwm.planning.base import (
     objective,
 )
 from lwm.planning.cem import CEM, CEMConfig
+from lwm.planning.greedy import GreedyQ, GreedyQConfig
 from lwm.planning.mppi import MPPI, MPPIConfig
 
 PLANNERS: dict[str, tuple[type[Planner], type]] = {
     "cem": (CEM, CEMConfig),
     "mppi": (MPPI, MPPIConfig),
+    "greedy": (GreedyQ, GreedyQConfig),
 }
 """name -> (planner class, its config dataclass)."""
 
@@ -41,6 +44,8 @@ __all__ = [
     "MPPI",
     "PLANNERS",
     "CEMConfig",
+    "GreedyQ",
+    "GreedyQConfig",
     "Candidates",
     "MPPIConfig",
     "PlanResult",
