@@ -234,7 +234,8 @@ def test_llm_parse_names_what_cannot_be_grounded():
     model = fake({"unknown": ["the moon"], "subgoals": [step("go to", obj("ball"))]})
     with pytest.raises(InstructionError, match="'the moon' is not an object"):
         parse_instruction("go to the moon", model)
-    synonym = fake({"unknown": ["the gray Sphere"], "subgoals": [step("go to", obj("ball"))]})
+    synonym = fake({"unknown": ["the gray Sphere", "thank you"],
+                    "subgoals": [step("go to", obj("ball"))]})
     assert parse_instruction("go to the gray sphere", synonym).texts == ["go to the ball"]
     with pytest.raises(InstructionError, match="found no goal"):
         parse_instruction("hello there", fake({"unknown": [], "subgoals": []}))

@@ -116,7 +116,9 @@ _KNOWN_WORDS = frozenset(
      "left", "right", "front", "behind", "ahead", "back", "next", "beside", "near", "please",
      "go", "walk", "move", "head", "approach", "reach", "get", "find", "visit", "pick", "up",
      "grab", "take", "fetch", "collect", "lift", "hold", "open", "unlock", "drop", "put", "down",
-     "place", "bring", "set", "leave", "release", "then", "and", "after", "before", "first"]
+     "place", "bring", "set", "leave", "release", "then", "and", "after", "before", "first",
+     "thank", "thanks", "kindly", "could", "would", "can", "for", "me", "i", "like", "want",
+     "hey", "robot", "if", "that", "is", "any", "some", "there", "over", "too"]
 )
 
 
