@@ -43,31 +43,159 @@ def suites() -> None:
     console.print(table)
 
 
+SHIPPED = "shipped"
+"""--checkpoint value naming the small checkpoint lwm ships (see `lwm.resources.checkpoint`)."""
+
+
 @app.command()
 def demo(
-    suite: str = typer.Option("babyai-seq", help="task suite to follow"),
-    episodes: int = typer.Option(3, min=1, help="episodes to run"),
+    suite: str = typer.Option("babyai-goto", help="task suite to follow"),
+    episodes: int = typer.Option(4, min=1, help="episodes to run"),
     seed: int | None = typer.Option(None, help="first seed (default: the suite's eval seeds)"),
+    checkpoint: str | None = typer.Option(
+        None, help="run or model directory; default: runs/train/<suite>-mamba2 if trained, else "
+        "the checkpoint lwm ships for the suite, else train one with the defaults"),
+    llm: str = typer.Option("local", help="'local', a provider string, or 'grammar'"),
+    planner: str = typer.Option("cem", help="cem, mppi or greedy"),
+    policy: str = typer.Option("agent", help="'agent' (lwm) or 'bot' (BabyAI's oracle)"),
     out: Path = typer.Option(Path("runs/demo"), help="where GIFs are written"),
 ) -> None:
-    """Run the main job: follow a task suite's instructions, print events, write GIFs.
-
-    Until a trained agent exists (issue #5) the BabyAI bot (an oracle reading the true state)
-    does the acting; everything else is the real pipeline: lwm's envs, events, achieved goals.
-    """
-    from lwm.envs.bot import BotPolicy
+    """Run the main job: follow plain-language instructions (grammar missions and paraphrases)
+    in a task suite's episodes, print what happens, write GIFs and a success table."""
     from lwm.tasks import load_suite
 
     s = load_suite(suite)
     env = s.make_env(render_mode="rgb_array")
     first = s.seeds.eval_start if seed is None else seed
-    summary = Table(title=f"{s.name}: the BabyAI bot (oracle) following the suite's missions")
-    for col in ("seed", "mission", "success", "steps", "gif"):
+    if policy == "bot":
+        from lwm.envs.bot import BotPolicy
+
+        summary = Table(title=f"{s.name}: the BabyAI bot (oracle) following the suite's missions")
+        for col in ("seed", "mission", "success", "steps", "gif"):
+            summary.add_column(col)
+        for ep in range(episodes):
+            gif = out / f"{s.name}-seed{first + ep}-bot.gif"
+            summary.add_row(*_bot_episode(env, BotPolicy, first + ep, gif))
+        console.print(summary)
+        return
+    agent = _load_agent(s, checkpoint, llm, planner)
+    summary = Table(title=f"{s.name}: lwm ({planner}, llm={llm}) following instructions")
+    for col in ("seed", "instruction", "kind", "subgoals", "success", "steps", "ms/action"):
         summary.add_column(col)
+    wins = 0
     for ep in range(episodes):
-        result = _bot_episode(env, BotPolicy, first + ep, out / f"{s.name}-seed{first + ep}.gif")
-        summary.add_row(*result)
+        instruction, kind = _demo_instruction(s, env, first + ep, paraphrase=ep % 2 == 1)
+        console.rule(f"[bold]seed {first + ep}[/bold] ({kind}): {instruction}")
+        result = _agent_episode(agent, env, instruction, first + ep,
+                                out / f"{s.name}-seed{first + ep}.gif", live=False)
+        if result is None:
+            summary.add_row(str(first + ep), instruction, kind, "-", "[red]refused[/red]", "0",
+                            "-")
+            continue
+        wins += result.success
+        summary.add_row(str(first + ep), instruction, kind, " ; ".join(result.subgoals),
+                        "[green]yes[/green]" if result.success else "[red]no[/red]",
+                        str(result.steps), f"{result.timings['plan_ms_mean']:.0f}")
     console.print(summary)
+    console.print(f"success {wins}/{episodes}")
+
+
+def _demo_instruction(suite, env, seed: int, paraphrase: bool) -> tuple[str, str]:
+    """The episode's own mission, or a paraphrase of it from the suite's templates."""
+    from lwm.envs.language import instr_goals
+
+    obs, _ = env.reset(seed=seed)
+    goals = instr_goals(env.unwrapped.instrs)
+    if paraphrase and all(g.is_concrete for g in goals):
+        options = suite.paraphrases(goals)
+        if options:
+            return options[seed % len(options)], "paraphrase"
+    return obs["mission"], "mission"
+
+
+def _load_agent(suite, checkpoint: str | None, llm: str, planner: str):
+    from lwm.agent import Agent
+    from lwm.resources import checkpoint as shipped_checkpoint
+
+    trained = Path("runs/train") / f"{suite.name}-mamba2"
+    if checkpoint == SHIPPED:
+        path = shipped_checkpoint(suite.name)
+    elif checkpoint is not None:
+        path = Path(checkpoint)
+    elif (trained / "model" / "config.json").exists():
+        path = trained
+    else:
+        path = shipped_checkpoint(suite.name)
+    if path is None or not ((path / "model" / "config.json").exists()
+                            or (path / "config.json").exists()):
+        from lwm.train import Trainer
+
+        console.print(f"no trained world model for {suite.name}: training one with the "
+                      f"defaults in {trained} (`lwm train --suite {suite.name}`)")
+        Trainer(TrainConfig(suite=suite.name), trained).run()
+        path = trained
+    console.print(f"world model: {path}")
+    return Agent.from_pretrained(path, llm=None if llm == "grammar" else llm, planner=planner)
+
+
+def _agent_episode(agent, env, instruction: str, seed: int, gif: Path, live: bool,
+                   max_steps: int | None = None):
+    """Run one episode, showing every step (a live table, or printed lines); write a GIF of the
+    real frame beside the real and the imagined next view. None when the instruction is
+    refused."""
+    from rich.live import Live
+
+    from lwm.envs import ACTION_NAMES
+    from lwm.language.spec import InstructionError
+    from lwm.viz import caption_frame, egocentric_frame, write_gif
+
+    table = Table(title=f"{instruction!r}, seed {seed}")
+    for col in ("step", "action", "imagined return", "subgoal", "events"):
+        table.add_column(col)
+    frames = []
+
+    def show(record) -> None:
+        events = "; ".join(record.events + [f"[green]achieved[/green] {a}"
+                                            for a in record.achieved])
+        row = (str(record.step), ACTION_NAMES[record.action], f"{record.imagined_return:.3f}",
+               record.subgoal, events)
+        if live:
+            table.add_row(*row)
+        elif events:
+            console.print(f"  step {row[0]:>3}  [cyan]{row[1]:>7}[/cyan]  J={row[2]}  {events}")
+        real = env.render()
+        views = [egocentric_frame(record.real_image)]
+        if record.imagined_image is not None and len(record.imagined_image):
+            views.append(egocentric_frame(record.imagined_image[0]))
+        pad = max(real.shape[0] - views[0].shape[0], 0)
+        strip = np.concatenate([real] + [np.pad(v, ((0, pad), (4, 0), (0, 0))) for v in views],
+                               axis=1)
+        frames.append(caption_frame(strip, [
+            f"{instruction} | subgoal: {record.subgoal}",
+            f"step {record.step}: {ACTION_NAMES[record.action]} | imagined return "
+            f"{record.imagined_return:.2f} | real | real view | imagined next view",
+        ]))
+
+    try:
+        if live:
+            with Live(table, console=console, refresh_per_second=4):
+                result = agent.run(instruction, env, seed=seed, max_steps=max_steps,
+                                   decode=True, on_step=show)
+        else:
+            result = agent.run(instruction, env, seed=seed, max_steps=max_steps, decode=True,
+                               on_step=show)
+    except InstructionError as err:
+        console.print(f"[red]cannot follow this instruction[/red]: {err}")
+        return None
+    for critique in result.critiques:
+        verdict = "success" if critique.success else "failure"
+        console.print(f"  critic: [bold]{verdict}[/bold]: {critique.reason}")
+    if frames:
+        write_gif(frames, gif)
+    console.print(f"  {result.summary()}")
+    console.print(f"  GIF: {gif} | planning {result.timings['plan_ms_mean']:.0f} ms/action | "
+                  f"parse {result.timings['parse_s']:.1f} s")
+    return result
 
 
 def _bot_episode(env, policy_cls, seed: int, gif: Path) -> tuple[str, ...]:
@@ -125,72 +253,27 @@ def plan(
     instruction: str = typer.Argument(..., help="what to do, in plain language"),
     suite: str = typer.Option("babyai-goto", help="task suite whose env to act in"),
     seed: int = typer.Option(0, help="seed of the episode's layout"),
-    checkpoint: Path | None = typer.Option(
-        None, help="run or model directory (default runs/train/<suite>-mamba2)"),
+    checkpoint: str | None = typer.Option(
+        None, help="run or model directory, or 'shipped' (default: runs/train/<suite>-mamba2, "
+        "else the shipped checkpoint)"),
     llm: str = typer.Option(
         "local", help="'local' (embedded llama.cpp model), a provider string such as "
         "'openai:gpt-4o-mini', or 'grammar' for BabyAI's grammar parser and no critic"),
-    planner: str = typer.Option("cem", help="cem or mppi"),
+    planner: str = typer.Option("cem", help="cem, mppi or greedy"),
     max_steps: int | None = typer.Option(None, help="step budget (default: the suite's)"),
     gif: Path | None = typer.Option(None, help="GIF of real frames beside imagined futures "
                                     "(default runs/plan/<suite>-seed<seed>.gif)"),
 ) -> None:
     """Follow one plain-language instruction: plan in imagination, act, critique, write a GIF."""
-    from rich.live import Live
-
-    from lwm.agent import Agent
-    from lwm.envs import ACTION_NAMES
-    from lwm.language.spec import InstructionError
     from lwm.tasks import load_suite
-    from lwm.viz import caption_frame, egocentric_frame, write_gif
 
     s = load_suite(suite)
-    checkpoint = checkpoint or Path("runs/train") / f"{s.name}-mamba2"
-    if not (checkpoint / "model" / "config.json").exists() and not (
-            checkpoint / "config.json").exists():
-        console.print(f"[red]no trained world model at {checkpoint}[/red]: run "
-                      f"`lwm train --suite {s.name}` first, or pass --checkpoint")
-        raise typer.Exit(code=1)
-    agent = Agent.from_pretrained(checkpoint, llm=None if llm == "grammar" else llm,
-                                  planner=planner)
+    agent = _load_agent(s, checkpoint, llm, planner)
     env = s.make_env(render_mode="rgb_array")
-    table = Table(title=f"{instruction!r} on {s.name}, seed {seed}")
-    for col in ("step", "action", "imagined return", "subgoal", "events"):
-        table.add_column(col)
-    frames = []
-
-    def show(record) -> None:
-        events = "; ".join(record.events + [f"[green]achieved[/green] {a}"
-                                            for a in record.achieved])
-        table.add_row(str(record.step), ACTION_NAMES[record.action],
-                      f"{record.imagined_return:.3f}", record.subgoal, events)
-        real = env.render()
-        views = [egocentric_frame(record.real_image)]
-        if record.imagined_image is not None and len(record.imagined_image):
-            views.append(egocentric_frame(record.imagined_image[0]))
-        pad = max(real.shape[0] - views[0].shape[0], 0)
-        row = np.concatenate([real] + [np.pad(v, ((0, pad), (4, 0), (0, 0))) for v in views], 1)
-        frames.append(caption_frame(row, [
-            f"{instruction} | subgoal: {record.subgoal}",
-            f"step {record.step}: {ACTION_NAMES[record.action]} | imagined return "
-            f"{record.imagined_return:.2f} | real | real view | imagined next view",
-        ]))
-
-    try:
-        with Live(table, console=console, refresh_per_second=4):
-            result = agent.run(instruction, env, seed=seed, max_steps=max_steps, decode=True,
-                               on_step=show)
-    except InstructionError as err:
-        console.print(f"[red]cannot follow this instruction[/red]: {err}")
-        raise typer.Exit(code=1) from None
-    for critique in result.critiques:
-        verdict = "success" if critique.success else "failure"
-        console.print(f"critic: [bold]{verdict}[/bold]: {critique.reason}")
     gif = gif or Path("runs/plan") / f"{s.name}-seed{seed}.gif"
-    if frames:
-        write_gif(frames, gif)
-    console.print(result.summary())
-    console.print(f"GIF: {gif}  |  planning {result.timings['plan_ms_mean']:.0f} ms/action")
+    result = _agent_episode(agent, env, instruction, seed, gif, live=True, max_steps=max_steps)
+    if result is None:
+        raise typer.Exit(code=1)
 
 
 @app.command(name="eval")

@@ -16,16 +16,15 @@ def test_help_lists_the_verbs():
 
 
 def test_unfinished_verbs_say_so_and_fail():
-    for verb in ("plan", "eval"):
+    for verb in ("eval",):
         result = runner.invoke(app, [verb])
         assert result.exit_code == 2
         assert "not available yet" in result.output
 
 
 def test_demo_runs_episodes_and_writes_gifs(tmp_path):
-    result = runner.invoke(
-        app, ["demo", "--suite", "babyai-putnext", "--episodes", "1", "--out", str(tmp_path)]
-    )
+    result = runner.invoke(app, ["demo", "--suite", "babyai-putnext", "--episodes", "1",
+                                 "--policy", "bot", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "you picked up" in result.output and "achieved put the" in result.output
     (gif,) = tmp_path.glob("babyai-putnext-seed*.gif")
@@ -50,3 +49,27 @@ def test_train_options_come_from_the_config_dataclass(tmp_path):
     ])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "model" / "config.json").exists()
+
+
+def test_agent_demo_and_plan_with_a_small_checkpoint(tmp_path):
+    from lwm.models.world_model import WorldModel, preset
+
+    WorldModel(preset("debug")).save_pretrained(tmp_path / "ckpt")
+    result = runner.invoke(app, [
+        "demo", "--episodes", "2", "--checkpoint", str(tmp_path / "ckpt"), "--llm", "grammar",
+        "--planner", "greedy", "--out", str(tmp_path / "gifs"),
+    ])
+    assert result.exit_code == 0, result.output
+    # the grammar parser follows the mission and refuses the paraphrase (an LLM's job)
+    assert "paraphrase" in result.output and "refused" in result.output
+    assert "success 0/2" in result.output or "success 1/2" in result.output
+    assert len(list((tmp_path / "gifs").glob("*.gif"))) == 1
+    result = runner.invoke(app, [
+        "plan", "go to the red ball", "--checkpoint", str(tmp_path / "ckpt"), "--llm", "grammar",
+        "--planner", "greedy", "--max-steps", "3", "--gif", str(tmp_path / "plan.gif"),
+    ])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "plan.gif").exists()
+    refused = runner.invoke(app, ["plan", "fly to the moon", "--checkpoint",
+                                  str(tmp_path / "ckpt"), "--llm", "grammar"])
+    assert refused.exit_code == 1 and "cannot follow this instruction" in refused.output

@@ -11,7 +11,7 @@ import importlib.resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-__all__ = ["files"]
+__all__ = ["checkpoint", "files"]
 
 _KNOWN = ("tasks", "prompts")
 
@@ -24,3 +24,10 @@ def files(name: str) -> Traversable:
     if packaged.is_dir():
         return packaged
     return Path(__file__).resolve().parents[2] / name
+
+
+def checkpoint(suite: str) -> Path | None:
+    """The small world-model checkpoint lwm ships for `suite` (reproduced by
+    `eval/make_checkpoint.sh`), or None when there is none."""
+    path = Path(__file__).resolve().parent / "checkpoints" / suite
+    return path if (path / "config.json").exists() else None
