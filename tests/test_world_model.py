@@ -167,3 +167,13 @@ def test_open_loop_accuracy_is_perfect_for_a_model_that_copies_the_truth(monkeyp
     acc = open_loop_accuracy(model, truth, batch["direction"], batch["carrying"],
                              batch["action"], start=1, horizons=(1, 5))
     assert acc == {1: 1.0, 5: 1.0}
+
+
+def test_the_shipped_checkpoint_loads_as_the_small_preset():
+    from lwm.resources import checkpoint
+
+    path = checkpoint("babyai-goto")
+    assert path is not None
+    model = WorldModel.from_pretrained(path, expect=preset("small"))
+    assert (path / "model.safetensors").stat().st_size < 20 * 2**20
+    assert sum(p.numel() for p in model.parameters()) > 0
