@@ -14,6 +14,7 @@ from lwm.planning.base import (
     Planner,
     PlanResult,
     PolicyPrior,
+    SearchConfig,
     objective,
 )
 from lwm.planning.cem import CEM, CEMConfig
@@ -51,6 +52,7 @@ __all__ = [
     "PlanResult",
     "Planner",
     "PolicyPrior",
+    "SearchConfig",
     "make_planner",
     "objective",
 ]

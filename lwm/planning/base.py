@@ -37,6 +37,26 @@ from lwm.models.ssm import BatchState
 from lwm.models.world_model import WorldModel
 
 
+@dataclass
+class SearchConfig:
+    """What every sequence-search planner is configured by: budget, discount, warm start."""
+
+    horizon: int = 8
+    """H: imagined steps per candidate sequence."""
+    candidates: int = 512
+    """K: sequences per environment and iteration."""
+    iterations: int = 4
+    """Sample-score-refit rounds per action."""
+    momentum: float = 0.1
+    """Weight of the previous distribution in the refit (0: elite frequencies only)."""
+    discount: float = 0.9
+    """gamma of the objective J; must be the discount Q was trained with."""
+    warm_start: bool = True
+    """Start from the previous call's final distribution shifted by one step (MPC)."""
+    uniform_mix: float = 0.2
+    """Share of the uniform distribution mixed into a warm start, so no action is ruled out."""
+
+
 class PolicyPrior(Protocol):
     """A proposal distribution over the next action, e.g. a softmax over the model's Q head."""
 

@@ -21,6 +21,7 @@ from lwm.models.world_model import WorldModel
 from lwm.planning.base import (
     Planner,
     PlanResult,
+    SearchConfig,
     WarmStart,
     action_frequencies,
     plan_result,
@@ -30,25 +31,11 @@ from lwm.planning.base import (
 
 
 @dataclass
-class CEMConfig:
-    """Search budget and update rule of `CEM`."""
+class CEMConfig(SearchConfig):
+    """Search budget (`SearchConfig`) and the refit rule of `CEM`."""
 
-    horizon: int = 8
-    """H: imagined steps per candidate sequence."""
-    candidates: int = 512
-    """K: sequences sampled per environment and iteration."""
-    iterations: int = 4
-    """Sample-score-refit rounds per action."""
     elites: int = 32
     """E: best sequences the distribution is refitted to."""
-    momentum: float = 0.1
-    """Weight of the previous distribution in the refit (0: elite frequencies only)."""
-    discount: float = 0.9
-    """gamma of the objective J; must be the discount the value head was trained with."""
-    warm_start: bool = True
-    """Start from the previous call's final distribution shifted by one step (MPC)."""
-    uniform_mix: float = 0.2
-    """Share of the uniform distribution mixed into a warm start, so no action is ruled out."""
 
 
 class CEM(Planner):

@@ -25,6 +25,7 @@ from lwm.planning.base import (
     Planner,
     PlanResult,
     PolicyPrior,
+    SearchConfig,
     WarmStart,
     action_frequencies,
     plan_result,
@@ -35,35 +36,22 @@ from lwm.planning.base import (
 
 
 @dataclass
-class MPPIConfig:
-    """Search budget and update rule of `MPPI`."""
+class MPPIConfig(SearchConfig):
+    """Search budget (`SearchConfig`; K counts the prior's rollouts) and the update rule of
+    `MPPI`."""
 
-    horizon: int = 8
-    """H: imagined steps per candidate sequence."""
-    candidates: int = 512
-    """K: sequences per environment and iteration, prior rollouts included."""
-    iterations: int = 4
-    """Sample-score-refit rounds per action."""
     elites: int = 64
     """E: best sequences the softmax-weighted refit uses."""
     temperature: float = 0.05
     """tau of the weights softmax(J / tau); J is a probability, so differences are small."""
-    momentum: float = 0.1
-    """Weight of the previous distribution in the refit (0: weighted elite frequencies only)."""
     prior_share: float = 0.05
     """Share of the K candidates drawn from the policy prior (0: none); TD-MPC2 uses 24/512."""
     q_prior: bool = True
     """Without a prior callable, use the world model's Q head as the prior."""
     prior_temperature: float = 0.5
     """Temperature of softmax(Q logits / T), the Q-head prior."""
-    discount: float = 0.9
-    """gamma of the objective J; must be the discount Q was trained with."""
     greedy: bool = True
     """Take the best sequence; False: draw one from the final elites by their weights."""
-    warm_start: bool = True
-    """Start from the previous call's final distribution shifted by one step (MPC)."""
-    uniform_mix: float = 0.2
-    """Share of the uniform distribution mixed into a warm start, so no action is ruled out."""
 
 
 class MPPI(Planner):
