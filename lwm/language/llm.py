@@ -17,6 +17,7 @@ of tokens).
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib
 import json
@@ -185,6 +186,15 @@ MAX_CONTEXTS = 2
 """Most llama.cpp contexts kept per process (see `_load_llama`)."""
 
 
+@atexit.register
+def _close_llamas() -> None:
+    """Free the contexts while llama.cpp is still loaded: left to interpreter shutdown, their
+    destructors run after the library's globals are gone and print tracebacks."""
+    with _LLAMAS_LOCK:
+        while _LLAMAS:
+            _LLAMAS.popitem()[1][0].close()
+
+
 def _load_llama(path: Path, n_ctx: int, n_threads: int, n_batch: int, seed: int, slot: str):
     """A `llama_cpp.Llama` for (file, settings, slot), created once per process.
 
@@ -212,7 +222,7 @@ def _load_llama(path: Path, n_ctx: int, n_threads: int, n_batch: int, seed: int,
             # A Llama holds one KV cache; concurrent calls would corrupt it.
             _LLAMAS[key] = (llama, threading.Lock())
             while len(_LLAMAS) > MAX_CONTEXTS:
-                _LLAMAS.popitem(last=False)
+                _LLAMAS.popitem(last=False)[1][0].close()
         _LLAMAS.move_to_end(key)
         return _LLAMAS[key]
 
