@@ -49,7 +49,8 @@ class StepRecord:
     imagined_image: np.ndarray | None = None
     """(H, 7, 7, 3) decoded imagined views of the chosen sequence, when asked for."""
     real_image: np.ndarray | None = None
-    """(7, 7, 3) the real view the plan started from, when imagined views were asked for."""
+    """(7, 7, 3) the real view the action led to (compare with `imagined_image[0]`), when
+    imagined views were asked for."""
 
 
 @dataclass
@@ -191,7 +192,6 @@ class Agent:
             plan_ms = (time.perf_counter() - t0) * 1e3
             action = int(plan.action[0])
             prev_action = plan.action
-            real_view = obs["image"].copy() if decode else None
             obs, _, terminated, truncated, info = env.step(action)
             step += 1
             events += info["events"]
@@ -207,7 +207,7 @@ class Agent:
                 imagined_reward=plan.reward[0].tolist(), plan_ms=plan_ms,
                 imagined_image=plan.image[0].numpy() if decode and plan.image is not None
                 else None,
-                real_image=real_view,
+                real_image=obs["image"].copy() if decode else None,
             )
             records.append(record)
             if on_step is not None:

@@ -173,7 +173,7 @@ def _agent_episode(agent, env, instruction: str, seed: int, gif: Path, live: boo
         frames.append(caption_frame(strip, [
             f"{instruction} | subgoal: {record.subgoal}",
             f"step {record.step}: {ACTION_NAMES[record.action]} | imagined return "
-            f"{record.imagined_return:.2f} | real | real view | imagined next view",
+            f"{record.imagined_return:.2f} | real | real next view | imagined next view",
         ]))
 
     try:

@@ -112,18 +112,21 @@ def test_warm_start_shifts_the_last_plan(name):
     model = WorldModel(preset("debug")).eval()
     state, h, goal = history(model, 3)
     planner = small_planner(name, uniform_mix=0.2)
-    uniform = torch.full((3, SMALL["horizon"], 7), 1 / 7)
+    # uniform over the allowed actions: "done" (6) is excluded by default
+    uniform = torch.full((3, SMALL["horizon"], 7), 1 / 6)
+    uniform[..., 6] = 0.0
     torch.testing.assert_close(planner.warm.start(3, 7, h.device), uniform)
 
     probs = planner.plan(model, state, h, goal).probs
+    assert (probs[..., 6] == 0).all()
     start = planner.warm.start(3, 7, h.device)
-    torch.testing.assert_close(start[:, :-1], 0.8 * probs[:, 1:] + 0.2 / 7)
+    torch.testing.assert_close(start[:, :-1], 0.8 * probs[:, 1:] + 0.2 * uniform[:, 1:])
     torch.testing.assert_close(start[:, -1], uniform[:, -1])
 
     planner.reset_envs([1])
     start = planner.warm.start(3, 7, h.device)
     torch.testing.assert_close(start[1], uniform[1])
-    torch.testing.assert_close(start[0, :-1], 0.8 * probs[0, 1:] + 0.2 / 7)
+    torch.testing.assert_close(start[0, :-1], 0.8 * probs[0, 1:] + 0.2 * uniform[0, 1:])
     with pytest.raises(ValueError, match="reset"):
         planner.plan(model, *history(model, 2))
     planner.reset()
@@ -287,7 +290,9 @@ def test_mppi_default_prior_is_the_q_head():
     model = WorldModel(preset("debug")).eval()
     state, h, goal = history(model, 2)
     planner = MPPI(MPPIConfig(prior_temperature=0.5))
-    torch.testing.assert_close(planner.proposal(model)(h, goal), model.q(h, goal) / 0.5)
+    expected = model.q(h, goal) / 0.5
+    expected[:, 6] = float("-inf")  # "done" is excluded
+    torch.testing.assert_close(planner.proposal(model)(h, goal), expected)
     assert MPPI(MPPIConfig(q_prior=False)).proposal(model) is None
 
 

@@ -55,6 +55,9 @@ class SearchConfig:
     """Start from the previous call's final distribution shifted by one step (MPC)."""
     uniform_mix: float = 0.2
     """Share of the uniform distribution mixed into a warm start, so no action is ruled out."""
+    excluded: tuple[int, ...] = (6,)
+    """Actions never proposed: minigrid's no-op `done`, which exploration never takes, so the
+    world model has never seen its outcome and its imagined futures would be guesses."""
 
 
 class PolicyPrior(Protocol):
@@ -313,21 +316,29 @@ class WarmStart:
     starts from that, mixed with a share of uniform so no action's probability is zero.
     """
 
-    def __init__(self, horizon: int, uniform_mix: float):
+    def __init__(self, horizon: int, uniform_mix: float, excluded: Sequence[int] = ()):
         self.horizon = horizon
         self.uniform_mix = uniform_mix
+        self.excluded = tuple(excluded)
         self.memory: Tensor | None = None  # (B, H, A) shifted, or None: start uniform
+
+    def uniform(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """Uniform over the allowed actions (the last dim), zero for excluded ones."""
+        probs = torch.ones(shape, device=device)
+        probs[..., list(self.excluded)] = 0.0
+        return probs / probs.sum(-1, keepdim=True)
 
     def reset(self) -> None:
         self.memory = None
 
     def reset_envs(self, envs: Sequence[int] | Tensor) -> None:
         if self.memory is not None:
-            self.memory[torch.as_tensor(envs, dtype=torch.long)] = 1.0 / self.memory.shape[-1]
+            idx = torch.as_tensor(envs, dtype=torch.long)
+            self.memory[idx] = self.uniform(self.memory[idx].shape, self.memory.device)
 
     def start(self, batch: int, n_actions: int, device: torch.device) -> Tensor:
         """The distribution (B, H, A) the next plan starts from."""
-        uniform = torch.full((batch, self.horizon, n_actions), 1.0 / n_actions, device=device)
+        uniform = self.uniform((batch, self.horizon, n_actions), device)
         if self.memory is None:
             return uniform
         if self.memory.shape != uniform.shape:
@@ -339,7 +350,7 @@ class WarmStart:
 
     def remember(self, probs: Tensor) -> None:
         """Store a final distribution (B, H, A), shifted by the step about to be taken."""
-        last = torch.full_like(probs[:, :1], 1.0 / probs.shape[-1])  # (B, 1, A)
+        last = self.uniform(probs[:, :1].shape, probs.device)  # (B, 1, A)
         self.memory = torch.cat([probs[:, 1:], last], dim=1)
 
 

@@ -45,7 +45,7 @@ class CEM(Planner):
         self.cfg = cfg or CEMConfig()
         if not 0 < self.cfg.elites <= self.cfg.candidates:
             raise ValueError(f"need 0 < elites <= candidates, got {self.cfg}")
-        self.warm = WarmStart(self.cfg.horizon, self.cfg.uniform_mix)
+        self.warm = WarmStart(self.cfg.horizon, self.cfg.uniform_mix, self.cfg.excluded)
 
     @torch.no_grad()
     def plan(

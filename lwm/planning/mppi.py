@@ -67,13 +67,20 @@ class MPPI(Planner):
         n_prior = round(self.cfg.prior_share * self.cfg.candidates)
         if not 0 < self.cfg.elites <= self.cfg.candidates or n_prior >= self.cfg.candidates:
             raise ValueError(f"need 0 < elites <= candidates > prior rollouts, got {self.cfg}")
-        self.warm = WarmStart(self.cfg.horizon, self.cfg.uniform_mix)
+        self.warm = WarmStart(self.cfg.horizon, self.cfg.uniform_mix, self.cfg.excluded)
 
     def proposal(self, model: WorldModel) -> PolicyPrior | None:
         """The prior candidates are drawn from: the given one, the Q head's, or none."""
         if self.prior is not None or not self.cfg.q_prior:
             return self.prior
-        return lambda h, goal: model.q(h, goal) / self.cfg.prior_temperature
+        excluded = list(self.cfg.excluded)
+
+        def q_prior(h: Tensor, goal: Tensor) -> Tensor:
+            logits = model.q(h, goal) / self.cfg.prior_temperature
+            logits[..., excluded] = float("-inf")
+            return logits
+
+        return q_prior
 
     def weights(self, objective: Tensor) -> Tensor:
         """Softmax weights (B, E) of elite objectives (B, E) at the temperature."""
