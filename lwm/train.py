@@ -222,19 +222,16 @@ class Trainer:
             self.opt.load_state_dict(_unflatten_optimizer(load_file(str(opt_file)), layout))
 
     def _log(self, metrics: dict[str, float]) -> None:
+        """Scalars to tensorboard (tb/) and, one JSON line per call, to metrics.jsonl."""
         if self._writer is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional: scalars still go to metrics.jsonl
-                self._writer = False
-            else:
-                self._writer = SummaryWriter(str(self.dir / "tb"))
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.dir / "tb"))
         step = self.state["updates"]
-        if self._writer:
-            for k, v in metrics.items():
-                self._writer.add_scalar(f"train/{k}", v, step)
-            self._writer.add_scalar("data/episodes", len(self.store), step)
-            self._writer.flush()
+        for k, v in metrics.items():
+            self._writer.add_scalar(f"train/{k}", v, step)
+        self._writer.add_scalar("data/episodes", len(self.store), step)
+        self._writer.flush()
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"updates": step, "episodes": len(self.store), **metrics}) + "\n")
 

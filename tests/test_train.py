@@ -54,6 +54,7 @@ def test_trainer_runs_saves_and_refuses_a_different_setup(tmp_path):
     assert state["updates"] == 6 and state["iterations"] == 2
     assert len(list((tmp_path / "episodes").glob("*.npz"))) == 12
     assert (tmp_path / "model" / "model.safetensors").exists()
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[-1])["episodes"] == 12
     with pytest.raises(CheckpointError, match="backbone: run has 'mamba2', asked for 'gru'"):
