@@ -30,26 +30,15 @@ from lwm.models.metrics import auroc, open_loop_accuracy, reward_scores
 from lwm.models.world_model import WorldModel
 from lwm.report import machine_info, write_json
 from lwm.tasks import load_suite
-from lwm.train import EXPLORATION_PROBS
+from lwm.train import explore_episode
 
 STARTS = (0, 8, 16, 24)
 HORIZONS = (1, 5, 15)
 
 
 def collect(suite, n: int, seed: int) -> list:
-    env = suite.make_env()
-    rng = np.random.default_rng(seed)
-    recorder = EpisodeRecorder()
-    episodes = []
-    for s in suite.seeds_for(None, n, evaluation=True):
-        obs, info = env.reset(seed=s)
-        recorder.reset(obs, info)
-        ep = None
-        while ep is None:
-            a = int(rng.choice(len(EXPLORATION_PROBS), p=EXPLORATION_PROBS))
-            ep = recorder.step(a, *env.step(a))
-        episodes.append(ep)
-    return episodes
+    env, rng, recorder = suite.make_env(), np.random.default_rng(seed), EpisodeRecorder()
+    return [explore_episode(env, s, rng, recorder) for s in suite.seeds_for(None, n)]
 
 
 def evaluate(model: WorldModel, episodes: list, suite, goal_texts, goal_table) -> dict:

@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lwm import resources
-from lwm.goals import COLORS, OBJECT_TYPES, VERBS, Goal, ObjRef
+from lwm.goals import COLORS, OBJECT_TYPES, VERBS, Goal, ObjRef, parse_goal
 
 Split = Literal["train", "held_out"]
 
@@ -136,8 +136,6 @@ class TaskSuite(_Strict):
 
     def split_of_goal(self, goal: Goal | str) -> Split:
         """'held_out' when any object the goal names is a held-out combination."""
-        from lwm.goals import parse_goal
-
         goal = parse_goal(goal) if isinstance(goal, str) else goal
         objs = [goal.obj] if goal.target is None else [goal.obj, goal.target]
         held = any(self.split_of_object(o) == "held_out" for o in objs)

@@ -36,11 +36,23 @@ from lwm.goals import all_concrete_goals
 from lwm.models.world_model import CheckpointError, WorldModel, WorldModelConfig, preset
 from lwm.tasks import TaskSuite, load_suite
 
-__all__ = ["TrainConfig", "Trainer", "EXPLORATION_PROBS"]
+__all__ = ["EXPLORATION_PROBS", "TrainConfig", "Trainer", "explore_episode"]
 
 EXPLORATION_PROBS = np.array([0.2, 0.2, 0.4, 0.08, 0.06, 0.06, 0.0])
 """Exploration policy over minigrid's actions (left, right, forward, pickup, drop, toggle, done):
 mostly moving, never the no-op `done`."""
+
+
+def explore_episode(env, seed: int, rng: np.random.Generator, recorder: EpisodeRecorder,
+                    meta: dict[str, Any] | None = None):
+    """One episode of the exploration policy from `env.reset(seed)`, recorded -> `Episode`."""
+    obs, info = env.reset(seed=seed)
+    recorder.reset(obs, info, meta=meta)
+    episode = None
+    while episode is None:
+        action = int(rng.choice(len(EXPLORATION_PROBS), p=EXPLORATION_PROBS))
+        episode = recorder.step(action, *env.step(action))
+    return episode
 
 
 class Trainer:
@@ -116,16 +128,10 @@ class Trainer:
         # Continue after the newest stored episode's seed, so episodes a killed run stored after
         # its last checkpoint are not collected twice.
         start = self.store[len(self.store) - 1].meta["seed"] + 1 if len(self.store) else None
-        seeds = self.suite.iter_seeds("train", evaluation=False, start=start)
+        seeds = self.suite.iter_seeds("train", evaluation=False, env=env, start=start)
         for _ in range(n):
             seed = next(seeds)
-            obs, info = env.reset(seed=seed)
-            recorder.reset(obs, info, meta={"seed": seed})
-            episode = None
-            while episode is None:
-                action = int(self.rng.choice(len(EXPLORATION_PROBS), p=EXPLORATION_PROBS))
-                episode = recorder.step(action, *env.step(action))
-            self.store.append(episode)
+            self.store.append(explore_episode(env, seed, self.rng, recorder, {"seed": seed}))
 
     def fit(self, updates: int) -> dict[str, float]:
         """`updates` gradient steps on windows from the store; returns mean metrics."""
