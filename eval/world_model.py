@@ -90,7 +90,8 @@ def evaluate(model: WorldModel, episodes: list, suite, goal_texts, goal_table) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories of `lwm train`")
+    parser.add_argument("runs", nargs="+", type=Path,
+                        help="run directories of `lwm train`, or model directories")
     parser.add_argument("--suite", default="babyai-goto")
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in cols:
         table.add_column(c)
     for run in args.runs:
-        model = WorldModel.from_pretrained(run / "model")
+        model = WorldModel.from_pretrained(run / "model" if (run / "model").is_dir() else run)
         figures = evaluate(model, episodes, suite, goal_texts, goal_table)
         figures["backbone"] = model.cfg.backbone
         results[str(run)] = figures
