@@ -1,0 +1,1 @@
+"""Baselines that share lwm's envs, goal vocabulary and goal embeddings, for fair comparison."""
