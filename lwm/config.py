@@ -102,3 +102,14 @@ class TrainConfig:
     """torch threads (two 1-thread jobs use 2 cores better than one 2-thread job)."""
     updates_after_collection: int = 0
     """Extra gradient updates once all episodes are collected."""
+    warmup_episodes: int = 200
+    """Episodes collected by the exploration policy alone before the model's own policy joins."""
+    policy_share: float = 0.8
+    """After warm-up, the share of each iteration's episodes collected by the model's
+    epsilon-greedy Q policy on the episode's mission (the rest: exploration policy)."""
+    epsilon_min: float = 0.03
+    """Smallest per-episode epsilon of the Q policy (drawn log-uniformly per episode)."""
+    epsilon_max: float = 0.5
+    """Largest per-episode epsilon of the Q policy."""
+    policy_envs: int = 16
+    """Envs stepped in lockstep (one batched model call per step) when the Q policy collects."""

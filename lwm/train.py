@@ -121,17 +121,103 @@ class Trainer:
         return iters * cfg.updates_per_iter + cfg.updates_after_collection
 
     def collect(self, n: int) -> None:
-        """Collect `n` episodes with the exploration policy on training seeds."""
+        """Collect `n` episodes on training seeds: the exploration policy during warm-up, then a
+        `policy_share` of them with the model's own epsilon-greedy Q policy on the mission."""
         env = self.suite.make_env()
-        recorder = EpisodeRecorder(meta={"suite": self.suite.name, "env_id": self.suite.env_id,
-                                         "policy": "explore"})
         # Continue after the newest stored episode's seed, so episodes a killed run stored after
         # its last checkpoint are not collected twice.
         start = self.store[len(self.store) - 1].meta["seed"] + 1 if len(self.store) else None
         seeds = self.suite.iter_seeds("train", evaluation=False, env=env, start=start)
-        for _ in range(n):
+        cfg = self.cfg
+        n_policy = 0
+        if len(self.store) >= cfg.warmup_episodes:
+            n_policy = int(round(n * cfg.policy_share))
+        policy_seeds = [next(seeds) for _ in range(n_policy)]
+        if policy_seeds:
+            for episode in self.policy_episodes(policy_seeds):
+                self.store.append(episode)
+        recorder = EpisodeRecorder(meta={"suite": self.suite.name, "env_id": self.suite.env_id,
+                                         "policy": "explore"})
+        for _ in range(n - n_policy):
             seed = next(seeds)
             self.store.append(explore_episode(env, seed, self.rng, recorder, {"seed": seed}))
+
+    @torch.no_grad()
+    def policy_episodes(self, seeds: list[int]) -> list:
+        """Episodes of the model's epsilon-greedy Q policy on each seed's own mission, stepped
+        in lockstep batches of `policy_envs` envs (one batched model call per step). Each
+        episode draws its epsilon log-uniformly from [epsilon_min, epsilon_max] (Ape-X style:
+        some episodes mostly exploit, some mostly explore); a random step samples the
+        exploration policy."""
+        from lwm.envs.language import goal_achieved, instr_goals
+
+        cfg, model = self.cfg, self.model
+        model.eval()
+        episodes = []
+        width = max(1, min(cfg.policy_envs, len(seeds)))
+        envs = [self.suite.make_env() for _ in range(width)]
+        for lo in range(0, len(seeds), width):
+            wave = seeds[lo : lo + width]
+            recs, pending, obs_list, eps = [], [], [], []
+            for env, seed in zip(envs, wave, strict=False):
+                obs, info = env.reset(seed=seed)
+                rec = EpisodeRecorder(meta={"suite": self.suite.name, "env_id": self.suite.env_id,
+                                            "policy": "q-epsilon-greedy"})
+                e = float(np.exp(self.rng.uniform(np.log(cfg.epsilon_min),
+                                                  np.log(cfg.epsilon_max))))
+                rec.reset(obs, info, meta={"seed": seed, "epsilon": e})
+                recs.append(rec)
+                pending.append(instr_goals(env.unwrapped.instrs))
+                obs_list.append(obs)
+                eps.append(e)
+            b = len(wave)
+            state = model.init_state(b)
+            prev = torch.full((b,), model.START)
+            done = [False] * b
+            while not all(done):
+                image = torch.from_numpy(np.stack([o["image"] for o in obs_list]))
+                direction = torch.tensor([int(o["direction"]) for o in obs_list])
+                carrying = torch.from_numpy(np.stack([np.asarray(o["carrying"])
+                                                      for o in obs_list]))
+                h, state = model.next(state, model.encode(image, direction, carrying), prev)
+                goals = torch.stack([self._goal_embedding(p[0].text) for p in pending])
+                q = model.q(h, goals)  # (b, A)
+                q[:, EXPLORATION_PROBS == 0] = float("-inf")
+                greedy = q.argmax(-1).tolist()
+                actions = []
+                for i in range(b):
+                    if self.rng.random() < eps[i]:
+                        actions.append(int(self.rng.choice(len(EXPLORATION_PROBS),
+                                                           p=EXPLORATION_PROBS)))
+                    else:
+                        actions.append(greedy[i])
+                for i in range(b):
+                    if done[i]:
+                        continue
+                    step = envs[i].step(actions[i])
+                    obs_list[i] = step[0]
+                    info = step[-1]
+                    if len(pending[i]) > 1 and goal_achieved(pending[i][0], info):
+                        pending[i] = pending[i][1:]  # on to the mission's next subgoal
+                    episode = recs[i].step(actions[i], *step)
+                    if episode is not None:
+                        episodes.append(episode)
+                        done[i] = True
+                prev = torch.tensor(actions)
+        model.train()
+        return episodes
+
+    def _goal_embedding(self, text: str) -> torch.Tensor:
+        """The embedding of a goal text: its row of the goal table, else encoded (and cached)."""
+        if text in self.vocab.index:
+            return self.goal_table[self.vocab.index[text]]
+        if not hasattr(self, "_extra_goals"):
+            self._extra_goals: dict[str, torch.Tensor] = {}
+        if text not in self._extra_goals:
+            from lwm.language.embed import GoalEncoder
+
+            self._extra_goals[text] = GoalEncoder().encode(text, as_torch=True)
+        return self._extra_goals[text]
 
     def fit(self, updates: int) -> dict[str, float]:
         """`updates` gradient steps on windows from the store; returns mean metrics."""

@@ -99,3 +99,36 @@ def test_resume_after_kill_loses_nothing_on_disk(tmp_path):
     # training seeds continue where the killed run stopped: no episode is collected twice
     seeds = [resumed.store[i].meta["seed"] for i in range(len(resumed.store))]
     assert len(seeds) == len(set(seeds))
+
+
+def test_policy_collection_after_warmup(tmp_path):
+    # warm-up: the first 6 episodes explore; then 4 of every 6 come from the Q policy
+    cfg = TrainConfig(episodes=12, warmup_episodes=6, policy_share=0.67, policy_envs=3, **DEBUG)
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    trainer.run()
+    metas = [trainer.store[i].meta for i in range(len(trainer.store))]
+    policies = [m["policy"] for m in metas]
+    assert policies[:6] == ["explore"] * 6
+    assert policies[6:].count("q-epsilon-greedy") == 4 and policies[6:].count("explore") == 2
+    seeds = [m["seed"] for m in metas]
+    assert len(set(seeds)) == 12  # no training seed is collected twice
+    for m in metas:
+        if m["policy"] == "q-epsilon-greedy":
+            assert cfg.epsilon_min <= m["epsilon"] <= cfg.epsilon_max
+    # every episode ends on termination or the step limit, and its mission's split is "train"
+    env = trainer.suite.make_env()
+    for i in range(len(trainer.store)):
+        ep = trainer.store[i]
+        assert ep.num_steps <= trainer.suite.max_steps
+        env.reset(seed=ep.meta["seed"])
+        assert trainer.suite.split_of_episode(env) == "train"
+
+
+def test_policy_episodes_follow_the_greedy_q_policy_without_exploration(tmp_path):
+    cfg = TrainConfig(episodes=0, epsilon_min=1e-9, epsilon_max=1e-9, **DEBUG)
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    seeds = trainer.suite.seeds_for("train", 2, evaluation=False)
+    a = trainer.policy_episodes(seeds)
+    b = trainer.policy_episodes(seeds)  # batched (2 envs) and greedy: deterministic
+    assert [e.action.tolist() for e in a] == [e.action.tolist() for e in b]
+    assert all(6 not in e.action.tolist() for e in a)  # never "done"

@@ -78,6 +78,8 @@ class WorldModelConfig:
     """gamma of Q: the value of achieving a goal k steps from now is gamma**k."""
     target_ema: float = 0.98
     """Polyak factor of the target Q head used for TD targets."""
+    double_q: bool = True
+    """Double DQN targets: the online Q head picks the next action, the target head values it."""
 
     @property
     def d_model(self) -> int:
@@ -342,12 +344,20 @@ class WorldModel(nn.Module):
 
         # TD: Q(h_t, a_t, g) <- r + gamma (1 - r) alive max_a' Q_target(h_{t+1}, a', g); padded
         # steps are masked, and h_{t+1} of the window's last step exists (L+1 observations).
+        # Double DQN: the online head picks the next action, the target head values it, which
+        # keeps the max over noisy estimates from inflating every value towards 1.
+        psi_q = psi["q"][goals]  # (B, L, G, k + A)
+        h_next = h_all[:, 1:].detach()
         with torch.no_grad():
-            psi_target = self.q_target.goal_features(goal_table)[goals]  # (B, L, G, k + A)
-            next_q = self.q_target.pairwise(h_all[:, 1:].detach(), psi_target)  # (B, L, G, A)
-            bootstrap = torch.sigmoid(next_q).amax(-1)  # (B, L, G)
+            psi_target = self.q_target.goal_features(goal_table)[goals]
+            next_q = self.q_target.pairwise(h_next, psi_target)  # (B, L, G, A)
+            if cfg.double_q:
+                best = self.q_head.pairwise(h_next, psi_q).argmax(-1, keepdim=True)
+                bootstrap = torch.sigmoid(next_q.gather(-1, best))[..., 0]  # (B, L, G)
+            else:
+                bootstrap = torch.sigmoid(next_q).amax(-1)
             y = r_target + cfg.discount * (1 - r_target) * alive[..., None] * bootstrap
-        q_all = self.q_head.pairwise(h, psi["q"][goals])  # (B, L, G, A)
+        q_all = self.q_head.pairwise(h, psi_q)  # (B, L, G, A)
         q_taken = q_all.gather(-1, action[:, :, None, None].expand(*goals.shape, 1))[..., 0]
         q_loss = (F.binary_cross_entropy_with_logits(q_taken, y, reduction="none")
                   * gmask).sum() / gdenom
