@@ -47,6 +47,8 @@ VIEW = 7
 N_CELLS = VIEW * VIEW
 CELL_LOGITS = N_TYPES + N_COLORS + N_STATES
 OBS_LOGITS = N_CELLS * CELL_LOGITS + N_DIRECTIONS + N_TYPES + N_COLORS
+MAP_CELLS = N_CELLS + 1
+"""Cells a goal-match map scores: the 7x7 view and the carried object."""
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "lwm-world-model"
@@ -80,6 +82,8 @@ class WorldModelConfig:
     """Polyak factor of the target Q head used for TD targets."""
     double_q: bool = True
     """Double DQN targets: the online Q head picks the next action, the target head values it."""
+    goal_maps: int = 0
+    """Goal-match maps of the reward and Q heads (0: two-stream heads on the history alone)."""
 
     @property
     def d_model(self) -> int:
@@ -109,13 +113,15 @@ PRESETS: dict[str, WorldModelConfig] = {
         ),
         cell_dim=4,
         hidden=64,
+        goal_maps=2,
     ),
-    "small": WorldModelConfig(),
+    "small": WorldModelConfig(goal_maps=8),
     "base": WorldModelConfig(
         backbone_cfg=BackboneConfig(d_model=256, n_layers=4, headdim=64, n_heads=8),
         cell_dim=32,
         hidden=512,
         ensemble=4,
+        goal_maps=8,
     ),
 }
 """Named sizes: `debug` shrinks everything (tests use it), `small` is the CPU default."""
@@ -131,15 +137,26 @@ def preset(name: str, **overrides: Any) -> WorldModelConfig:
 
 
 class _GoalHead(nn.Module):
-    """n_out logits(h, g) = <phi_i(h), psi(g)> / sqrt(k) + bias_i(g): a two-stream (UVFA) head.
+    """n_out logits(h, g) = <phi_i(h), psi(g)> / sqrt(k) + bias_i(g): a two-stream (UVFA) head,
+    plus, with `maps` > 0, goal-match maps of the current view.
 
     The goal stream depends on the goal alone, so a batch scores many goals per state at the
     cost of one dot product each: compute `goal_features` of a goal table once and pass `psi`.
+
+    Goal-match maps: the goal also gives `maps` query vectors (and biases); every cell of the
+    current view, and the carried object, is scored against each query (a dot product of its
+    cell embedding with the query), and an MLP reads the maps together with the history. "Go to
+    the red ball" is an AND of colour and type at one cell, which a product of goal and cell
+    features states directly, while the two-stream part has to find it in a d-wide history that
+    holds every object at once. The cell embeddings ride along in h (see `WorldModel.encode`), so
+    the head needs nothing but h, and the maps of G goals share one set of cell embeddings.
     """
 
-    def __init__(self, d: int, goal_dim: int, hidden: int, n_out: int = 1):
+    def __init__(self, d: int, goal_dim: int, hidden: int, n_out: int = 1, maps: int = 0,
+                 cell_dim: int = 0, map_hidden: int = 64):
         super().__init__()
-        self.hidden, self.n_out = hidden, n_out
+        self.d, self.hidden, self.n_out = d, hidden, n_out
+        self.maps, self.cell_dim = maps, cell_dim
         self.state_mlp = nn.Sequential(
             nn.Linear(d, hidden), nn.SiLU(), nn.Linear(hidden, hidden * n_out)
         )
@@ -150,25 +167,49 @@ class _GoalHead(nn.Module):
         # unlearn an optimistic start goal by goal.
         with torch.no_grad():
             self.goal_mlp[-1].bias[hidden:] = -3.0
+        if maps:
+            self.query = nn.Linear(goal_dim, maps * (cell_dim + 1))
+            self.read = nn.Linear(MAP_CELLS * maps, map_hidden)
+            self.history = nn.Linear(d, map_hidden)
+            self.map_out = nn.Sequential(nn.SiLU(), nn.Linear(map_hidden, n_out))
 
     def goal_features(self, g: Tensor) -> Tensor:
-        """g (..., goal_dim) -> psi (..., k + n_out): the goal stream plus per-output biases."""
-        return self.goal_mlp(g)
+        """g (..., goal_dim) -> psi (..., k + n_out [+ maps * (cell_dim + 1)]): the goal stream,
+        per-output biases and the map queries."""
+        psi = self.goal_mlp(g)
+        return torch.cat([psi, self.query(g)], dim=-1) if self.maps else psi
 
     def forward(self, h: Tensor, g: Tensor | None = None, psi: Tensor | None = None) -> Tensor:
-        """h (..., d) and g (..., goal_dim) or psi (..., k + n_out), broadcastable ->
-        logits (..., n_out)."""
+        """h (..., D) and g (..., goal_dim) or psi (..., P), broadcastable -> logits (..., n_out).
+        """
         psi = self.goal_features(g) if psi is None else psi
-        phi = self.state_mlp(h).unflatten(-1, (self.n_out, self.hidden))  # (..., n_out, k)
-        dot = (phi * psi[..., None, : self.hidden]).sum(-1)  # (..., n_out)
-        return dot / math.sqrt(self.hidden) + psi[..., self.hidden :]
+        k, n = self.hidden, self.n_out
+        phi = self.state_mlp(h[..., : self.d]).unflatten(-1, (n, k))  # (..., n_out, k)
+        dot = (phi * psi[..., None, :k]).sum(-1)  # (..., n_out)
+        out = dot / math.sqrt(k) + psi[..., k : k + n]
+        if self.maps:
+            cells = h[..., self.d :].unflatten(-1, (MAP_CELLS, self.cell_dim))  # (..., C, e)
+            query = psi[..., k + n :].unflatten(-1, (self.maps, self.cell_dim + 1))
+            match = cells @ query[..., :-1].transpose(-1, -2) + query[..., None, :, -1]
+            out = out + self.map_out(self.read(match.flatten(-2))
+                                     + self.history(h[..., : self.d]))
+        return out
 
     def pairwise(self, h: Tensor, psi: Tensor) -> Tensor:
-        """Every state against its own set of goals: h (B, L, d), psi (B, L, G, k + n_out) ->
-        logits (B, L, G, n_out), as one batched matmul (no (B, L, G, n_out, k) intermediate)."""
-        phi = self.state_mlp(h).unflatten(-1, (self.n_out, self.hidden))  # (B, L, n_out, k)
-        dot = torch.einsum("blnk,blgk->blgn", phi, psi[..., : self.hidden])
-        return dot / math.sqrt(self.hidden) + psi[..., self.hidden :]
+        """Every state against its own set of goals: h (B, L, D), psi (B, L, G, P) -> logits
+        (B, L, G, n_out), without a (B, L, G, n_out, k) intermediate."""
+        k, n = self.hidden, self.n_out
+        phi = self.state_mlp(h[..., : self.d]).unflatten(-1, (n, k))  # (B, L, n_out, k)
+        dot = torch.einsum("blnk,blgk->blgn", phi, psi[..., :k])
+        out = dot / math.sqrt(k) + psi[..., k : k + n]
+        if self.maps:
+            cells = h[..., self.d :].unflatten(-1, (MAP_CELLS, self.cell_dim))  # (B, L, C, e)
+            query = psi[..., k + n :].unflatten(-1, (self.maps, self.cell_dim + 1))
+            match = (cells[:, :, None] @ query[..., :-1].transpose(-1, -2)
+                     + query[..., None, :, -1])  # (B, L, G, C, maps)
+            out = out + self.map_out(self.read(match.flatten(-2))
+                                     + self.history(h[..., : self.d])[:, :, None])
+        return out
 
 
 class WorldModel(nn.Module):
@@ -196,8 +237,9 @@ class WorldModel(nn.Module):
             nn.Sequential(nn.Linear(d, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, OBS_LOGITS))
             for _ in range(cfg.ensemble)
         )
-        self.reward_head = _GoalHead(d, cfg.goal_dim, cfg.hidden)
-        self.q_head = _GoalHead(d, cfg.goal_dim, cfg.hidden, n_out=cfg.n_actions)
+        maps = dict(maps=cfg.goal_maps, cell_dim=cfg.cell_dim)
+        self.reward_head = _GoalHead(d, cfg.goal_dim, cfg.hidden, **maps)
+        self.q_head = _GoalHead(d, cfg.goal_dim, cfg.hidden, n_out=cfg.n_actions, **maps)
         self.cont_head = nn.Sequential(
             nn.Linear(d, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, 1)
         )
@@ -210,8 +252,15 @@ class WorldModel(nn.Module):
 
     # ------------------------------------------------------------------ the math
 
+    @property
+    def latent_dim(self) -> int:
+        """Width of z and h: d, plus the cell embeddings the goal-match maps read."""
+        return self.cfg.d_model + (MAP_CELLS * self.cfg.cell_dim if self.cfg.goal_maps else 0)
+
     def encode(self, image: Tensor, direction: Tensor, carrying: Tensor) -> Tensor:
-        """image (..., 7, 7, 3), direction (...), carrying (..., 2) -> z (..., d)."""
+        """image (..., 7, 7, 3), direction (...), carrying (..., 2) -> z (..., latent_dim): the
+        d-wide observation latent, followed (with goal maps) by the embeddings of the 49 cells
+        and the carried object, which `next` passes on into h for the goal heads."""
         image = image.long()
         cells = (
             self.type_emb(image[..., 0]) + self.color_emb(image[..., 1])
@@ -221,15 +270,25 @@ class WorldModel(nn.Module):
         z = z + self.dir_emb(direction.long())
         z = z + self.carry_type_emb(carrying[..., 0].long())
         z = z + self.carry_color_emb(carrying[..., 1].long())
-        return self.z_norm(F.silu(z))
+        z = self.z_norm(F.silu(z))
+        if not self.cfg.goal_maps:
+            return z
+        carried = self.type_emb(carrying[..., 0].long()) + self.color_emb(carrying[..., 1].long())
+        return torch.cat([z, cells.flatten(-3), carried], dim=-1)
 
     def token(self, z: Tensor, prev_action: Tensor) -> Tensor:
-        """The backbone input for latent z (..., d) and the action (...) that led to it."""
-        return z + self.prev_action_emb(prev_action.long())
+        """The backbone input for latent z (..., latent_dim) and the action (...) that led to
+        it."""
+        return z[..., : self.cfg.d_model] + self.prev_action_emb(prev_action.long())
+
+    def _history(self, y: Tensor, z: Tensor) -> Tensor:
+        """Backbone output y (..., d) -> h: with goal maps, the current cells ride along."""
+        return torch.cat([y, z[..., self.cfg.d_model :]], dim=-1) if self.cfg.goal_maps else y
 
     def sequence(self, z: Tensor, prev_action: Tensor) -> Tensor:
-        """Teacher-forced pass: z (B, T, d), prev_action (B, T) -> h (B, T, d)."""
-        return self.backbone(self.token(z, prev_action))
+        """Teacher-forced pass: z (B, T, latent_dim), prev_action (B, T) -> h (B, T,
+        latent_dim)."""
+        return self._history(self.backbone(self.token(z, prev_action)), z)
 
     def init_state(self, batch: int) -> BatchState:
         """The backbone state before the first observation."""
@@ -241,17 +300,24 @@ class WorldModel(nn.Module):
 
         The state may be updated in place (see `Backbone.step`): clone one you want to keep.
         """
-        return self.backbone.step(state, self.token(z, prev_action))
+        y, state = self.backbone.step(state, self.token(z, prev_action))
+        return self._history(y, z), state
 
     def with_action(self, h: Tensor, action: Tensor) -> Tensor:
-        """h (..., d) and the action about to be taken (...) -> the features of the pair."""
-        return h + self.action_emb(action.long())
+        """h (..., latent_dim) and the action about to be taken (...) -> the features of the
+        pair (the action is added to the d-wide history; cell embeddings pass unchanged)."""
+        a = self.action_emb(action.long())
+        d = self.cfg.d_model
+        if h.shape[-1] == d:
+            return h + a
+        core = h[..., :d] + a
+        return torch.cat([core, h[..., d:].expand(*core.shape[:-1], -1)], dim=-1)
 
     def decode(self, h: Tensor, action: Tensor, head: int = 0) -> dict[str, Tensor]:
         """h (..., d), action (...) -> logits of the next observation: cells (..., 7, 7, 20)
         split into type (11), colour (6), state (3); direction (..., 4); carried type (..., 11)
         and colour (..., 6)."""
-        out = self.decoders[head](self.with_action(h, action))
+        out = self.decoders[head](self.with_action(h[..., : self.cfg.d_model], action))
         cells = out[..., : N_CELLS * CELL_LOGITS].unflatten(-1, (VIEW, VIEW, CELL_LOGITS))
         rest = out[..., N_CELLS * CELL_LOGITS :]
         return {
@@ -288,7 +354,7 @@ class WorldModel(nn.Module):
 
     def cont(self, h: Tensor, action: Tensor) -> Tensor:
         """h (..., d), action (...) -> logit that the episode goes on after the next observation."""
-        return self.cont_head(self.with_action(h, action)).squeeze(-1)
+        return self.cont_head(self.with_action(h[..., : self.cfg.d_model], action)).squeeze(-1)
 
     # ------------------------------------------------------------------ training
 
