@@ -12,7 +12,6 @@ action and imagined transitions per second.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -23,19 +22,10 @@ from rich.table import Table
 
 from lwm.agent import Agent
 from lwm.envs.language import instr_goals
+from lwm.eval.report import wilson
 from lwm.planning import PLANNERS
 from lwm.report import machine_info, write_json
 from lwm.tasks import load_suite
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a success rate."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
 
 
 def main(argv: list[str] | None = None) -> int:

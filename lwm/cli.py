@@ -277,9 +277,119 @@ def plan(
 
 
 @app.command(name="eval")
-def evaluate() -> None:
-    """Evaluate an agent on a task suite and write a report."""
-    _not_available("eval", 6)
+def evaluate(
+    suite: str = typer.Option(..., help="task suite (`lwm suites`) or a YAML file"),
+    agents: str = typer.Option(
+        "lwm,bot,random", help="comma-separated agents: random, bot, lwm, lwm-grammar, "
+        "lwm-no-critic, llm-only"),
+    episodes: int = typer.Option(200, min=1, help="episodes per agent (the same for all)"),
+    out: Path | None = typer.Option(None, help="report directory (default reports/<suite>)"),
+    checkpoint: str | None = typer.Option(
+        None, help="world model of the lwm agents: a run or model directory (default: the "
+        "checkpoint lwm ships for the suite)"),
+    llm: str = typer.Option(
+        "local", help="LLM of the lwm and llm-only agents: 'local', a provider string, or "
+        "'grammar' (lwm with BabyAI's grammar parser)"),
+    planner: str = typer.Option("cem", help="planner of the lwm agents: cem, mppi or greedy"),
+    candidates: int | None = typer.Option(None, min=1, help="override the planner's K"),
+    iterations: int | None = typer.Option(None, min=1, help="override the planner's rounds"),
+    horizon: int | None = typer.Option(None, min=1, help="override the planner's H"),
+    workers: int = typer.Option(1, min=1, help="parallel workers (more than 1: Ray)"),
+    ray_address: str | None = typer.Option(None, help="Ray cluster to run on ('auto', ...)"),
+    seed: int = typer.Option(0, help="seed of the agents' own randomness"),
+    paraphrase_share: float = typer.Option(
+        0.5, min=0.0, max=1.0, help="share of episodes that get a paraphrase of the mission"),
+    max_steps: int | None = typer.Option(
+        None, min=1, help="cap every episode's step limit (default: BabyAI's for the mission)"),
+    json_path: Path | None = typer.Option(None, "--json", help="also write report.json here"),
+) -> None:
+    """Run agents on the same evaluation episodes of a task suite and write a report: summary.md,
+    report.json and PNG plots (success with 95 % intervals, held-out vs trained combinations,
+    paraphrases vs grammar missions)."""
+    import json
+    import time
+
+    from lwm.eval.collect import make_collector
+    from lwm.eval.episodes import EpisodeOutcome, episodes_for
+    from lwm.eval.report import summarize, write_report
+    from lwm.eval.runners import RUNNERS, make_runner, runner_options
+    from lwm.resources import checkpoint as shipped_checkpoint
+    from lwm.tasks import TaskSpecError, load_suite
+
+    def fail(message: str) -> None:
+        console.print(f"[red]error[/red]: {message}")
+        raise typer.Exit(code=2)
+
+    try:
+        s = load_suite(suite)
+    except TaskSpecError as err:
+        fail(str(err))
+    names = [a.strip() for a in agents.split(",") if a.strip()]
+    unknown = [a for a in names if a not in RUNNERS]
+    if not names or unknown:
+        fail(f"unknown agent(s) {unknown or agents!r}; choose from {', '.join(RUNNERS)}")
+    if len(set(names)) < len(names):
+        fail(f"an agent is named twice in {agents!r}")
+    if "llm-only" in names and llm == "grammar":
+        fail("the llm-only agent needs an LLM: pass --llm local (or a provider string)")
+
+    shared: dict[str, Any] = {"llm": llm, "seed": seed, "planner": planner}
+    overrides = {k: v for k, v in (("candidates", candidates), ("iterations", iterations),
+                                   ("horizon", horizon)) if v is not None}
+    if overrides:
+        shared["planner_cfg"] = overrides
+    if any("checkpoint" in runner_options(a) for a in names):
+        path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint(s.name)
+        if path is None:
+            fail(f"lwm ships no checkpoint for suite {s.name!r}: pass --checkpoint (train one "
+                 f"with `lwm train --suite {s.name}`)")
+        if not ((path / "config.json").is_file() or (path / "model" / "config.json").is_file()):
+            fail(f"no world model at {path} (expected config.json there or in {path}/model)")
+        shared["checkpoint"] = str(path)
+    runners = {}
+    for a in names:
+        opts = {k: v for k, v in shared.items() if k in runner_options(a)}
+        runners[a] = make_runner(a, **opts)
+
+    items = episodes_for(s, episodes, paraphrase_share=paraphrase_share, max_steps=max_steps)
+    outcomes = []
+    t0 = time.perf_counter()
+    with make_collector(workers, ray_address) as collector:
+        for a, runner in runners.items():
+            outcomes += [o if isinstance(o, EpisodeOutcome) else EpisodeOutcome.from_dict(o)
+                         for o in collector.map(runner, items, progress=a)]
+    summary = summarize(outcomes)
+
+    table = Table(title=f"{s.name}: success % of {len(items)} evaluation episodes per agent")
+    for col in ("agent", "success [95% CI]", "trained", "held-out", "grammar", "paraphrase",
+                "steps", "LLM/ep", "ms/act", "errors"):
+        table.add_column(col)
+
+    def pct(rate: dict) -> str:
+        return "-" if rate["success"] is None else f"{100 * rate['success']:.0f}"
+
+    for a, row in summary.items():
+        lo, hi = row["ci95"]
+        ms = "-" if row["plan_ms_per_action"] is None else f"{row['plan_ms_per_action']:.0f}"
+        table.add_row(a, f"{100 * row['success']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]",
+                      pct(row["by_split"]["train"]), pct(row["by_split"]["held_out"]),
+                      pct(row["by_kind"]["grammar"]), pct(row["by_kind"]["paraphrase"]),
+                      f"{row['mean_steps']:.1f}", f"{row['llm_calls_per_episode']:.1f}", ms,
+                      str(row["errors"]))
+    console.print(table)
+
+    out = out or Path("reports") / s.name
+    meta = {"suite": s.name, "env_id": s.env_id, "agents": names, "episodes": len(items),
+            "first_seed": items[0].seed, "seed": seed, "paraphrase_share": paraphrase_share,
+            "max_steps": max_steps, "checkpoint": shared.get("checkpoint"), "llm": llm,
+            "planner": planner, "planner_cfg": overrides, "workers": workers,
+            "ray_address": ray_address, "wall_s": time.perf_counter() - t0}
+    paths = write_report(out, summary, outcomes, meta)
+    if json_path is not None:
+        from lwm.report import write_json
+
+        write_json(json_path, json.loads(paths["json"].read_text()))
+    console.print(f"report: {paths['summary']} ({', '.join(p.name for p in paths.values())})")
 
 
 if __name__ == "__main__":

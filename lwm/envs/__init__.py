@@ -22,7 +22,7 @@ from lwm.envs.language import (
     LanguageWrapper,
     goal_achieved,
 )
-from lwm.envs.levels import PickupThenGoToLocal
+from lwm.envs.levels import MixedLocal, PickupThenGoToLocal
 
 __all__ = [
     "ACTION_NAMES",
@@ -30,6 +30,7 @@ __all__ = [
     "NOTHING_CARRIED",
     "OBJECT_TO_IDX",
     "LanguageWrapper",
+    "MixedLocal",
     "PickupThenGoToLocal",
     "goal_achieved",
     "make_env",
@@ -38,6 +39,7 @@ __all__ = [
 
 LWM_LEVELS: dict[str, str] = {
     "BabyAI-PickupThenGoToLocal-v0": "lwm.envs.levels:PickupThenGoToLocal",
+    "BabyAI-MixedLocal-v0": "lwm.envs.levels:MixedLocal",
 }
 """lwm's own levels: id (without the `lwm/` namespace) -> entry point of the unwrapped env."""
 

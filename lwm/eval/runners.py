@@ -1,0 +1,402 @@
+"""The agents `lwm eval` compares, as runners: picklable factories of episode workers.
+
+A runner is a dataclass whose `__call__()` builds a worker, `EvalEpisode -> EpisodeOutcome`: the
+contract of `lwm.eval.collect.Collector.map`, so the same runner evaluates in-process or on a Ray
+cluster. A worker is built once per process (it holds envs, a world model, an LLM) and resets
+everything that depends on the episode from the episode's seed, so an outcome does not depend on
+which process ran it or in what order.
+
+    runner = make_runner("lwm-grammar", checkpoint="runs/train/babyai-goto-mamba2")
+    outcomes = collector.map(runner, episodes_for("babyai-goto", 200))
+
+`RUNNERS` names them: random, bot, lwm, lwm-grammar, lwm-no-critic, llm-only. Another runner is
+one line in `RUNNERS` (or a `register_runner` call), its factory given as a class or as
+"module:Class" so its module loads only when it runs (DQN + HER lives in `lwm.baselines`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+import numpy as np
+from langchain_core.callbacks import BaseCallbackHandler
+from pydantic import BaseModel
+
+from lwm.envs.language import ACTION_NAMES
+from lwm.eval.episodes import EpisodeOutcome, EvalEpisode, Referee
+from lwm.tasks import load_suite
+
+__all__ = [
+    "RUNNERS",
+    "ActionChoice",
+    "BotRunner",
+    "LLMOnlyRunner",
+    "LwmRunner",
+    "RandomRunner",
+    "RunnerEntry",
+    "make_runner",
+    "parse_action",
+    "register_runner",
+    "runner_options",
+]
+
+Worker = Callable[[EvalEpisode], EpisodeOutcome]
+NOOP = ACTION_NAMES.index("done")
+"""minigrid's `done`: a step that changes nothing (what an unusable answer costs)."""
+
+
+def episode_seed(base: int, seed: int) -> int:
+    """One 63-bit seed from a runner's seed and an episode's (independent of episode order)."""
+    return int(np.random.SeedSequence([base, seed]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class _Worker:
+    """Holds one `Referee`-wrapped env per suite the episodes come from."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._envs: dict[str, Referee] = {}
+
+    def env(self, suite: str) -> Referee:
+        if suite not in self._envs:
+            self._envs[suite] = Referee(load_suite(suite).make_env())
+        return self._envs[suite]
+
+    def play(self, env: Referee, episode: EvalEpisode, act: Callable[[], int]) -> None:
+        """Step `act()` until the referee decides, the env ends or the step limit is reached."""
+        while env.verdict is None and env.steps < episode.max_steps:
+            _, _, terminated, truncated, _ = env.step(act())
+            if terminated or truncated:
+                return
+
+    def outcome(self, episode: EvalEpisode, env: Referee, t0: float, **kw: Any) -> EpisodeOutcome:
+        return EpisodeOutcome(episode=episode, agent=self.name, success=env.success,
+                              steps=env.steps, wall_s=time.perf_counter() - t0,
+                              events=list(env.events), **kw)
+
+
+# ---------------------------------------------------------------------- random and bot
+
+
+@dataclass(frozen=True)
+class RandomRunner:
+    """Uniform over the six actions other than `done`, seeded per episode: the floor."""
+
+    seed: int = 0
+    """Mixed with each episode's seed."""
+    name: str = "random"
+
+    def __call__(self) -> Worker:
+        return _RandomWorker(self)
+
+
+class _RandomWorker(_Worker):
+    def __init__(self, cfg: RandomRunner):
+        super().__init__(cfg.name)
+        self.cfg = cfg
+
+    def __call__(self, episode: EvalEpisode) -> EpisodeOutcome:
+        t0 = time.perf_counter()
+        env = self.env(episode.suite)
+        env.reset(seed=episode.seed)
+        rng = np.random.default_rng([self.cfg.seed, episode.seed])
+        self.play(env, episode, lambda: int(rng.integers(NOOP)))
+        return self.outcome(episode, env, t0)
+
+
+@dataclass(frozen=True)
+class BotRunner:
+    """BabyAI's bot, which reads the true env state: the oracle upper bound. The words of the
+    instruction do not matter to it (it follows the env's own mission)."""
+
+    name: str = "bot"
+
+    def __call__(self) -> Worker:
+        return _BotWorker(self)
+
+
+class _BotWorker(_Worker):
+    def __init__(self, cfg: BotRunner):
+        super().__init__(cfg.name)
+
+    def __call__(self, episode: EvalEpisode) -> EpisodeOutcome:
+        from lwm.envs.bot import BotPolicy
+
+        t0 = time.perf_counter()
+        env = self.env(episode.suite)
+        env.reset(seed=episode.seed)
+        self.play(env, episode, BotPolicy(env).act)
+        return self.outcome(episode, env, t0)
+
+
+# ---------------------------------------------------------------------- LLM call counting
+
+
+class _CallCounter(BaseCallbackHandler):
+    """Counts chat-model calls (each retry is a call)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_chat_model_start(self, serialized, messages, **kwargs: Any) -> None:
+        self.calls += 1
+
+    def on_llm_start(self, serialized, prompts, **kwargs: Any) -> None:
+        self.calls += 1
+
+
+def _count_calls(llms: list[Any]) -> _CallCounter:
+    """A counter attached to every distinct chat model in `llms`."""
+    counter = _CallCounter()
+    seen = set()
+    for llm in llms:
+        if llm is None or id(llm) in seen:
+            continue
+        seen.add(id(llm))
+        llm.callbacks = [*(llm.callbacks or []), counter]
+    return counter
+
+
+# ---------------------------------------------------------------------- lwm
+
+
+@dataclass(frozen=True)
+class LwmRunner:
+    """lwm's agent: parse the instruction, plan in imagination with the world model, act, critique.
+
+    An instruction the parser cannot ground is a failure with the reason recorded.
+    """
+
+    checkpoint: str
+    """A run or model directory."""
+    llm: str = "local"
+    """'local' (the embedded model), a provider string, or 'grammar' (BabyAI's grammar parser,
+    no LLM and no critic)."""
+    critic: bool = True
+    """Let the LLM critique and revise the subgoals (only with an LLM)."""
+    planner: str = "cem"
+    """cem, mppi or greedy."""
+    planner_cfg: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the planner's config ({"candidates": 256, "horizon": 6}, ...)."""
+    seed: int = 0
+    """Mixed with each episode's seed for the planner's sampling."""
+    name: str = "lwm"
+
+    def __call__(self) -> Worker:
+        return _LwmWorker(self)
+
+
+class _LwmWorker(_Worker):
+    def __init__(self, cfg: LwmRunner):
+        from lwm.agent import Agent
+
+        super().__init__(cfg.name)
+        llm = None if cfg.llm == "grammar" else cfg.llm
+        self.agent = Agent.from_pretrained(cfg.checkpoint, llm=llm, planner=cfg.planner,
+                                           critic=cfg.critic)
+        planner_cfg = self.agent.planner.cfg
+        for key, value in cfg.planner_cfg.items():
+            if not hasattr(planner_cfg, key):
+                raise ValueError(f"planner {cfg.planner!r} has no setting {key!r}")
+            setattr(planner_cfg, key, value)
+        self.cfg = cfg
+        self.counter = _count_calls([getattr(self.agent.parser, "llm", None),
+                                     getattr(self.agent.critic, "llm", None)])
+
+    def __call__(self, episode: EvalEpisode) -> EpisodeOutcome:
+        from lwm.language.llm import StructuredOutputError
+        from lwm.language.spec import InstructionError
+
+        t0 = time.perf_counter()
+        calls = self.counter.calls
+        env = self.env(episode.suite)
+        self.agent.generator.manual_seed(episode_seed(self.cfg.seed, episode.seed))
+        try:
+            result = self.agent.run(episode.instruction, env, seed=episode.seed,
+                                    max_steps=episode.max_steps)
+        except (InstructionError, StructuredOutputError) as err:
+            return EpisodeOutcome(episode=episode, agent=self.name, success=False, steps=0,
+                                  llm_calls=self.counter.calls - calls,
+                                  wall_s=time.perf_counter() - t0,
+                                  error=f"{type(err).__name__}: {err}")
+        return self.outcome(episode, env, t0, llm_calls=self.counter.calls - calls,
+                            plan_ms_per_action=result.timings["plan_ms_mean"] if result.steps
+                            else None)
+
+
+# ---------------------------------------------------------------------- LLM only
+
+
+class ActionChoice(BaseModel):
+    """The LLM-only agent's answer: one action name."""
+
+    action: Literal["left", "right", "forward", "pickup", "drop", "toggle", "done"]
+
+
+def parse_action(text: str) -> str | None:
+    """The action name a free-text answer gives ('forward', '"left".', '{"action": "toggle"}'),
+    or None when it gives none."""
+    text = text.strip()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = text
+    if isinstance(data, dict):
+        data = data.get("action")
+    if not isinstance(data, str):
+        return None
+    name = data.strip().strip("`'\".!").strip().lower()
+    return name if name in ACTION_NAMES else None
+
+
+@dataclass(frozen=True)
+class LLMOnlyRunner:
+    """The LLM acts alone, as BALROG runs LLMs on BabyAI: every step it reads the instruction and
+    `text_observation()` (and what its last actions did) and names the next action.
+
+    Models with structured output (the local one: constrained decoding) can only answer an
+    action name; others answer in text, and an answer that is no action name is counted in
+    `invalid_actions` and costs a step that does nothing. 'done' ends the episode.
+    """
+
+    llm: Any = "local"
+    """'local', a provider string, or a langchain chat model."""
+    history: int = 4
+    """How many of its own recent actions (with their events) the LLM sees."""
+    name: str = "llm-only"
+
+    def __call__(self) -> Worker:
+        return _LLMOnlyWorker(self)
+
+
+class _LLMOnlyWorker(_Worker):
+    def __init__(self, cfg: LLMOnlyRunner):
+        from lwm.language.llm import get_chat_model
+
+        super().__init__(cfg.name)
+        if cfg.llm == "grammar":
+            raise ValueError("the llm-only agent needs an LLM ('local' or a provider), "
+                             "not 'grammar'")
+        self.cfg = cfg
+        self.chat = get_chat_model(cfg.llm)
+        try:
+            self.structured = self.chat.with_structured_output(ActionChoice)
+        except NotImplementedError:
+            self.structured = None
+        self.counter = _count_calls([self.chat])
+
+    def choose(self, instruction: str, observation: str, history: list[str]) -> str | None:
+        """The LLM's next action name, or None when its answer names none."""
+        from langchain_core.exceptions import OutputParserException
+        from langchain_core.messages import HumanMessage, SystemMessage
+        from pydantic import ValidationError
+
+        from lwm.language.prompts import load_prompt, render_prompt
+
+        shown = history[-self.cfg.history:] if self.cfg.history > 0 else []
+        user = render_prompt(
+            "llm_agent_user.txt", instruction=json.dumps(instruction), observation=observation,
+            history="\n".join(f"- {line}" for line in shown) or "- none yet",
+        )
+        messages = [SystemMessage(load_prompt("llm_agent_system.txt")), HumanMessage(user)]
+        if self.structured is None:
+            return parse_action(self.chat.invoke(messages).text)
+        try:
+            answer = self.structured.invoke(messages)
+        except (OutputParserException, ValidationError):
+            return None
+        return ActionChoice.model_validate(answer).action if isinstance(answer, dict) \
+            else answer.action
+
+    def __call__(self, episode: EvalEpisode) -> EpisodeOutcome:
+        t0 = time.perf_counter()
+        calls = self.counter.calls
+        env = self.env(episode.suite)
+        env.reset(seed=episode.seed, options={"instruction": episode.instruction})
+        history: list[str] = []
+        invalid, think_s = 0, 0.0
+        while env.verdict is None and env.steps < episode.max_steps:
+            t = time.perf_counter()
+            name = self.choose(episode.instruction, env.text_observation(), history)
+            think_s += time.perf_counter() - t
+            if name == "done":
+                break
+            if name is None:
+                invalid += 1
+            _, _, terminated, truncated, info = env.step(NOOP if name is None
+                                                         else ACTION_NAMES.index(name))
+            said = name if name is not None else "(no valid action: nothing happened)"
+            history.append(f"{said}: " + ("; ".join(info["events"]) or "nothing changed"))
+            if terminated or truncated:
+                break
+        decisions = self.counter.calls - calls
+        return self.outcome(episode, env, t0, llm_calls=decisions, invalid_actions=invalid,
+                            plan_ms_per_action=1e3 * think_s / decisions if decisions else None)
+
+
+# ---------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class RunnerEntry:
+    """A named runner: its factory and the settings the name fixes."""
+
+    factory: type | str
+    """A runner class, or "module:Class" (imported when the runner is made)."""
+    description: str
+    preset: dict[str, Any] = field(default_factory=dict)
+
+    def resolve(self) -> type:
+        if isinstance(self.factory, type):
+            return self.factory
+        module, _, attr = self.factory.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+RUNNERS: dict[str, RunnerEntry] = {
+    "random": RunnerEntry(RandomRunner, "uniform random actions (no 'done')"),
+    "bot": RunnerEntry(BotRunner, "BabyAI's bot, reading the true state: the oracle"),
+    "lwm": RunnerEntry(LwmRunner, "lwm: LLM parse, world-model planning, LLM critic"),
+    "lwm-grammar": RunnerEntry(LwmRunner, "lwm with BabyAI's grammar parser, no LLM",
+                               {"llm": "grammar"}),
+    "lwm-no-critic": RunnerEntry(LwmRunner, "lwm with the LLM parser but no critic",
+                                 {"critic": False}),
+    "llm-only": RunnerEntry(LLMOnlyRunner, "the LLM picks every action from text (BALROG)"),
+}
+"""Runner names for `lwm eval --agents`."""
+
+
+def register_runner(name: str, factory: type | str, description: str,
+                    **preset: Any) -> None:
+    """Add a runner under `name` (see `RunnerEntry`)."""
+    if name in RUNNERS:
+        raise ValueError(f"a runner named {name!r} exists already")
+    RUNNERS[name] = RunnerEntry(factory, description, preset)
+
+
+def _entry(name: str) -> RunnerEntry:
+    if name not in RUNNERS:
+        raise ValueError(f"unknown agent {name!r}; choose from {', '.join(RUNNERS)}")
+    return RUNNERS[name]
+
+
+def runner_options(name: str) -> frozenset[str]:
+    """The settings `make_runner(name, ...)` takes (its runner's fields less those the name
+    fixes)."""
+    entry = _entry(name)
+    taken = {f.name for f in fields(entry.resolve())}
+    return frozenset(taken - set(entry.preset) - {"name"})
+
+
+def make_runner(name: str, **opts: Any):
+    """The runner registered as `name`, with settings `opts` (see `runner_options`)."""
+    entry = _entry(name)
+    unknown = sorted(set(opts) - runner_options(name))
+    if unknown:
+        raise TypeError(f"agent {name!r} takes {sorted(runner_options(name))}, not {unknown}")
+    return entry.resolve()(name=name, **entry.preset, **opts)
