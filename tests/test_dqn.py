@@ -277,9 +277,29 @@ def test_runner_is_picklable_and_runs_an_episode(trained):
     runner = pickle.loads(pickle.dumps(DQNRunner(str(run))))
     work = runner()
     seed = SUITE.seeds_for(None, 1)[0]
-    episode = SimpleNamespace(suite="babyai-goto", seed=seed, instruction="", kind="mission",
-                              split="train", max_steps=SUITE.max_steps)
+    env = SUITE.make_env()
+    obs, _ = env.reset(seed=seed)
+    episode = SimpleNamespace(suite="babyai-goto", seed=seed, instruction=obs["mission"],
+                              kind="grammar", split="train", max_steps=SUITE.max_steps)
     out = work(episode)
-    direct = DQNPolicy.from_pretrained(run).run(SUITE.make_env(), seed)
+    policy = DQNPolicy.from_pretrained(run)
+    direct = policy.run(env, seed)
     assert (out["success"], out["steps"]) == (direct.success, direct.steps)
-    assert out["wall_s"] > 0
+    assert out["episode"] is episode and out["agent"] == "dqn" and out["wall_s"] > 0
+    # a paraphrase conditions the policy on its own words: other Q-values, same mission
+    words = "walk over to " + obs["mission"].removeprefix("go to ")
+    para = work(SimpleNamespace(**{**vars(episode), "instruction": words, "kind": "paraphrase"}))
+    assert para["steps"] == policy.run(env, seed, instruction=words).steps
+
+
+def test_run_follows_given_goals_instead_of_the_mission(trained):
+    run, _, _ = trained
+    policy = DQNPolicy.from_pretrained(run)
+    env = SUITE.make_env()
+    seed = SUITE.seeds_for(None, 1)[0]
+    result = policy.run(env, seed, goals=["go to the purple key"])  # a held-out combination
+    assert result.goals == result.instruction == ["go to the purple key"]
+    assert env.unwrapped.mission == "go to the purple key"
+    assert result.steps == SUITE.max_steps or result.success
+    with pytest.raises(ValueError, match="not a canonical goal text"):
+        policy.run(env, seed, goals=["fetch me a sandwich"])

@@ -401,12 +401,17 @@ class DQNEpisode:
 
 
 class _Follower:
-    """One env following goals: a frame stack, the pending goals and their conditioning texts."""
+    """One env following goals: a frame stack, the pending goals and their conditioning texts.
+
+    On the env's own mission, minigrid's verifier judges success (as the evaluation harness does);
+    with `goals` given instead, success is every goal achieved, in order.
+    """
 
     def __init__(self, env, frames: int):
         self.env = env
         self.stack = FrameStack(frames)
         self.seed: int | None = None
+        self.goals: list[Goal] = []
         self.pending: list[Goal] = []
         self.done = True
 
@@ -415,11 +420,14 @@ class _Follower:
         """Reset to `seed`. `goals` (default: the env's own mission) judge success; the policy is
         conditioned on `instruction` when given, else on each pending goal's canonical text."""
         self.seed, self.t0 = seed, time.perf_counter()
+        self.own_mission = goals is None
         if goals is None:
             obs, _ = self.env.reset(seed=seed)
             self.goals = instr_goals(self.env.unwrapped.instrs)
         else:
             self.goals = [parse_goal(g) if isinstance(g, str) else g for g in goals]
+            if not self.goals:
+                raise ValueError("goals: expected at least one goal to follow")
             text = " then ".join(g.text for g in self.goals)
             obs, _ = self.env.reset(seed=seed, options={"instruction": text})
         self.pending = list(self.goals)
@@ -430,16 +438,18 @@ class _Follower:
 
     @property
     def text(self) -> str:
-        """What the policy is conditioned on now."""
-        return self.instruction if self.instruction is not None else self.pending[0].text
+        """What the policy is conditioned on now (the last goal once none is pending)."""
+        if self.instruction is not None:
+            return self.instruction
+        return (self.pending or self.goals[-1:])[0].text
 
     def step(self, action: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        obs, _, terminated, truncated, info = self.env.step(action)
+        obs, reward, terminated, truncated, info = self.env.step(action)
         self.steps += 1
         self.stack.push(obs)
         while self.pending and goal_achieved(self.pending[0], info):
             self.pending.pop(0)
-        self.success = not self.pending
+        self.success = bool(terminated and reward > 0) if self.own_mission else not self.pending
         self.done = self.success or terminated or truncated
         return obs, info
 
@@ -589,13 +599,15 @@ class DQNAgent:
         self.replay = Replay(cfg.replay_size, cfg.frames)
         self.state: dict[str, Any] = {
             "episodes": 0, "env_steps": 0, "updates": 0, "next_seed": None, "train_s": 0.0,
-            "reached": None, "evals": [],
+            "train_cpu_s": 0.0, "reached": None, "evals": [],
         }
         self.dir: Path | None = None
         self.vocab: GoalVocab | None = None
         self.table: Tensor | None = None
         self._writer = None
         self._update_debt = 0.0
+        self._losses: list[dict[str, float]] = []
+        self._recent: list[float] = []
 
     @property
     def epsilon(self) -> float:
@@ -654,79 +666,79 @@ class DQNAgent:
 
     def train(self, episodes: int, run_dir: str | Path) -> dict[str, Any]:
         """Collect and learn until `episodes` episodes (in all, counting a resumed run's) are done;
-        evaluate and checkpoint on the way. Returns the final state (counters, evaluations)."""
+        evaluate and checkpoint on the way. Returns the final state (counters, evaluations).
+
+        `n_envs` episodes run at once, on consecutive training seeds whose missions are not held
+        out. `train_s` (wall) and `train_cpu_s` (this process's CPU time, which other jobs on a
+        shared machine inflate far less) count collection and learning, not evaluations and
+        checkpoints."""
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.open(run_dir)
         cfg = self.cfg
-        envs = [self.suite.make_env() for _ in range(cfg.n_envs)]
         seeds = self.suite.iter_seeds("train", evaluation=False, env=self.suite.make_env(),
                                       start=self.state["next_seed"])
-        actors = [_Collector(env, cfg.frames) for env in envs]
-        recent: list[float] = []
-        losses: list[dict[str, float]] = []
+        collectors = [_Collector(self.suite.make_env(), cfg.frames) for _ in range(cfg.n_envs)]
+
+        def start_next(collector: _Collector) -> None:
+            in_flight = sum(not c.done for c in collectors)
+            if self.state["episodes"] + in_flight < episodes:
+                collector.begin(next(seeds), self.vocab, self.rng)
+
         columns = (TextColumn("{task.description}"), BarColumn(),
                    TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                    TextColumn("{task.fields[info]}"))
-        started = self.state["episodes"]
         with Progress(*columns, disable=not self.progress) as bar:
-            task = bar.add_task("dqn", total=episodes, completed=started, info="")
-            # Episodes in flight; started ones beyond `episodes` are not begun.
-            in_flight = 0
-            for actor in actors:
-                if self.state["episodes"] + in_flight < episodes:
-                    self._begin(actor, next(seeds))
-                    in_flight += 1
-            t_last = time.perf_counter()
-            while in_flight:
-                live = [a for a in actors if not a.done]
-                actions = self._explore(live)
-                finished = []
-                for actor, action in zip(live, actions, strict=True):
-                    if actor.step(int(action), self.vocab):
-                        finished.append(actor)
-                self.state["env_steps"] += len(live)
-                self._update_debt += cfg.updates_per_step * len(live)
-                while self._update_debt >= 1 and len(self.replay) >= cfg.learning_starts:
-                    losses.append(self.update())
-                    self._update_debt -= 1
-                if len(self.replay) < cfg.learning_starts:
-                    self._update_debt = 0.0
-                for actor in finished:
-                    self.replay.add_episode(actor.transitions)
-                    recent = (recent + [float(actor.follower.success)])[-100:]
+            task = bar.add_task("dqn", total=episodes, completed=self.state["episodes"], info="")
+            for collector in collectors:
+                start_next(collector)
+            clock = _Clock()
+            while live := [c for c in collectors if not c.done]:
+                finished = self._collect_step(live)
+                self._learn(len(live))
+                for collector in finished:
+                    self.replay.add_episode(collector.transitions)
+                    self._recent = (self._recent + [float(collector.follower.success)])[-100:]
                     self.state["episodes"] += 1
-                    in_flight -= 1
-                    n = self.state["episodes"]
-                    if n + in_flight < episodes:
-                        self._begin(actor, next(seeds))
-                        in_flight += 1
-                    now = time.perf_counter()
-                    self.state["train_s"] += now - t_last
-                    t_last = now
-                    if n % 100 == 0 or n == episodes:
-                        self._log(_mean_dicts(losses) | {"train_success_100": np.mean(recent),
-                                                         "epsilon": self.epsilon})
-                        losses = []
-                    if cfg.eval_every and (n % cfg.eval_every == 0 or n == episodes):
-                        info = self.evaluate_now()
-                        bar.update(task, info=f"eval {info['eval_success']:.3f}")
-                    if n % cfg.save_every == 0 or n == episodes:
-                        self.state["next_seed"] = self._next_seed(actors, seeds)
-                        self.save()
-                    bar.update(task, completed=n)
-                    t_last = time.perf_counter()
-        self.state["next_seed"] = self._next_seed(actors, seeds)
+                    clock.charge(self.state)
+                    info = self._on_episode(episodes, collectors)
+                    bar.update(task, completed=self.state["episodes"], **info)
+                    clock = _Clock()
+                for collector in finished:  # once all of them count as done
+                    start_next(collector)
+        self.state["next_seed"] = _next_seed(collectors, self.state["next_seed"])
         self.save()
         return dict(self.state)
 
-    def _begin(self, actor: _Collector, seed: int) -> None:
-        actor.begin(seed, self.vocab, self.rng)
+    def _collect_step(self, live: list[_Collector]) -> list[_Collector]:
+        """One epsilon-greedy step in every live env; the collectors whose episode ended."""
+        actions = self._explore(live)
+        self.state["env_steps"] += len(live)
+        return [c for c, a in zip(live, actions, strict=True) if c.step(int(a), self.vocab)]
 
-    def _next_seed(self, actors: list[_Collector], seeds) -> int | None:
-        """Where a resumed run continues: after every seed begun (in-flight episodes are lost)."""
-        begun = [a.follower.seed for a in actors if a.follower.seed is not None]
-        return max(begun) + 1 if begun else self.state["next_seed"]
+    def _learn(self, new_steps: int) -> None:
+        """`updates_per_step` updates per new env step, once the replay holds `learning_starts`."""
+        if len(self.replay) < self.cfg.learning_starts:
+            return
+        self._update_debt += self.cfg.updates_per_step * new_steps
+        while self._update_debt >= 1:
+            self._losses.append(self.update())
+            self._update_debt -= 1
+
+    def _on_episode(self, episodes: int, collectors: list[_Collector]) -> dict[str, str]:
+        """Log, evaluate and checkpoint when the episode count says so."""
+        cfg, n = self.cfg, self.state["episodes"]
+        info = {}
+        if n % 100 == 0 or n == episodes:
+            self._log(_mean_dicts(self._losses) | {"train_success_100": np.mean(self._recent),
+                                                   "epsilon": self.epsilon})
+            self._losses = []
+        if cfg.eval_every and (n % cfg.eval_every == 0 or n == episodes):
+            info["info"] = f"eval {self.evaluate_now()['eval_success']:.3f}"
+        if n % cfg.save_every == 0 and n < episodes:
+            self.state["next_seed"] = _next_seed(collectors, self.state["next_seed"])
+            self.save()
+        return info
 
     def _explore(self, live: list[_Collector]) -> np.ndarray:
         """Epsilon-greedy actions for the live collectors, one batched forward."""
@@ -800,15 +812,17 @@ class DQNAgent:
         self.net.train()
         success = float(np.mean([r["success"] for r in rows]))
         info = {"episodes": self.state["episodes"], "train_s": self.state["train_s"],
-                "eval_success": success, "eval_s": time.perf_counter() - t0}
+                "train_cpu_s": self.state["train_cpu_s"], "eval_success": success,
+                "eval_s": time.perf_counter() - t0}
         for split in ("train", "held_out"):
             part = [r["success"] for r in rows if r["split"] == split]
             info[f"eval_success_{split}"] = float(np.mean(part)) if part else float("nan")
         self.state["evals"].append(info)
         if self.state["reached"] is None and success >= self.cfg.target_success:
-            self.state["reached"] = {"episodes": info["episodes"], "train_s": info["train_s"],
-                                     "success": success}
-        self._log({k: v for k, v in info.items() if k not in ("episodes", "train_s")})
+            self.state["reached"] = {k: info[k] for k in ("episodes", "train_s", "train_cpu_s",
+                                                          "eval_success")}
+        self._log({k: v for k, v in info.items()
+                   if k not in ("episodes", "train_s", "train_cpu_s")})
         return info
 
     # ------------------------------------------------------------------ checkpoints
@@ -879,9 +893,27 @@ class DQNAgent:
         for k, v in metrics.items():
             self._writer.add_scalar(f"dqn/{k}", v, step)
         self._writer.flush()
-        counters = {k: self.state[k] for k in ("episodes", "env_steps", "updates", "train_s")}
+        counters = {k: self.state[k]
+                    for k in ("episodes", "env_steps", "updates", "train_s", "train_cpu_s")}
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(counters | {k: float(v) for k, v in metrics.items()}) + "\n")
+
+
+class _Clock:
+    """Wall and process CPU time since creation, charged to a run's counters."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def charge(self, state: dict[str, Any]) -> None:
+        state["train_s"] += time.perf_counter() - self.wall
+        state["train_cpu_s"] += time.process_time() - self.cpu
+
+
+def _next_seed(collectors: list[_Collector], default: int | None) -> int | None:
+    """Where a resumed run continues: after every seed begun (in-flight episodes are lost)."""
+    begun = [c.follower.seed for c in collectors if c.follower.seed is not None]
+    return max(begun) + 1 if begun else default
 
 
 class _Collector:
@@ -1052,34 +1084,34 @@ def _mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------- evaluation
 
 
-@dataclass
+@dataclass(frozen=True)
 class DQNRunner:
-    """Builds a worker for the evaluation harness: `EvalEpisode -> EpisodeOutcome`.
+    """Builds a worker for the evaluation harness: an episode -> its outcome.
 
     Picklable (it holds only the checkpoint path); the worker loads the policy once and keeps one
-    env per suite. A mission episode follows the env's own mission; any other kind (a
-    paraphrase) conditions the policy on the instruction text as given, embedded by MiniLM, and
-    is judged on the env's mission.
+    env per (suite, step limit). An episode reads `suite`, `seed`, `instruction`, `kind` and
+    `max_steps`. The env plays its own mission, judged by minigrid's verifier; a "paraphrase"
+    episode conditions the policy on the instruction's words as given (MiniLM embeds them; the
+    DQN has no parser), any other kind on the mission's canonical goal texts. The outcome is a
+    dict with the fields of `lwm.eval.episodes.EpisodeOutcome` it knows.
     """
 
     checkpoint: str
+    """A run directory written by `DQNAgent.train`."""
+    name: str = "dqn"
 
-    def __call__(self) -> Callable[[Any], Any]:
+    def __call__(self) -> Callable[[Any], dict[str, Any]]:
         policy = DQNPolicy.from_pretrained(self.checkpoint)
-        envs: dict[tuple[str, int], Any] = {}
+        envs: dict[tuple[str, int | None], Any] = {}
 
-        def work(episode: Any) -> Any:
+        def work(episode: Any) -> dict[str, Any]:
             key = (episode.suite, episode.max_steps)
             if key not in envs:
                 limit = {} if episode.max_steps is None else {"max_steps": episode.max_steps}
                 envs[key] = load_suite(episode.suite).make_env(**limit)
-            env = envs[key]
-            instruction = None if episode.kind == "mission" else episode.instruction
-            result = policy.run(env, episode.seed, instruction=instruction)
-            return _outcome(episode, result)
+            instruction = episode.instruction if episode.kind == "paraphrase" else None
+            result = policy.run(envs[key], episode.seed, instruction=instruction)
+            return {"episode": episode, "agent": self.name, "success": result.success,
+                    "steps": result.steps, "wall_s": result.wall_s}
 
         return work
-
-
-def _outcome(episode: Any, result: DQNEpisode) -> Any:
-    return {"success": result.success, "steps": result.steps, "wall_s": result.wall_s}
