@@ -100,6 +100,7 @@ class Agent:
         self.encoder = encoder or GoalEncoder()
         self.critic = critic
         self.max_critiques = max_critiques
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
     @classmethod
@@ -163,6 +164,11 @@ class Agent:
             spec = self.parser.parse(instruction)
         parse_s = time.perf_counter() - t_start
         obs, _ = env.reset(seed=seed, options={"instruction": instruction})
+        if seed is not None:
+            # An episode depends on (agent seed, episode seed) only, not on the episodes this
+            # agent ran before, so results are the same in any order and in any process.
+            self.generator.manual_seed(int(np.random.SeedSequence([self.seed, seed])
+                                           .generate_state(1)[0]))
         budget = min(max_steps or env.unwrapped.max_steps, env.unwrapped.max_steps)
         self.planner.reset()
 

@@ -45,6 +45,18 @@ def test_runs_an_episode_and_the_instruction_wins_over_the_mission():
     assert result.timings["total_s"] >= result.timings["parse_s"]
 
 
+def test_an_episode_depends_on_its_seed_not_on_the_episodes_before_it():
+    env = make_env("BabyAI-GoToLocal-v0")
+    agent = _agent()
+    first = [r.action for r in agent.run("go to the red ball", env, seed=1, max_steps=8).records]
+    agent.run("go to the blue key", env, seed=2, max_steps=8)  # moves the planner's generator
+    again = [r.action for r in agent.run("go to the red ball", env, seed=1, max_steps=8).records]
+    assert first == again
+    other = [r.action for r in _agent().run("go to the red ball", env, seed=1,
+                                            max_steps=8).records]
+    assert other == first  # a fresh agent with the same seed: the same episode
+
+
 def test_refuses_an_instruction_it_cannot_ground():
     with pytest.raises(InstructionError):
         _agent().run("fly to the moon", make_env("BabyAI-GoToLocal-v0"), seed=0)
