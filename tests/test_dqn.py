@@ -303,3 +303,16 @@ def test_run_follows_given_goals_instead_of_the_mission(trained):
     assert result.steps == SUITE.max_steps or result.success
     with pytest.raises(ValueError, match="not a canonical goal text"):
         policy.run(env, seed, goals=["fetch me a sandwich"])
+
+
+def test_epsilon_greedy_episodes_are_seeded_per_episode(trained):
+    run, _, _ = trained
+    env = SUITE.make_env()
+    seeds = SUITE.seeds_for(None, 8)
+    policy = DQNPolicy.from_pretrained(run, epsilon=0.5)
+    one_by_one = [policy.run(env, s) for s in seeds]
+    batched = policy.run_many(SUITE.make_env, seeds[::-1], n_envs=3)[::-1]
+    assert [(r.success, r.steps) for r in one_by_one] == [(r.success, r.steps) for r in batched]
+    assert len({r.steps for r in one_by_one}) > 2  # episodes of different lengths were compared
+    with pytest.raises(ValueError, match=r"epsilon must be in \[0, 1\]"):
+        DQNPolicy.from_pretrained(run, epsilon=1.5)

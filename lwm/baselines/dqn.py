@@ -420,6 +420,7 @@ class _Follower:
         """Reset to `seed`. `goals` (default: the env's own mission) judge success; the policy is
         conditioned on `instruction` when given, else on each pending goal's canonical text."""
         self.seed, self.t0 = seed, time.perf_counter()
+        self.rng = np.random.default_rng(seed)
         self.own_mission = goals is None
         if goals is None:
             obs, _ = self.env.reset(seed=seed)
@@ -464,26 +465,35 @@ class _Follower:
 
 
 class DQNPolicy:
-    """The greedy policy of a trained Q-network, with its goal vocabulary and embeddings."""
+    """The policy of a trained Q-network, with its goal vocabulary and embeddings.
+
+    `run` is greedy by default; with `epsilon` > 0 each step is a uniform random action with that
+    chance. A policy that sees only the last k views cannot tell some poses apart, and a greedy
+    one can loop between them until the step limit; a little randomness breaks such loops (DQN's
+    Atari evaluation used epsilon 0.05).
+    """
 
     def __init__(self, net: GoalQNetwork, vocab: GoalVocab, table: Tensor,
-                 encoder: Any = None):
+                 encoder: Any = None, epsilon: float = 0.0):
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
         self.net = net.eval()
         self.cfg = net.cfg
+        self.epsilon = epsilon
         self.vocab = vocab
         self.table = table
         self._encoder = encoder
         self._extra: dict[str, Tensor] = {}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> DQNPolicy:
+    def from_pretrained(cls, path: str | Path, epsilon: float = 0.0) -> DQNPolicy:
         """Load a run directory written by `DQNAgent.train` (never unpickles)."""
         path = Path(path)
         cfg = load_config(path)
         net = GoalQNetwork(cfg)
         net.load_state_dict(_load_tensors(path / "model.safetensors", net.state_dict()))
         vocab, table = _load_goal_table(path)
-        return cls(net, vocab, table)
+        return cls(net, vocab, table, epsilon=epsilon)
 
     def embed(self, texts: Sequence[str]) -> Tensor:
         """Goal embeddings (N, D): rows of the vocabulary table, MiniLM for other texts (held-out
@@ -519,7 +529,8 @@ class DQNPolicy:
 
     def run(self, env, seed: int, goals: Sequence[Goal | str] | None = None,
             instruction: str | None = None) -> DQNEpisode:
-        """One greedy episode of `env` (an lwm env) from `reset(seed)`.
+        """One episode of `env` (an lwm env) from `reset(seed)`: greedy, or epsilon-greedy with
+        a random stream seeded by `seed` (the same episode whatever ran before it).
 
         `goals`: canonical goal texts (or `Goal`s) to achieve in order, which then replace the
         env's mission; by default the env's own mission (`instr_goals`). The policy is conditioned
@@ -553,6 +564,8 @@ class DQNPolicy:
             actions = self.act(obs, self.embed([followers[i].text for i in live]))
             for i, a in zip(live, actions, strict=True):
                 f = followers[i]
+                if self.epsilon and f.rng.random() < self.epsilon:
+                    a = f.rng.integers(N_ACTIONS)
                 f.step(int(a))
                 if f.done:
                     results[slot_item[i]] = f.result()
@@ -563,8 +576,8 @@ class DQNPolicy:
 
 def evaluate(policy: DQNPolicy, suite: TaskSuite, seeds: Sequence[int], n_envs: int = 16
              ) -> list[dict[str, Any]]:
-    """Greedy episodes on the env's own missions: one row per seed with seed, split (of the
-    mission's combinations), mission, success, steps."""
+    """The policy's episodes on the env's own missions: one row per seed with seed, split (of
+    the mission's combinations), mission, success, steps."""
     splits: dict[int, str] = {}
     probe = suite.make_env()
     missions: dict[int, str] = {}
@@ -1098,10 +1111,12 @@ class DQNRunner:
 
     checkpoint: str
     """A run directory written by `DQNAgent.train`."""
+    epsilon: float = 0.0
+    """Random-action rate while acting, seeded per episode (0: greedy)."""
     name: str = "dqn"
 
     def __call__(self) -> Callable[[Any], dict[str, Any]]:
-        policy = DQNPolicy.from_pretrained(self.checkpoint)
+        policy = DQNPolicy.from_pretrained(self.checkpoint, epsilon=self.epsilon)
         envs: dict[tuple[str, int | None], Any] = {}
 
         def work(episode: Any) -> dict[str, Any]:
