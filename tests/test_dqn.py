@@ -269,27 +269,25 @@ def test_short_training_lowers_the_td_loss(tmp_path):
     assert loss() < 0.5 * start
 
 
-def test_runner_is_picklable_and_runs_an_episode(trained):
+def test_runner_plays_harness_episodes_like_the_policy(trained):
     import pickle
-    from types import SimpleNamespace
+
+    from lwm.eval.episodes import EpisodeOutcome, episodes_for
 
     run, _, _ = trained
-    runner = pickle.loads(pickle.dumps(DQNRunner(str(run))))
-    work = runner()
-    seed = SUITE.seeds_for(None, 1)[0]
-    env = SUITE.make_env()
-    obs, _ = env.reset(seed=seed)
-    episode = SimpleNamespace(suite="babyai-goto", seed=seed, instruction=obs["mission"],
-                              kind="grammar", split="train", max_steps=SUITE.max_steps)
-    out = work(episode)
+    work = pickle.loads(pickle.dumps(DQNRunner(str(run))))()
+    episodes = episodes_for(SUITE, 6, paraphrase_share=0.5)
+    assert {e.kind for e in episodes} == {"grammar", "paraphrase"}
     policy = DQNPolicy.from_pretrained(run)
-    direct = policy.run(env, seed)
-    assert (out["success"], out["steps"]) == (direct.success, direct.steps)
-    assert out["episode"] is episode and out["agent"] == "dqn" and out["wall_s"] > 0
-    # a paraphrase conditions the policy on its own words: other Q-values, same mission
-    words = "walk over to " + obs["mission"].removeprefix("go to ")
-    para = work(SimpleNamespace(**{**vars(episode), "instruction": words, "kind": "paraphrase"}))
-    assert para["steps"] == policy.run(env, seed, instruction=words).steps
+    env = SUITE.make_env()
+    for episode in episodes:
+        out = work(episode)
+        assert isinstance(out, EpisodeOutcome) and out.episode is episode and out.agent == "dqn"
+        # a paraphrase conditions the policy on its own words; the mission is the env's either way
+        words = episode.instruction if episode.kind == "paraphrase" else None
+        direct = policy.run(env, episode.seed, instruction=words, max_steps=episode.max_steps)
+        assert (out.success, out.steps) == (direct.success, direct.steps)
+        assert out.steps > 0 and out.plan_ms_per_action > 0
 
 
 def test_run_follows_given_goals_instead_of_the_mission(trained):

@@ -398,6 +398,8 @@ class DQNEpisode:
     success: bool
     steps: int
     wall_s: float
+    act_ms: float
+    """Mean time to choose an action (the Q forward pass, shared by the episodes run at once)."""
 
 
 class _Follower:
@@ -416,10 +418,12 @@ class _Follower:
         self.done = True
 
     def reset(self, seed: int, goals: Sequence[Goal | str] | None = None,
-              instruction: str | None = None) -> dict[str, Any]:
+              instruction: str | None = None, max_steps: int | None = None) -> dict[str, Any]:
         """Reset to `seed`. `goals` (default: the env's own mission) judge success; the policy is
-        conditioned on `instruction` when given, else on each pending goal's canonical text."""
-        self.seed, self.t0 = seed, time.perf_counter()
+        conditioned on `instruction` when given, else on each pending goal's canonical text. The
+        episode stops after `max_steps` steps or at the env's own limit."""
+        self.seed, self.t0, self.act_s = seed, time.perf_counter(), 0.0
+        self.max_steps = max_steps
         self.rng = np.random.default_rng(seed)
         self.own_mission = goals is None
         if goals is None:
@@ -451,14 +455,16 @@ class _Follower:
         while self.pending and goal_achieved(self.pending[0], info):
             self.pending.pop(0)
         self.success = bool(terminated and reward > 0) if self.own_mission else not self.pending
-        self.done = self.success or terminated or truncated
+        out_of_steps = self.max_steps is not None and self.steps >= self.max_steps
+        self.done = self.success or terminated or truncated or out_of_steps
         return obs, info
 
     def result(self) -> DQNEpisode:
         instruction = [self.instruction] if self.instruction is not None else [
             g.text for g in self.goals]
         return DQNEpisode(self.seed, [g.text for g in self.goals], instruction, self.success,
-                          self.steps, time.perf_counter() - self.t0)
+                          self.steps, time.perf_counter() - self.t0,
+                          1e3 * self.act_s / max(self.steps, 1))
 
 
 # ---------------------------------------------------------------------------------- the policy
@@ -528,20 +534,21 @@ class DQNPolicy:
         return self.q_values(obs, goal).argmax(-1).numpy()
 
     def run(self, env, seed: int, goals: Sequence[Goal | str] | None = None,
-            instruction: str | None = None) -> DQNEpisode:
+            instruction: str | None = None, max_steps: int | None = None) -> DQNEpisode:
         """One episode of `env` (an lwm env) from `reset(seed)`: greedy, or epsilon-greedy with
         a random stream seeded by `seed` (the same episode whatever ran before it).
 
         `goals`: canonical goal texts (or `Goal`s) to achieve in order, which then replace the
         env's mission; by default the env's own mission (`instr_goals`). The policy is conditioned
         on each pending goal's canonical text, or on `instruction` (say a paraphrase) when given.
+        The episode stops after `max_steps` steps (default: the env's limit).
         """
         return self.run_many(lambda: env, [seed], goals=goals, instruction=instruction,
-                             n_envs=1)[0]
+                             max_steps=max_steps, n_envs=1)[0]
 
     def run_many(self, make_env: Callable[[], Any], seeds: Sequence[int],
                  goals: Sequence[Goal | str] | None = None, instruction: str | None = None,
-                 n_envs: int = 16) -> list[DQNEpisode]:
+                 max_steps: int | None = None, n_envs: int = 16) -> list[DQNEpisode]:
         """`run` over many seeds, `n_envs` episodes at a time (one batched forward per step)."""
         followers = [_Follower(make_env(), self.cfg.frames)
                      for _ in range(min(n_envs, len(seeds)))]
@@ -551,7 +558,7 @@ class DQNPolicy:
 
         def start(i: int) -> None:
             item, seed = queue.pop()
-            followers[i].reset(seed, goals, instruction)
+            followers[i].reset(seed, goals, instruction, max_steps)
             slot_item[i] = item
 
         for i in range(len(followers)):
@@ -560,10 +567,13 @@ class DQNPolicy:
             live = [i for i, f in enumerate(followers) if not f.done]
             if not live:
                 break
+            t0 = time.perf_counter()
             obs = _batch([followers[i].stack for i in live])
             actions = self.act(obs, self.embed([followers[i].text for i in live]))
+            share = (time.perf_counter() - t0) / len(live)
             for i, a in zip(live, actions, strict=True):
                 f = followers[i]
+                f.act_s += share
                 if self.epsilon and f.rng.random() < self.epsilon:
                     a = f.rng.integers(N_ACTIONS)
                 f.step(int(a))
@@ -1099,14 +1109,13 @@ def _mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class DQNRunner:
-    """Builds a worker for the evaluation harness: an episode -> its outcome.
+    """The DQN as a runner of the evaluation harness (`lwm.eval.runners`): a picklable factory of
+    workers `EvalEpisode -> EpisodeOutcome`.
 
-    Picklable (it holds only the checkpoint path); the worker loads the policy once and keeps one
-    env per (suite, step limit). An episode reads `suite`, `seed`, `instruction`, `kind` and
-    `max_steps`. The env plays its own mission, judged by minigrid's verifier; a "paraphrase"
-    episode conditions the policy on the instruction's words as given (MiniLM embeds them; the
-    DQN has no parser), any other kind on the mission's canonical goal texts. The outcome is a
-    dict with the fields of `lwm.eval.episodes.EpisodeOutcome` it knows.
+    The worker loads the policy once and keeps one `Referee`-wrapped env per suite, so the
+    episode is judged like every other agent's, by minigrid's verifier of the env's own mission.
+    A "paraphrase" episode conditions the policy on the instruction's words as given (MiniLM
+    embeds them; the DQN has no parser), a "grammar" one on the mission's canonical goal texts.
     """
 
     checkpoint: str
@@ -1115,18 +1124,21 @@ class DQNRunner:
     """Random-action rate while acting, seeded per episode (0: greedy)."""
     name: str = "dqn"
 
-    def __call__(self) -> Callable[[Any], dict[str, Any]]:
-        policy = DQNPolicy.from_pretrained(self.checkpoint, epsilon=self.epsilon)
-        envs: dict[tuple[str, int | None], Any] = {}
+    def __call__(self) -> Callable[[Any], Any]:
+        from lwm.eval.episodes import EpisodeOutcome, Referee
 
-        def work(episode: Any) -> dict[str, Any]:
-            key = (episode.suite, episode.max_steps)
-            if key not in envs:
-                limit = {} if episode.max_steps is None else {"max_steps": episode.max_steps}
-                envs[key] = load_suite(episode.suite).make_env(**limit)
+        policy = DQNPolicy.from_pretrained(self.checkpoint, epsilon=self.epsilon)
+        envs: dict[str, Referee] = {}
+
+        def work(episode: Any) -> EpisodeOutcome:
+            if episode.suite not in envs:
+                envs[episode.suite] = Referee(load_suite(episode.suite).make_env())
+            env = envs[episode.suite]
             instruction = episode.instruction if episode.kind == "paraphrase" else None
-            result = policy.run(envs[key], episode.seed, instruction=instruction)
-            return {"episode": episode, "agent": self.name, "success": result.success,
-                    "steps": result.steps, "wall_s": result.wall_s}
+            result = policy.run(env, episode.seed, instruction=instruction,
+                                max_steps=episode.max_steps)
+            return EpisodeOutcome(episode=episode, agent=self.name, success=env.success,
+                                  steps=env.steps, wall_s=result.wall_s,
+                                  plan_ms_per_action=result.act_ms, events=list(env.events))
 
         return work
