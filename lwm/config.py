@@ -113,3 +113,7 @@ class TrainConfig:
     """Largest per-episode epsilon of the Q policy."""
     policy_envs: int = 16
     """Envs stepped in lockstep (one batched model call per step) when the Q policy collects."""
+    workers: int = 1
+    """Collection processes (more than 1: a local Ray cluster; needs the `ray` extra)."""
+    ray_address: str | None = None
+    """Address of a running Ray cluster to collect on (e.g. "auto" or "ray://host:10001")."""

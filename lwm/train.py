@@ -36,7 +36,9 @@ from lwm.goals import all_concrete_goals
 from lwm.models.world_model import CheckpointError, WorldModel, WorldModelConfig, preset
 from lwm.tasks import TaskSuite, load_suite
 
-__all__ = ["EXPLORATION_PROBS", "TrainConfig", "Trainer", "explore_episode"]
+__all__ = [
+    "EXPLORATION_PROBS", "ExploreJob", "PolicyJob", "TrainConfig", "Trainer", "explore_episode",
+]
 
 EXPLORATION_PROBS = np.array([0.2, 0.2, 0.4, 0.08, 0.06, 0.06, 0.0])
 """Exploration policy over minigrid's actions (left, right, forward, pickup, drop, toggle, done):
@@ -94,7 +96,7 @@ class Trainer:
         metrics: dict[str, float] = {}
         columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
                    "{task.total}"), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
-        with Progress(*columns, disable=not self.progress) as bar:
+        with Progress(*columns, disable=not self.progress) as bar, _closing(self):
             task = bar.add_task("dyna", total=cfg.episodes, completed=len(self.store), info="")
             while len(self.store) < cfg.episodes:
                 n = min(cfg.collect_per_iter, cfg.episodes - len(self.store))
@@ -122,102 +124,48 @@ class Trainer:
 
     def collect(self, n: int) -> None:
         """Collect `n` episodes on training seeds: the exploration policy during warm-up, then a
-        `policy_share` of them with the model's own epsilon-greedy Q policy on the mission."""
+        `policy_share` of them with the model's own epsilon-greedy Q policy on the mission.
+
+        Episodes are independent work items (seeded by the run seed and the episode seed), so a
+        `Collector` (`workers` > 1 or `ray_address`: Ray) collects exactly what one process
+        would; they are stored in seed order."""
+        cfg = self.cfg
         env = self.suite.make_env()
         # Continue after the newest stored episode's seed, so episodes a killed run stored after
         # its last checkpoint are not collected twice.
         start = self.store[len(self.store) - 1].meta["seed"] + 1 if len(self.store) else None
         seeds = self.suite.iter_seeds("train", evaluation=False, env=env, start=start)
-        cfg = self.cfg
         n_policy = 0
         if len(self.store) >= cfg.warmup_episodes:
             n_policy = int(round(n * cfg.policy_share))
         policy_seeds = [next(seeds) for _ in range(n_policy)]
+        explore_seeds = [next(seeds) for _ in range(n - n_policy)]
+        collector = self._collector()
         if policy_seeds:
-            for episode in self.policy_episodes(policy_seeds):
+            for episode in self.policy_episodes(policy_seeds, collector):
                 self.store.append(episode)
-        recorder = EpisodeRecorder(meta={"suite": self.suite.name, "env_id": self.suite.env_id,
-                                         "policy": "explore"})
-        for _ in range(n - n_policy):
-            seed = next(seeds)
-            self.store.append(explore_episode(env, seed, self.rng, recorder, {"seed": seed}))
+        if explore_seeds:
+            job = ExploreJob(suite=cfg.suite, seed=cfg.seed)
+            for episode in collector.map(job, explore_seeds):
+                self.store.append(episode)
 
-    @torch.no_grad()
-    def policy_episodes(self, seeds: list[int]) -> list:
-        """Episodes of the model's epsilon-greedy Q policy on each seed's own mission, stepped
-        in lockstep batches of `policy_envs` envs (one batched model call per step). Each
-        episode draws its epsilon log-uniformly from [epsilon_min, epsilon_max] (Ape-X style:
-        some episodes mostly exploit, some mostly explore); a random step samples the
-        exploration policy."""
-        from lwm.envs.language import goal_achieved, instr_goals
+    def policy_episodes(self, seeds: list[int], collector=None) -> list:
+        """Episodes of the model's epsilon-greedy Q policy on each seed's own mission, in seed
+        order: chunks of `policy_envs` envs step in lockstep (one batched model call per step),
+        one chunk per work item of `collector` (in-process by default)."""
+        from lwm.eval.collect import LocalCollector
 
-        cfg, model = self.cfg, self.model
-        model.eval()
-        episodes = []
-        width = max(1, min(cfg.policy_envs, len(seeds)))
-        envs = [self.suite.make_env() for _ in range(width)]
-        for lo in range(0, len(seeds), width):
-            wave = seeds[lo : lo + width]
-            recs, pending, obs_list, eps = [], [], [], []
-            for env, seed in zip(envs, wave, strict=False):
-                obs, info = env.reset(seed=seed)
-                rec = EpisodeRecorder(meta={"suite": self.suite.name, "env_id": self.suite.env_id,
-                                            "policy": "q-epsilon-greedy"})
-                e = float(np.exp(self.rng.uniform(np.log(cfg.epsilon_min),
-                                                  np.log(cfg.epsilon_max))))
-                rec.reset(obs, info, meta={"seed": seed, "epsilon": e})
-                recs.append(rec)
-                pending.append(instr_goals(env.unwrapped.instrs))
-                obs_list.append(obs)
-                eps.append(e)
-            b = len(wave)
-            state = model.init_state(b)
-            prev = torch.full((b,), model.START)
-            done = [False] * b
-            while not all(done):
-                image = torch.from_numpy(np.stack([o["image"] for o in obs_list]))
-                direction = torch.tensor([int(o["direction"]) for o in obs_list])
-                carrying = torch.from_numpy(np.stack([np.asarray(o["carrying"])
-                                                      for o in obs_list]))
-                h, state = model.next(state, model.encode(image, direction, carrying), prev)
-                goals = torch.stack([self._goal_embedding(p[0].text) for p in pending])
-                q = model.q(h, goals)  # (b, A)
-                q[:, EXPLORATION_PROBS == 0] = float("-inf")
-                greedy = q.argmax(-1).tolist()
-                actions = []
-                for i in range(b):
-                    if self.rng.random() < eps[i]:
-                        actions.append(int(self.rng.choice(len(EXPLORATION_PROBS),
-                                                           p=EXPLORATION_PROBS)))
-                    else:
-                        actions.append(greedy[i])
-                for i in range(b):
-                    if done[i]:
-                        continue
-                    step = envs[i].step(actions[i])
-                    obs_list[i] = step[0]
-                    info = step[-1]
-                    if len(pending[i]) > 1 and goal_achieved(pending[i][0], info):
-                        pending[i] = pending[i][1:]  # on to the mission's next subgoal
-                    episode = recs[i].step(actions[i], *step)
-                    if episode is not None:
-                        episodes.append(episode)
-                        done[i] = True
-                prev = torch.tensor(actions)
-        model.train()
-        return episodes
-
-    def _goal_embedding(self, text: str) -> torch.Tensor:
-        """The embedding of a goal text: its row of the goal table, else encoded (and cached)."""
-        if text in self.vocab.index:
-            return self.goal_table[self.vocab.index[text]]
-        if not hasattr(self, "_extra_goals"):
-            self._extra_goals: dict[str, torch.Tensor] = {}
-        if text not in self._extra_goals:
-            from lwm.language.embed import GoalEncoder
-
-            self._extra_goals[text] = GoalEncoder().encode(text, as_torch=True)
-        return self._extra_goals[text]
+        cfg = self.cfg
+        job = PolicyJob.from_model(self.model, cfg, self.vocab.texts, self.goal_table)
+        width = max(1, cfg.policy_envs)
+        chunks = [(tuple(seeds[i : i + width]), int(self.rng.integers(2**63)))
+                  for i in range(0, len(seeds), width)]
+        collector = collector or LocalCollector()
+        self.model.eval()
+        try:
+            return [episode for chunk in collector.map(job, chunks) for episode in chunk]
+        finally:
+            self.model.train()
 
     def fit(self, updates: int) -> dict[str, float]:
         """`updates` gradient steps on windows from the store; returns mean metrics."""
@@ -251,6 +199,19 @@ class Trainer:
         metrics = {k: v / max(updates, 1) for k, v in sums.items()}
         self._log(metrics)
         return metrics
+
+    def _collector(self):
+        from lwm.eval.collect import make_collector
+
+        if getattr(self, "_collector_obj", None) is None:
+            self._collector_obj = make_collector(self.cfg.workers, self.cfg.ray_address)
+        return self._collector_obj
+
+    def close(self) -> None:
+        """Release the collector's workers (and a Ray cluster this trainer started)."""
+        if getattr(self, "_collector_obj", None) is not None:
+            self._collector_obj.close()
+            self._collector_obj = None
 
     # ------------------------------------------------------------------ goals
 
@@ -326,6 +287,153 @@ class Trainer:
         self._writer.flush()
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"updates": step, "episodes": len(self.store), **metrics}) + "\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExploreJob:
+    """Builds a worker (in any process) that records one exploration episode per seed, with
+    randomness drawn from (run seed, episode seed) alone."""
+
+    suite: str
+    seed: int
+
+    def __call__(self):
+        suite = load_suite(self.suite)
+        env = suite.make_env()
+        recorder = EpisodeRecorder(meta={"suite": suite.name, "env_id": suite.env_id,
+                                         "policy": "explore"})
+
+        def run(seed: int):
+            rng = np.random.default_rng([self.seed, seed])
+            return explore_episode(env, seed, rng, recorder, {"seed": seed})
+
+        return run
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PolicyJob:
+    """Builds a worker (in any process) that runs the model's epsilon-greedy Q policy on a
+    chunk of seeds in lockstep: an item is (seeds, rng seed) -> episodes in seed order. Carries
+    the weights and the goal table as safetensors bytes (no pickled torch objects)."""
+
+    suite: str
+    model_config: str
+    weights: bytes
+    goal_texts: tuple[str, ...]
+    goal_table: bytes
+    epsilon_min: float
+    epsilon_max: float
+
+    @classmethod
+    def from_model(cls, model: WorldModel, cfg: TrainConfig, goal_texts,
+                   goal_table: torch.Tensor) -> PolicyJob:
+        from safetensors.torch import save
+
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        return cls(suite=cfg.suite, model_config=json.dumps(model.cfg.to_dict()),
+                   weights=save(state), goal_texts=tuple(goal_texts),
+                   goal_table=save({"embeddings": goal_table.contiguous()}),
+                   epsilon_min=cfg.epsilon_min, epsilon_max=cfg.epsilon_max)
+
+    def __eq__(self, other: object) -> bool:  # Ray reuses actors for an equal job
+        return isinstance(other, PolicyJob) and (
+            self.weights, self.goal_texts, self.suite, self.epsilon_min, self.epsilon_max
+        ) == (other.weights, other.goal_texts, other.suite, other.epsilon_min, other.epsilon_max)
+
+    def __hash__(self) -> int:
+        return hash((self.suite, len(self.weights), self.goal_texts))
+
+    def __call__(self):
+        from safetensors.torch import load
+
+        model = WorldModel(WorldModelConfig.from_dict(json.loads(self.model_config)))
+        model.load_state_dict(load(self.weights))
+        table = load(self.goal_table)["embeddings"]
+        index = {t: i for i, t in enumerate(self.goal_texts)}
+        return _PolicyWorker(load_suite(self.suite), model.eval(), table, index,
+                             (self.epsilon_min, self.epsilon_max))
+
+
+class _PolicyWorker:
+    """Runs chunks of Q-policy episodes for `PolicyJob`."""
+
+    def __init__(self, suite: TaskSuite, model: WorldModel, table: torch.Tensor,
+                 index: dict[str, int], eps_range: tuple[float, float]):
+        self.suite, self.model, self.table, self.index = suite, model, table, index
+        self.eps_range = eps_range
+        self.envs: list = []
+        self.extra: dict[str, torch.Tensor] = {}
+
+    def goal(self, text: str) -> torch.Tensor:
+        """A goal's row of the table, else its encoding (goals outside the vocabulary)."""
+        if text in self.index:
+            return self.table[self.index[text]]
+        if text not in self.extra:
+            from lwm.language.embed import GoalEncoder
+
+            self.extra[text] = GoalEncoder().encode(text, as_torch=True)
+        return self.extra[text]
+
+    @torch.no_grad()
+    def __call__(self, item: tuple[tuple[int, ...], int]) -> list:
+        """Each episode draws its epsilon log-uniformly from [epsilon_min, epsilon_max]
+        (Ape-X style: some episodes mostly exploit, some mostly explore); a random step samples
+        the exploration policy."""
+        from lwm.envs.language import goal_achieved, instr_goals
+
+        seeds, rng_seed = item
+        rng = np.random.default_rng(rng_seed)
+        model, b = self.model, len(seeds)
+        while len(self.envs) < b:
+            self.envs.append(self.suite.make_env())
+        envs = self.envs[:b]
+        recs, pending, obs_list = [], [], []
+        eps = np.exp(rng.uniform(np.log(self.eps_range[0]), np.log(self.eps_range[1]), size=b))
+        for env, seed, e in zip(envs, seeds, eps, strict=True):
+            obs, info = env.reset(seed=seed)
+            rec = EpisodeRecorder(meta={"suite": self.suite.name, "env_id": self.suite.env_id,
+                                        "policy": "q-epsilon-greedy"})
+            rec.reset(obs, info, meta={"seed": seed, "epsilon": float(e)})
+            recs.append(rec)
+            pending.append(instr_goals(env.unwrapped.instrs))
+            obs_list.append(obs)
+        state = model.init_state(b)
+        prev = torch.full((b,), model.START)
+        episodes: list = [None] * b
+        allowed = np.flatnonzero(EXPLORATION_PROBS > 0)
+        while any(e is None for e in episodes):
+            image = torch.from_numpy(np.stack([o["image"] for o in obs_list]))
+            direction = torch.tensor([int(o["direction"]) for o in obs_list])
+            carrying = torch.from_numpy(np.stack([np.asarray(o["carrying"]) for o in obs_list]))
+            h, state = model.next(state, model.encode(image, direction, carrying), prev)
+            q = model.q(h, torch.stack([self.goal(p[0].text) for p in pending]))  # (b, A)
+            greedy = allowed[q[:, allowed].argmax(-1).numpy()]
+            explore = rng.random(b) < eps
+            random = rng.choice(len(EXPLORATION_PROBS), size=b, p=EXPLORATION_PROBS)
+            actions = np.where(explore, random, greedy).tolist()
+            for i in range(b):
+                if episodes[i] is not None:
+                    continue
+                step = envs[i].step(actions[i])
+                obs_list[i], info = step[0], step[-1]
+                if len(pending[i]) > 1 and goal_achieved(pending[i][0], info):
+                    pending[i] = pending[i][1:]  # on to the mission's next subgoal
+                episodes[i] = recs[i].step(actions[i], *step)
+            prev = torch.tensor(actions)
+        return episodes
+
+
+class _closing:
+    """`with _closing(trainer):` releases the trainer's collector on the way out."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def __enter__(self) -> Trainer:
+        return self.trainer
+
+    def __exit__(self, *exc: Any) -> None:
+        self.trainer.close()
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -132,3 +132,18 @@ def test_policy_episodes_follow_the_greedy_q_policy_without_exploration(tmp_path
     b = trainer.policy_episodes(seeds)  # batched (2 envs) and greedy: deterministic
     assert [e.action.tolist() for e in a] == [e.action.tolist() for e in b]
     assert all(6 not in e.action.tolist() for e in a)  # never "done"
+
+
+def test_ray_collection_equals_in_process_collection(tmp_path):
+    pytest.importorskip("ray")
+    common = dict(episodes=12, warmup_episodes=6, policy_share=0.5, policy_envs=2, **DEBUG)
+    local = Trainer(TrainConfig(**common), tmp_path / "local", progress=False)
+    local.run()
+    ray_trainer = Trainer(TrainConfig(workers=2, **common), tmp_path / "ray", progress=False)
+    ray_trainer.run()
+    assert len(local.store) == len(ray_trainer.store) == 12
+    for i in range(12):
+        a, b = local.store[i], ray_trainer.store[i]
+        assert a.meta == b.meta
+        np.testing.assert_array_equal(a.action, b.action)
+        np.testing.assert_array_equal(a.image, b.image)
