@@ -2,7 +2,12 @@
 short real training run on GoToLocal."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -249,6 +254,44 @@ def test_resume_continues_counters_and_refuses_a_different_setup(trained, tmp_pa
     assert lines[-1]["episodes"] == 12
     with pytest.raises(CheckpointError, match="frames: run has 3, asked for 1"):
         DQNAgent(_debug(frames=1), progress=False).open(resumed_dir)
+
+
+def _checkpoint_with_updates(run) -> bool:
+    file = run / "trainer.json"  # written atomically: absent or complete
+    return file.exists() and json.loads(file.read_text())["state"]["updates"] > 0
+
+
+def test_resume_after_sigkill(trained, tmp_path):
+    """SIGKILL a training process after a checkpoint; a new agent resumes from it."""
+    run, _, _ = trained
+    for name in ("goals.json", "goals.safetensors"):  # spares the child loading MiniLM
+        shutil.copy(run / name, tmp_path / name)
+    code = ("import torch\ntorch.set_num_threads(1)\n"
+            "from lwm.baselines.dqn import DQNAgent, preset\n"
+            "agent = DQNAgent(preset('debug', save_every=4), progress=False)\n"
+            f"agent.train(100_000, {str(tmp_path)!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": "."},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not _checkpoint_with_updates(tmp_path):
+            assert proc.poll() is None and time.time() < deadline, "training died or stalled"
+            time.sleep(0.2)
+        time.sleep(0.5)  # let it run past the checkpoint
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    saved = json.loads((tmp_path / "trainer.json").read_text())
+    assert saved["state"]["episodes"] >= 4 and saved["state"]["updates"] > 0
+    agent = DQNAgent(_debug(), progress=False).open(tmp_path)
+    assert agent.state == saved["state"]
+    assert agent.rng.bit_generator.state == saved["rng"]
+    state = agent.train(saved["state"]["episodes"] + 4, tmp_path)
+    assert state["episodes"] == saved["state"]["episodes"] + 4
+    assert state["updates"] > saved["state"]["updates"]
+    assert state["next_seed"] > saved["state"]["next_seed"]
 
 
 def test_short_training_lowers_the_td_loss(tmp_path):
