@@ -224,11 +224,13 @@ def test_llm_only_runner_with_a_fake_text_model_counts_invalid_answers():
     llm = _RecordingFake(messages=iter(AIMessage(a) for a in answers), prompts=[])
     out = LLMOnlyRunner(llm=llm, history=2)()(episode)
     assert (out.llm_calls, out.invalid_actions, out.steps) == (4, 1, 3)
+    assert out.actions == ["left", "done", "forward"]  # an invalid answer costs a no-op step
     assert not out.success and out.agent == "llm-only" and out.plan_ms_per_action > 0
     assert json.dumps(episode.instruction) in llm.prompts[0]
     assert "- none yet" in llm.prompts[0]
     assert "- left: " in llm.prompts[1]
-    assert "(no valid action" in llm.prompts[2]
+    assert "- left: you turned" in llm.prompts[1]
+    assert "(an answer that was no action): nothing happened" in llm.prompts[2]
     assert "- left: " not in llm.prompts[3]  # history=2: the oldest action has dropped out
 
 
@@ -306,6 +308,7 @@ def test_wilson_interval_known_values():
     assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson(0, 7)[0] == 0.0 and wilson(7, 7)[1] == 1.0  # never outside [0, 1]
 
 
 def test_summarize_hand_built_outcomes():

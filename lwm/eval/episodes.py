@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import gymnasium as gym
 
-from lwm.envs.language import instr_goals
+from lwm.envs.language import ACTION_NAMES, instr_goals
 from lwm.goals import Goal
 from lwm.tasks import TaskSuite, load_suite
 
@@ -74,6 +74,8 @@ class EpisodeOutcome:
     """Why the agent could not act (an instruction it could not ground, ...); a failure."""
     events: list[str] = field(default_factory=list)
     """The real text events of the episode, in order."""
+    actions: list[str] = field(default_factory=list)
+    """The actions taken, by name."""
     invalid_actions: int = 0
     """Answers that were not an action (the LLM-only agent)."""
 
@@ -170,7 +172,7 @@ class Referee(gym.Wrapper):
     text})` (how lwm's agent resets) switches the env's verifier off for the agent; the referee
     keeps its own copy of the mission's verifier and ends the episode on its verdict just as the
     env would. `verdict` is then "success", "failure" (a mission done out of order, say), or None
-    while undecided; `events` collects the episode's text events.
+    while undecided; `events` and `actions` collect the episode's text events and actions.
     """
 
     def __init__(self, env: gym.Env):
@@ -178,6 +180,7 @@ class Referee(gym.Wrapper):
         self._instrs = None
         self.verdict: str | None = None
         self.events: list[str] = []
+        self.actions: list[str] = []
         self.steps = 0
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -189,13 +192,14 @@ class Referee(gym.Wrapper):
         if instrs is not None:
             instrs.reset_verifier(self.env.unwrapped)  # bind it to this reset's objects
         self._instrs = instrs
-        self.verdict, self.events, self.steps = None, list(info["events"]), 0
+        self.verdict, self.events, self.actions, self.steps = None, list(info["events"]), [], 0
         return obs, info
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
         self.steps += 1
         self.events += info["events"]
+        self.actions.append(ACTION_NAMES[int(action)])
         base = self.env.unwrapped
         if self._instrs is None:
             if terminated:

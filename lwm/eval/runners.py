@@ -77,7 +77,7 @@ class _Worker:
     def outcome(self, episode: EvalEpisode, env: Referee, t0: float, **kw: Any) -> EpisodeOutcome:
         return EpisodeOutcome(episode=episode, agent=self.name, success=env.success,
                               steps=env.steps, wall_s=time.perf_counter() - t0,
-                              events=list(env.events), **kw)
+                              events=list(env.events), actions=list(env.actions), **kw)
 
 
 # ---------------------------------------------------------------------- random and bot
@@ -328,15 +328,31 @@ class _LLMOnlyWorker(_Worker):
                 break
             if name is None:
                 invalid += 1
+            base = env.unwrapped
+            pose = (tuple(base.agent_pos), base.agent_dir)
             _, _, terminated, truncated, info = env.step(NOOP if name is None
                                                          else ACTION_NAMES.index(name))
-            said = name if name is not None else "(no valid action: nothing happened)"
-            history.append(f"{said}: " + ("; ".join(info["events"]) or "nothing changed"))
+            history.append(_what_happened(name, pose, (tuple(base.agent_pos), base.agent_dir),
+                                          info["events"]))
             if terminated or truncated:
                 break
         decisions = self.counter.calls - calls
         return self.outcome(episode, env, t0, llm_calls=decisions, invalid_actions=invalid,
                             plan_ms_per_action=1e3 * think_s / decisions if decisions else None)
+
+
+def _what_happened(name: str | None, before: tuple, after: tuple, events: list[str]) -> str:
+    """One history line for the LLM: its action and what came of it, truthfully (a step forward
+    with no event still moved, a blocked one did nothing)."""
+    if name is None:
+        return "(an answer that was no action): nothing happened"
+    if events:
+        return f"{name}: " + "; ".join(events)
+    if after[0] != before[0]:
+        return f"{name}: you moved one step"
+    if after[1] != before[1]:
+        return f"{name}: you turned"
+    return f"{name}: nothing happened"
 
 
 # ---------------------------------------------------------------------- registry
