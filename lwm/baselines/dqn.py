@@ -179,6 +179,7 @@ def preset(name: str, **overrides: Any) -> DQNConfig:
         raise ValueError(f"unknown DQN preset {name!r}; choose from {sorted(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)
 
+
 # Settings a run cannot change when it resumes: they shape the network, the data or the goals.
 _FIXED = ("suite", "frames", "cell_dim", "goal_maps", "hidden", "goal_dim", "vocab", "relabel",
           "replay_size", "seed")
