@@ -321,6 +321,9 @@ def test_summarize_hand_built_outcomes():
     assert a["mean_steps_success"] == pytest.approx(6.0)
     assert a["by_split"]["train"]["success"] == 1.0 and a["by_split"]["held_out"]["n"] == 2
     assert a["by_kind"]["paraphrase"]["success"] == 0.5
+    assert a["by_split_and_kind"]["held_out/paraphrase"] == {
+        "n": 1, "successes": 0, "success": 0.0, "ci95": pytest.approx(list(wilson(0, 1)))}
+    assert a["by_split_and_kind"]["train/grammar"]["success"] == 1.0
     assert a["gap_train_minus_held_out"] == pytest.approx(0.5)
     assert a["gap_grammar_minus_paraphrase"] == pytest.approx(0.5)
     assert a["llm_calls_per_episode"] == pytest.approx(1.5)
@@ -345,6 +348,8 @@ def test_write_report_files_and_json_round_trip(tmp_path):
     markdown = paths["summary"].read_text()
     assert "| a | 75.0 [30, 95] (n=4) |" in markdown
     assert "- agents: a, b" in markdown
+    assert "| train/grammar | train/paraphrase | held_out/grammar | held_out/paraphrase |" \
+        in markdown
     data = json.loads(paths["json"].read_text())
     assert data["meta"]["suite"] == "babyai-goto" and "cpu_model" in data["machine"]
     assert load_outcomes(tmp_path / "r") == outcomes

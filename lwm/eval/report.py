@@ -57,9 +57,10 @@ def _gap(a: dict[str, Any], b: dict[str, Any]) -> float | None:
 
 def summarize(outcomes: Sequence[EpisodeOutcome]) -> dict[str, dict[str, Any]]:
     """Per agent (in order of first appearance): n, success with its 95 % interval, mean steps
-    (all episodes, and successful ones), success by split, by instruction kind and by family
-    (each with n and interval), the gaps trained - held-out and grammar - paraphrase, LLM calls,
-    wall seconds and invalid actions per episode, mean planning ms per action, errors."""
+    (all episodes, and successful ones), success by split, by instruction kind, by both
+    ("held_out/grammar", ...) and by family (each with n and interval), the gaps trained -
+    held-out and grammar - paraphrase, LLM calls, wall seconds and invalid actions per episode,
+    mean planning ms per action, errors."""
     agents: dict[str, list[EpisodeOutcome]] = {}
     for o in outcomes:
         agents.setdefault(o.agent, []).append(o)
@@ -71,6 +72,10 @@ def summarize(outcomes: Sequence[EpisodeOutcome]) -> dict[str, dict[str, Any]]:
         for key, (attr, values) in BREAKDOWNS.items():
             row[key] = {v: _rate([o for o in mine if getattr(o.episode, attr) == v])
                         for v in values}
+        row["by_split_and_kind"] = {
+            f"{split}/{kind}": _rate([o for o in mine if o.episode.split == split
+                                      and o.episode.kind == kind])
+            for split in BREAKDOWNS["by_split"][1] for kind in BREAKDOWNS["by_kind"][1]}
         families = sorted({o.episode.family for o in mine if o.episode.family is not None})
         row["by_family"] = {f: _rate([o for o in mine if o.episode.family == f])
                             for f in families}
@@ -119,6 +124,12 @@ def _markdown(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{_num(row['llm_calls_per_episode'], '.1f')} | "
             f"{_num(row['wall_s_per_episode'], '.2f')} | "
             f"{_num(row['plan_ms_per_action'], '.0f')} | {row['errors']} |")
+    cells = list(next(iter(summary.values()))["by_split_and_kind"]) if summary else []
+    lines += ["", "## Split by instruction kind", "",
+              "| agent | " + " | ".join(cells) + " |", "|---|" + "---|" * len(cells)]
+    for agent, row in summary.items():
+        lines.append(f"| {agent} | "
+                     + " | ".join(_pct(row["by_split_and_kind"][c]) for c in cells) + " |")
     families = sorted({f for row in summary.values() for f in row["by_family"]})
     if len(families) > 1:
         lines += ["", "## By instruction family", "",
