@@ -25,10 +25,13 @@ from typing import Any, Literal
 
 import numpy as np
 from langchain_core.callbacks import BaseCallbackHandler
-from pydantic import BaseModel
+from langchain_core.exceptions import OutputParserException
+from langchain_core.messages import HumanMessage, SystemMessage
+from pydantic import BaseModel, ValidationError
 
 from lwm.envs.language import ACTION_NAMES
 from lwm.eval.episodes import EpisodeOutcome, EvalEpisode, Referee
+from lwm.language.prompts import load_prompt, render_prompt
 from lwm.tasks import load_suite
 
 __all__ = [
@@ -292,12 +295,6 @@ class _LLMOnlyWorker(_Worker):
 
     def choose(self, instruction: str, observation: str, history: list[str]) -> str | None:
         """The LLM's next action name, or None when its answer names none."""
-        from langchain_core.exceptions import OutputParserException
-        from langchain_core.messages import HumanMessage, SystemMessage
-        from pydantic import ValidationError
-
-        from lwm.language.prompts import load_prompt, render_prompt
-
         shown = history[-self.cfg.history:] if self.cfg.history > 0 else []
         user = render_prompt(
             "llm_agent_user.txt", instruction=json.dumps(instruction), observation=observation,
