@@ -1,4 +1,4 @@
-"""The command line: verbs listed, demo runs the real envs and writes GIFs, stubs don't pretend."""
+"""The command line: verbs listed, demo runs the real envs and writes GIFs, usage errors name the problem."""
 
 from PIL import Image
 from typer.testing import CliRunner
@@ -15,11 +15,10 @@ def test_help_lists_the_verbs():
         assert verb in result.output
 
 
-def test_unfinished_verbs_say_so_and_fail():
-    for verb in ("eval",):
-        result = runner.invoke(app, [verb])
-        assert result.exit_code == 2
-        assert "not available yet" in result.output
+def test_eval_without_a_suite_is_a_usage_error_naming_the_option():
+    result = runner.invoke(app, ["eval"])
+    assert result.exit_code == 2
+    assert "--suite" in result.output
 
 
 def test_demo_runs_episodes_and_writes_gifs(tmp_path):
