@@ -20,14 +20,6 @@ app = typer.Typer(
 console = Console()
 
 
-def _not_available(verb: str, issue: int) -> None:
-    console.print(
-        f"[yellow]`lwm {verb}` is not available yet[/yellow]: it arrives with issue #{issue}. "
-        "Nothing was run."
-    )
-    raise typer.Exit(code=2)
-
-
 @app.command()
 def suites() -> None:
     """List the task suites lwm ships, with their env, episode limit and held-out combinations."""
