@@ -330,7 +330,8 @@ def test_runner_plays_harness_episodes_like_the_policy(trained):
         words = episode.instruction if episode.kind == "paraphrase" else None
         direct = policy.run(env, episode.seed, instruction=words, max_steps=episode.max_steps)
         assert (out.success, out.steps) == (direct.success, direct.steps)
-        assert out.steps > 0 and out.plan_ms_per_action > 0
+        assert out.steps == len(out.actions) > 0 and "done" not in out.actions
+        assert out.plan_ms_per_action > 0
 
 
 def test_run_follows_given_goals_instead_of_the_mission(trained):

@@ -1140,6 +1140,7 @@ class DQNRunner:
                                 max_steps=episode.max_steps)
             return EpisodeOutcome(episode=episode, agent=self.name, success=env.success,
                                   steps=env.steps, wall_s=result.wall_s,
-                                  plan_ms_per_action=result.act_ms, events=list(env.events))
+                                  plan_ms_per_action=result.act_ms, events=list(env.events),
+                                  actions=list(env.actions))
 
         return work
