@@ -279,6 +279,8 @@ def evaluate(
     checkpoint: str | None = typer.Option(
         None, help="world model of the lwm agents: a run or model directory (default: the "
         "checkpoint lwm ships for the suite)"),
+    dqn_checkpoint: str | None = typer.Option(
+        None, help="run directory of the dqn agent (`python eval/dqn.py RUN --train 4000`)"),
     llm: str = typer.Option(
         "local", help="LLM of the lwm and llm-only agents: 'local', a provider string, or "
         "'grammar' (lwm with BabyAI's grammar parser)"),
@@ -330,7 +332,9 @@ def evaluate(
                                    ("horizon", horizon)) if v is not None}
     if overrides:
         shared["planner_cfg"] = overrides
-    if any("checkpoint" in runner_options(a) for a in names):
+    if "dqn" in names and dqn_checkpoint is None:
+        fail("the dqn agent needs --dqn-checkpoint (a run of `python eval/dqn.py`)")
+    if any("checkpoint" in runner_options(a) for a in names if a != "dqn"):
         path = Path(checkpoint) if checkpoint is not None else shipped_checkpoint(s.name)
         if path is None:
             fail(f"lwm ships no checkpoint for suite {s.name!r}: pass --checkpoint (train one "
@@ -341,6 +345,8 @@ def evaluate(
     runners = {}
     for a in names:
         opts = {k: v for k, v in shared.items() if k in runner_options(a)}
+        if a == "dqn":
+            opts = {"checkpoint": dqn_checkpoint}
         runners[a] = make_runner(a, **opts)
 
     items = episodes_for(s, episodes, paraphrase_share=paraphrase_share, max_steps=max_steps)

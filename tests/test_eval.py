@@ -385,6 +385,7 @@ def test_cli_eval_random_and_bot(tmp_path):
      "no world model at /no/such/dir"),
     (["--suite", "balrog-babyai", "--agents", "lwm-grammar"], "ships no checkpoint"),
     (["--suite", "babyai-goto", "--agents", "llm-only", "--llm", "grammar"], "needs an LLM"),
+    (["--suite", "babyai-goto", "--agents", "dqn"], "needs --dqn-checkpoint"),
 ])
 def test_cli_eval_refuses_bad_input(args, message):
     result = CliRunner().invoke(app, ["eval", *args, "--episodes", "1"], terminal_width=200)

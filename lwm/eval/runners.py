@@ -380,6 +380,8 @@ RUNNERS: dict[str, RunnerEntry] = {
     "lwm-no-critic": RunnerEntry(LwmRunner, "lwm with the LLM parser but no critic",
                                  {"critic": False}),
     "llm-only": RunnerEntry(LLMOnlyRunner, "the LLM picks every action from text (BALROG)"),
+    "dqn": RunnerEntry("lwm.baselines.dqn:DQNRunner", "model-free DQN + language hindsight "
+                       "relabeling, the same MiniLM goal embeddings (--dqn-checkpoint)"),
 }
 """Runner names for `lwm eval --agents`."""
 
