@@ -156,8 +156,11 @@ def test_runners_pickle():
 
 
 def test_registry_names_errors_and_hook(monkeypatch):
-    with pytest.raises(ValueError, match="unknown agent 'dqn'.*random, bot, lwm"):
-        make_runner("dqn")
+    with pytest.raises(ValueError, match="unknown agent 'sage'.*random, bot, lwm"):
+        make_runner("sage")
+    # the DQN baseline is registered by "module:Class" and built with its own run directory
+    dqn = make_runner("dqn", checkpoint="runs/dqn")
+    assert type(dqn).__name__ == "DQNRunner" and dqn.checkpoint == "runs/dqn"
     with pytest.raises(TypeError, match="agent 'bot' takes"):
         make_runner("bot", seed=1)
     assert make_runner("lwm-grammar", checkpoint="x") == LwmRunner("x", llm="grammar",
