@@ -1,4 +1,4 @@
-"""The command line: verbs listed, demo runs the real envs and writes GIFs, usage errors name the problem."""
+"""The command line: verbs listed, demo runs real envs and writes GIFs, usage errors say why."""
 
 from PIL import Image
 from typer.testing import CliRunner
