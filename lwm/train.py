@@ -19,6 +19,7 @@ whose missions are not held out; the planner takes over collection once it exist
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -85,6 +86,7 @@ class Trainer:
         self.sampler = SequenceSampler(self.store, cfg.seq_len)
         self.vocab, self.goal_table = self._goal_table()
         self._writer = None
+        self._collector_obj = None  # built on first use (a Ray cluster starts then)
 
     # ------------------------------------------------------------------ the loop
 
@@ -96,7 +98,7 @@ class Trainer:
         metrics: dict[str, float] = {}
         columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
                    "{task.total}"), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
-        with Progress(*columns, disable=not self.progress) as bar, _closing(self):
+        with Progress(*columns, disable=not self.progress) as bar, contextlib.closing(self):
             task = bar.add_task("dyna", total=cfg.episodes, completed=len(self.store), info="")
             while len(self.store) < cfg.episodes:
                 n = min(cfg.collect_per_iter, cfg.episodes - len(self.store))
@@ -203,13 +205,13 @@ class Trainer:
     def _collector(self):
         from lwm.eval.collect import make_collector
 
-        if getattr(self, "_collector_obj", None) is None:
+        if self._collector_obj is None:
             self._collector_obj = make_collector(self.cfg.workers, self.cfg.ray_address)
         return self._collector_obj
 
     def close(self) -> None:
         """Release the collector's workers (and a Ray cluster this trainer started)."""
-        if getattr(self, "_collector_obj", None) is not None:
+        if self._collector_obj is not None:
             self._collector_obj.close()
             self._collector_obj = None
 
@@ -310,7 +312,7 @@ class ExploreJob:
         return run
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class PolicyJob:
     """Builds a worker (in any process) that runs the model's epsilon-greedy Q policy on a
     chunk of seeds in lockstep: an item is (seeds, rng seed) -> episodes in seed order. Carries
@@ -334,14 +336,6 @@ class PolicyJob:
                    weights=save(state), goal_texts=tuple(goal_texts),
                    goal_table=save({"embeddings": goal_table.contiguous()}),
                    epsilon_min=cfg.epsilon_min, epsilon_max=cfg.epsilon_max)
-
-    def __eq__(self, other: object) -> bool:  # Ray reuses actors for an equal job
-        return isinstance(other, PolicyJob) and (
-            self.weights, self.goal_texts, self.suite, self.epsilon_min, self.epsilon_max
-        ) == (other.weights, other.goal_texts, other.suite, other.epsilon_min, other.epsilon_max)
-
-    def __hash__(self) -> int:
-        return hash((self.suite, len(self.weights), self.goal_texts))
 
     def __call__(self):
         from safetensors.torch import load
@@ -400,13 +394,16 @@ class _PolicyWorker:
         state = model.init_state(b)
         prev = torch.full((b,), model.START)
         episodes: list = [None] * b
+        psi = None
         allowed = np.flatnonzero(EXPLORATION_PROBS > 0)
         while any(e is None for e in episodes):
             image = torch.from_numpy(np.stack([o["image"] for o in obs_list]))
             direction = torch.tensor([int(o["direction"]) for o in obs_list])
             carrying = torch.from_numpy(np.stack([np.asarray(o["carrying"]) for o in obs_list]))
             h, state = model.next(state, model.encode(image, direction, carrying), prev)
-            q = model.q(h, torch.stack([self.goal(p[0].text) for p in pending]))  # (b, A)
+            if psi is None:  # the goal stream changes only when a subgoal does
+                psi = model.goal_features(torch.stack([self.goal(p[0].text) for p in pending]))
+            q = model.q(h, psi=psi["q"])  # (b, A)
             greedy = allowed[q[:, allowed].argmax(-1).numpy()]
             explore = rng.random(b) < eps
             random = rng.choice(len(EXPLORATION_PROBS), size=b, p=EXPLORATION_PROBS)
@@ -418,22 +415,10 @@ class _PolicyWorker:
                 obs_list[i], info = step[0], step[-1]
                 if len(pending[i]) > 1 and goal_achieved(pending[i][0], info):
                     pending[i] = pending[i][1:]  # on to the mission's next subgoal
+                    psi = None
                 episodes[i] = recs[i].step(actions[i], *step)
             prev = torch.tensor(actions)
         return episodes
-
-
-class _closing:
-    """`with _closing(trainer):` releases the trainer's collector on the way out."""
-
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-
-    def __enter__(self) -> Trainer:
-        return self.trainer
-
-    def __exit__(self, *exc: Any) -> None:
-        self.trainer.close()
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -58,7 +58,7 @@ from lwm.data.relabel import GoalVocab
 from lwm.envs import goal_achieved
 from lwm.envs.language import OBJECT_TO_IDX, instr_goals
 from lwm.goals import COLORS, Goal, all_concrete_goals, parse_goal
-from lwm.models.world_model import CheckpointError
+from lwm.models.world_model import CheckpointError, check_tensors, read_safetensors
 from lwm.tasks import TaskSuite, load_suite
 
 __all__ = [
@@ -892,13 +892,13 @@ class DQNAgent:
             raise CheckpointError(f"{self.dir}: cannot resume with a different setup "
                                   f"({'; '.join(diff)}); use another run directory")
         file = self.dir / saved["tensors"]
-        tensors = _read_safetensors(file)
+        tensors = read_safetensors(file)
 
         def part(prefix: str) -> dict[str, Tensor]:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-        self.net.load_state_dict(_check_tensors(file, part("online."), self.net.state_dict()))
-        self.target.load_state_dict(_check_tensors(file, part("target."),
+        self.net.load_state_dict(check_tensors(file, part("online."), self.net.state_dict()))
+        self.target.load_state_dict(check_tensors(file, part("target."),
                                                    self.target.state_dict()))
         self.opt.load_state_dict(_unflatten_optimizer(part("opt."), saved["optimizer"]))
         self.replay.load_arrays({k: v.numpy() for k, v in part("replay.").items()},
@@ -1039,35 +1039,8 @@ def load_config(path: str | Path) -> DQNConfig:
         raise CheckpointError(f"{file}: malformed config ({err})") from None
 
 
-def _read_safetensors(file: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not file.is_file():
-        raise CheckpointError(f"{file.parent}: checkpoint has no {file.name}")
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{file}: corrupt weights ({err})") from None
-
-
-def _check_tensors(file: Path, tensors: dict[str, Tensor], expected: dict[str, Tensor]
-                   ) -> dict[str, Tensor]:
-    missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
-    if missing or extra:
-        raise CheckpointError(f"{file}: weights do not fit the config (missing "
-                              f"{sorted(missing)[:5]}, unexpected {sorted(extra)[:5]})")
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise CheckpointError(f"{file}: {name} has shape {tuple(tensor.shape)}, the config "
-                                  f"needs {tuple(expected[name].shape)}")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{file}: {name} contains NaN or inf")
-    return tensors
-
-
 def _load_tensors(file: Path, expected: dict[str, Tensor]) -> dict[str, Tensor]:
-    return _check_tensors(file, _read_safetensors(file), expected)
+    return check_tensors(file, read_safetensors(file), expected)
 
 
 def _load_goal_table(path: Path) -> tuple[GoalVocab, Tensor]:
@@ -1078,7 +1051,7 @@ def _load_goal_table(path: Path) -> tuple[GoalVocab, Tensor]:
         texts = json.loads(names.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{names}: corrupt goal vocabulary ({err})") from None
-    table = _read_safetensors(path / "goals.safetensors").get("embeddings")
+    table = read_safetensors(path / "goals.safetensors").get("embeddings")
     if not isinstance(texts, list) or table is None or table.shape[0] != len(texts):
         raise CheckpointError(f"{path}: goals.json and goals.safetensors do not match")
     return GoalVocab(texts), table

@@ -551,16 +551,26 @@ def load_config(path: str | Path) -> WorldModelConfig:
 
 
 def _load_weights(file: Path, model: nn.Module) -> dict[str, Tensor]:
+    return check_tensors(file, read_safetensors(file), model.state_dict())
+
+
+def read_safetensors(file: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file; a missing or corrupt file is a `CheckpointError`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not file.is_file():
-        raise CheckpointError(f"{file.parent}: checkpoint has no {WEIGHTS_NAME}")
+        raise CheckpointError(f"{file.parent}: checkpoint has no {file.name}")
     try:
-        tensors = load_file(str(file))
+        return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{file}: corrupt weights ({err})") from None
-    expected = model.state_dict()
+
+
+def check_tensors(file: Path, tensors: dict[str, Tensor],
+                  expected: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`tensors` (read from `file`) if they have exactly the names and shapes of `expected`
+    and are finite; else a `CheckpointError` naming the problem."""
     missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
     if missing or extra:
         raise CheckpointError(
