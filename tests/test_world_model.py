@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lwm.models.metrics import auroc, open_loop_accuracy
-from lwm.models.world_model import CheckpointError, WorldModel, preset
+from lwm.models.world_model import MAP_CELLS, CheckpointError, WorldModel, _GoalHead, preset
 
 
 def _batch(b=3, length=6, goals=4, vocab=10, seed=0):
@@ -205,3 +205,15 @@ def test_the_shipped_checkpoint_loads_as_the_small_preset():
     model = WorldModel.from_pretrained(path, expect=preset("small", goal_maps=0))
     assert (path / "model.safetensors").stat().st_size < 20 * 2**20
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("maps", [0, 3])
+def test_pairwise_goal_scores_equal_one_goal_at_a_time(maps):
+    torch.manual_seed(0)
+    head = _GoalHead(d=8, goal_dim=5, hidden=6, n_out=4, maps=maps, cell_dim=3)
+    width = 8 + (MAP_CELLS * 3 if maps else 0)
+    h, g = torch.randn(2, 3, width), torch.randn(2, 3, 7, 5)  # 7 goals per state
+    pairs = head.pairwise(h, head.goal_features(g))
+    singles = torch.stack([head(h, g[:, :, i]) for i in range(7)], dim=2)
+    assert pairs.shape == (2, 3, 7, 4)
+    torch.testing.assert_close(pairs, singles, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,144 @@
+"""Speed of one world-model training update (the Dyna loop's `fit` step) on CPU, one run.
+
+    python eval/bench_train.py --json runs/bench_train.json
+
+Builds a `Trainer` in a temporary directory, collects `--episodes` exploration episodes of the
+suite, and times, in interleaved rounds (see `lwm.report.time_interleaved`), one full update:
+sampling windows, relabelling goals, the loss, backward and the Adam step. The update runs twice
+per round: with the goal heads' batched `pairwise` scoring (what training uses) and with a
+straightforward broadcast reference of the same math, so the ratio between them is measured under
+the same load. The loss of both is checked to agree before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from lwm.config import TrainConfig  # noqa: E402
+from lwm.models.world_model import MAP_CELLS, _GoalHead  # noqa: E402
+from lwm.report import machine_info, time_interleaved, write_json  # noqa: E402
+from lwm.train import Trainer  # noqa: E402
+
+
+def reference_pairwise(head: _GoalHead, h: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+    """The goal head's pairwise scores written the direct way: broadcast every state against
+    its goals (the cells are copied once per goal)."""
+    k, n = head.hidden, head.n_out
+    phi = head.state_mlp(h[..., : head.d]).unflatten(-1, (n, k))
+    out = torch.einsum("blnk,blgk->blgn", phi, psi[..., :k]) / math.sqrt(k) + psi[..., k : k + n]
+    if head.maps:
+        cells = h[..., head.d :].unflatten(-1, (MAP_CELLS, head.cell_dim))
+        query = psi[..., k + n :].unflatten(-1, (head.maps, head.cell_dim + 1))
+        match = cells[:, :, None] @ query[..., :-1].transpose(-1, -2) + query[..., None, :, -1]
+        out = out + head.map_out(head.read(match.flatten(-2))
+                                 + head.history(h[..., : head.d])[:, :, None])
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", default="babyai-goto")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--backbone", default="mamba2")
+    parser.add_argument("--episodes", type=int, default=100, help="exploration episodes stored")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--n-goals", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write all figures here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    cfg = TrainConfig(suite=args.suite, preset=args.preset, backbone=args.backbone,
+                      episodes=args.episodes, batch_size=args.batch_size, seq_len=args.seq_len,
+                      n_goals=args.n_goals, seed=args.seed, threads=args.threads,
+                      warmup_episodes=args.episodes)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, tmp, progress=False)
+        trainer.collect(args.episodes)
+        trainer.sampler.refresh()
+        heads = (trainer.model.q_head, trainer.model.q_target, trainer.model.reward_head)
+
+        def update(reference: bool) -> None:
+            for head in heads:
+                if reference:
+                    head.pairwise = reference_pairwise.__get__(head)
+                else:
+                    head.__dict__.pop("pairwise", None)
+            trainer.fit(1)
+
+        batch_check = _loss_agreement(trainer, heads)
+        seconds = time_interleaved({"batched": lambda: update(False),
+                                    "reference": lambda: update(True)}, rounds=args.rounds)
+        update(False)
+
+    result = {
+        "config": vars(args) | {"json": str(args.json) if args.json else None},
+        "machine": machine_info(),
+        "seed": args.seed,
+        "figures": {
+            "update_ms": seconds["batched"] * 1e3,
+            "reference_update_ms": seconds["reference"] * 1e3,
+            "speedup": seconds["reference"] / seconds["batched"],
+            "updates_per_minute": 60 / seconds["batched"],
+            "loss_max_abs_diff": batch_check,
+        },
+    }
+    report(result)
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+def _loss_agreement(trainer: Trainer, heads) -> float:
+    """Largest |difference| of the loss parts, batched vs reference, on one batch: the two
+    paths compute the same math."""
+    from lwm.data.relabel import relabel
+
+    model, cfg = trainer.model, trainer.cfg
+    batch = trainer.sampler.sample(cfg.batch_size, trainer.rng)
+    goals = relabel(batch, trainer.vocab, trainer.rng, cfg.n_goals)
+    tensors = batch.to_torch()
+    prev = tensors["prev_action"]
+    tensors.update(prev_action=torch.where(prev < 0, model.START, prev),
+                   goal=torch.from_numpy(goals.goal), goal_reward=torch.from_numpy(goals.reward),
+                   goal_mask=torch.from_numpy(goals.mask))
+    with torch.no_grad():
+        batched = torch.tensor(list(model.loss(tensors, trainer.goal_table)[1].values()))
+        for head in heads:
+            head.pairwise = reference_pairwise.__get__(head)
+        reference = torch.tensor(list(model.loss(tensors, trainer.goal_table)[1].values()))
+        for head in heads:
+            head.__dict__.pop("pairwise")
+    return float((batched - reference).abs().max())
+
+
+def report(result: dict[str, Any]) -> None:
+    fig = result["figures"]
+    table = Table(title=f"one training update ({result['config']['preset']}, "
+                        f"{result['config']['backbone']}, {result['config']['threads']} thread)")
+    for col in ("path", "ms/update", "updates/min"):
+        table.add_column(col)
+    table.add_row("batched pairwise", f"{fig['update_ms']:.0f}", f"{fig['updates_per_minute']:.0f}")
+    table.add_row("reference", f"{fig['reference_update_ms']:.0f}",
+                  f"{60e3 / fig['reference_update_ms']:.0f}")
+    Console().print(table)
+    Console().print(f"speedup {fig['speedup']:.2f}x; "
+                    f"largest loss difference {fig['loss_max_abs_diff']:.2e}")
+
+
+if __name__ == "__main__":
+    main()
