@@ -2,12 +2,16 @@
 
     python eval/language.py --json eval/results/language.json
     python eval/language.py --models grammar,local --kinds paraphrase,ungroundable --limit 20
+    python eval/language.py --models local --wire text,fields --no-critic --threads 2
 
 Parsers: `grammar` (BabyAI's mission grammar, deterministic, no LLM) and chat models by
 `get_chat_model` spec ("local" = Qwen2.5-Coder-1.5B, "local:qwen2.5-coder-0.5b", or a provider
 string). Suites: `tasks/parse_suite.yaml` (exact match of the ordered canonical subgoal texts;
 an ungroundable instruction is right when it raises an `InstructionError` naming the expected
-word) and `tasks/critic_suite.yaml` (verdict = label), the latter for chat models only.
+word) and `tasks/critic_suite.yaml` (verdict = label), the latter for chat models only. Chat
+models parse in each `--wire` format (`lwm.language.parse.WIRE_FORMATS`: canonical goal texts,
+or enum fields per subgoal); each format's system prompt is evaluated once before timing, as it
+is in a long-running agent, so latency is per instruction with the prompt prefix cached.
 
 Latency is wall time per call on whatever else the machine is running; the load average at the
 start and end of each section is recorded beside it.
@@ -130,6 +134,8 @@ def main() -> None:
                     help="parse-suite kinds to run the chat models on (grammar runs all)")
     ap.add_argument("--limit", type=int, default=0, help="at most this many items per kind")
     ap.add_argument("--no-critic", action="store_true", help="skip the critic suite")
+    ap.add_argument("--wire", default="text",
+                    help="comma-separated answer formats to parse in: text and/or fields")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
     ap.add_argument("--json", type=Path, help="write all figures here")
     args = ap.parse_args()
@@ -160,25 +166,31 @@ def main() -> None:
             llm = get_chat_model(name, n_threads=args.threads, seed=SEED)
             start = time.perf_counter()
             llm.invoke("Say OK.", max_tokens=2)
-            clear_parse_cache()
-            parser = LLMGoalParser(llm)
+            result = {"load_and_first_call_s": time.perf_counter() - start, "parse": {}}
             items = pick([i for i in parse_items if i["kind"] in kinds], "kind")
-            result = {"load_and_first_call_s": time.perf_counter() - start,
-                      "parse": run_parse(parser.parse, items)}
+            for wire in args.wire.split(","):
+                parser = LLMGoalParser(llm, wire=wire)
+                start = time.perf_counter()
+                parser.parse("walk to the door")  # evaluates and caches the system prompt
+                result[f"prompt_prefill_s_{wire}"] = time.perf_counter() - start
+                clear_parse_cache()
+                print(f"-- {name} wire={wire}", file=sys.stderr)
+                result["parse"][wire] = run_parse(parser.parse, items)
             if not args.no_critic:
                 result["critic"] = run_critic(LLMCritic(llm), pick(critic_items, "category"))
             report["results"][name] = result
         if args.json:
             write_json(args.json, report)
     for name, result in report["results"].items():
-        parse = result["parse"]
-        line = f"{name:28s} parse " + " ".join(
-            f"{k} {v:.0%} ({parse['counts'][k]})" for k, v in parse["accuracy"].items())
-        line += f"  median {parse['latency'].get('median_s', 0):.2f}s/call"
+        by_wire = result["parse"] if name != "grammar" else {"-": result["parse"]}
+        for wire, parse in by_wire.items():
+            line = f"{name:28s} {wire:6s} parse " + " ".join(
+                f"{k} {v:.0%} ({parse['counts'][k]})" for k, v in parse["accuracy"].items())
+            line += f"  median {parse['latency'].get('median_s', 0):.2f}s/call"
+            print(line)
         if "critic" in result:
-            line += (f" | critic {result['critic']['accuracy']:.0%}"
-                     f" median {result['critic']['latency']['median_s']:.2f}s/call")
-        print(line)
+            print(f"{name:28s} critic {result['critic']['accuracy']:.0%}"
+                  f" median {result['critic']['latency']['median_s']:.2f}s/call")
 
 
 if __name__ == "__main__":

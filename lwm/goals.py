@@ -35,6 +35,8 @@ LOCATIONS: tuple[str, ...] = ("left", "right", "front", "behind")
 """BabyAI's locations, relative to the agent's pose at the start of the episode."""
 _LOC_TEXT = {"left": "on your left", "right": "on your right", "front": "in front of you",
              "behind": "behind you"}
+LOC_TEXTS: tuple[str, ...] = tuple(_LOC_TEXT.values())
+"""How goal texts say each location ("on your left", ...), in the order of `LOCATIONS`."""
 
 
 class GoalTextError(ValueError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import types
 import typing
@@ -40,7 +41,7 @@ from lwm.language import (
 from lwm.language import llm as llm_mod
 from lwm.language import spec as spec_mod
 from lwm.language.llm import PackagedGGUF, assemble_gguf, json_schema_for, resolve_gguf
-from lwm.language.wire import WireCritique, WireParse
+from lwm.language.wire import WireCritique, WireParse, WireParseText, canonical_goal_pattern
 
 
 class FakeStructuredChatModel(FakeListChatModel):
@@ -218,54 +219,82 @@ def test_babyai_mission_parser_reads_real_missions(level):
 
 def test_llm_parse_grounds_the_answer():
     model = fake({"unknown": [], "subgoals": [
-        step("pick up", obj("ball", "blue")),
-        step("put next to", obj("ball", "blue"), obj("door", "red", "left")),
-    ]})
+        "pick up the blue ball", "put the blue ball next to the red door on your left"]})
     spec = parse_instruction("take the blue orb and leave it by the red door on your left", model)
     assert spec.texts == ["pick up the blue ball",
                           "put the blue ball next to the red door on your left"]
     assert [s.stage for s in spec.subgoals] == [0, 1]
     system, user = model.seen[0]
     assert system.type == "system" and "blue orb" not in system.text
+    assert "Subgoal grammar" in system.text
     assert json.dumps("take the blue orb and leave it by the red door on your left") in user.text
 
 
+def test_llm_parse_in_the_fields_wire_format():
+    model = fake({"unknown": [], "subgoals": [
+        step("pick up", obj("ball", "blue")),
+        step("put next to", obj("ball", "blue"), obj("door", "red", "left")),
+    ]})
+    spec = parse_instruction("take the blue orb and leave it by the red door on your left", model,
+                             wire="fields")
+    assert spec.texts == ["pick up the blue ball",
+                          "put the blue ball next to the red door on your left"]
+    assert "Subgoal grammar" not in model.seen[0][0].text
+    with pytest.raises(InstructionError, match="only doors can be opened"):
+        parse_instruction("open the ball", fake({"unknown": [], "subgoals": [
+            step("open", obj("ball"))]}), wire="fields")
+    with pytest.raises(ValueError, match="unknown wire format 'xml'"):
+        LLMGoalParser(model, wire="xml")
+
+
+def test_the_text_wire_pattern_is_the_well_typed_goal_grammar():
+    pattern = re.compile(canonical_goal_pattern())
+    assert all(pattern.match(g.text) for g in goals.all_concrete_goals())
+    for text in ("go to the ball on your left", "put the key next to the door behind you",
+                 "open the door in front of you"):
+        assert pattern.match(text) and Subgoal.from_goal(text).text == text
+    answer = WireParseText(subgoals=["go to the gray key", "open the violet door"], unknown=[])
+    assert answer.subgoals == ["go to the grey key", "open the purple door"]
+    for text in ("open the red ball", "pick up the door", "go to a red ball", "go to the moon",
+                 "put the blue box next to", "Go to the red ball", "go to the red ball "):
+        assert not pattern.match(text), text
+    assert "(?" not in canonical_goal_pattern()  # llama.cpp's grammar converter needs this
+
+
 def test_llm_parse_names_what_cannot_be_grounded():
-    model = fake({"unknown": ["the moon"], "subgoals": [step("go to", obj("ball"))]})
+    model = fake({"unknown": ["the moon"], "subgoals": ["go to the ball"]})
     with pytest.raises(InstructionError, match="'the moon' is not an object"):
         parse_instruction("go to the moon", model)
-    synonym = fake({"unknown": ["the gray Sphere", "thank you"],
-                    "subgoals": [step("go to", obj("ball"))]})
+    synonym = fake({"unknown": ["the gray Sphere", "thank you"], "subgoals": ["go to the ball"]})
     assert parse_instruction("go to the gray sphere", synonym).texts == ["go to the ball"]
     with pytest.raises(InstructionError, match="found no goal"):
         parse_instruction("hello there", fake({"unknown": [], "subgoals": []}))
-    with pytest.raises(InstructionError, match="only doors can be opened"):
-        parse_instruction("open the ball", fake({"unknown": [], "subgoals": [
-            step("open", obj("ball"))]}))
     with pytest.raises(InstructionError, match="empty"):
         parse_instruction("   ", fake({"unknown": [], "subgoals": []}))
 
 
 def test_llm_parse_retries_then_fails_clearly():
-    good = {"unknown": [], "subgoals": [step("open", obj("door", "green"))]}
-    model = fake("not json", {"unknown": [], "subgoals": [{"verb": "fly"}]}, good)
+    good = {"unknown": [], "subgoals": ["open the green door"]}
+    model = fake("not json", {"unknown": [], "subgoals": ["open the green ball"]}, good)
     assert parse_instruction("open the green door", model, retries=2).texts == [
         "open the green door"]
     assert len(model.seen) == 3
     assert "previous answer was invalid" in model.seen[1][-1].text
-    with pytest.raises(StructuredOutputError, match="no valid WireParse in 2 tries"):
+    with pytest.raises(StructuredOutputError, match="no valid WireParseText in 2 tries"):
         parse_instruction("open the red door", fake("nope"), retries=1)
 
 
-def test_llm_parse_caches_per_model_and_text():
-    answer = {"unknown": [], "subgoals": [step("go to", obj("key", "red"))]}
-    model = fake(answer)
+def test_llm_parse_caches_per_model_wire_and_text():
+    model = fake({"unknown": [], "subgoals": ["go to the red key"]})
     parser = LLMGoalParser(model)
     first = parser.parse("go to the red key")
     again = parser.parse("go   to the red key")
     assert first.texts == again.texts and len(model.seen) == 1
-    other = fake({"unknown": [], "subgoals": [step("go to", obj("key", "blue"))]})
+    other = fake({"unknown": [], "subgoals": ["go to the blue key"]})
     assert parse_instruction("go to the red key", other).texts == ["go to the blue key"]
+    fields = fake({"unknown": [], "subgoals": [step("go to", obj("key", "green"))]})
+    assert parse_instruction("go to the red key", fields, wire="fields").texts == [
+        "go to the green key"]
     ungroundable = fake({"unknown": ["the moon"], "subgoals": []})
     for _ in range(2):
         with pytest.raises(InstructionError):
@@ -382,10 +411,10 @@ def test_get_chat_model_specs(monkeypatch):
 
 
 def test_structured_schemas_are_self_contained_and_bounded():
-    for schema in (WireParse, WireCritique):
+    for schema in (WireParse, WireParseText, WireCritique):
         text = json.dumps(json_schema_for(schema))
         assert "$ref" not in text and "$defs" not in text
-        assert '"maxItems": 4' in text and '"enum"' in text
+        assert '"maxItems": 4' in text and ('"enum"' in text or '"pattern"' in text)
 
 
 class FakeLlama:
@@ -404,13 +433,14 @@ class FakeLlama:
 def test_local_model_uses_constrained_decoding(monkeypatch, tmp_path):
     import threading
 
-    answer = {"unknown": [], "subgoals": [step("go to", obj("box", "grey"))]}
+    answer = {"unknown": [], "subgoals": ["go to the grey box"]}
     llama = FakeLlama(json.dumps(answer))
     monkeypatch.setattr(llm_mod, "_load_llama", lambda *a: (llama, threading.Lock()))
     model = LocalChatModel(gguf_path=str(tmp_path / "m.gguf"), n_threads=1)
     assert parse_instruction("go to the gray crate", model).texts == ["go to the grey box"]
     call = llama.calls[0]
-    assert call["response_format"] == {"type": "json_object", "schema": json_schema_for(WireParse)}
+    assert call["response_format"] == {"type": "json_object",
+                                       "schema": json_schema_for(WireParseText)}
     assert call["temperature"] == 0.0
     assert [m["role"] for m in call["messages"]] == ["system", "user"]
     plain = model.invoke("hi")
@@ -425,7 +455,7 @@ def test_local_model_keeps_one_context_per_system_prompt(monkeypatch, tmp_path):
     import threading
 
     slots = []
-    parse_answer = json.dumps({"unknown": [], "subgoals": [step("go to", obj("box", "grey"))]})
+    parse_answer = json.dumps({"unknown": [], "subgoals": ["go to the grey box"]})
     critic_answer = json.dumps(verdict([(1, "you are in front of the grey box", True)]))
 
     def load(*args):

@@ -1,6 +1,9 @@
 """Instruction → `GoalSpec` with a chat model (any langchain model, or lwm's local one).
 
-The model fills in `WireParse` by structured output; its answer is then grounded: every phrase
+The model answers by structured output in one of two wire formats: `text` (the default), a list
+of canonical goal texts held to the goal grammar by a pattern (`WireParseText`), or `fields`,
+verb / colour / type / location enums per subgoal (`WireParse`), about six times the tokens.
+Its answer is then grounded: every phrase
 it marks as unknown (unless all its words are in lwm's vocabulary: small models sometimes list a
 synonym they did map, "the blue sphere"), and every subgoal lwm's goal grammar rejects ("open the
 red ball"), becomes an `InstructionError` that says what could not be grounded. Answers are
@@ -19,8 +22,8 @@ from pydantic import ValidationError
 
 from lwm.language.llm import get_chat_model, invoke_structured, model_key
 from lwm.language.prompts import load_prompt, render_prompt
-from lwm.language.spec import GoalSpec, InstructionError
-from lwm.language.wire import WireParse, is_grounded_phrase
+from lwm.language.spec import GoalSpec, InstructionError, Subgoal
+from lwm.language.wire import WireParse, WireParseText, is_grounded_phrase
 
 __all__ = ["LLMGoalParser", "clear_parse_cache", "parse_instruction"]
 
@@ -40,7 +43,14 @@ def _normalize(text: str) -> str:
     return " ".join(text.split())
 
 
-def ground(answer: WireParse, instruction: str) -> GoalSpec:
+WIRE_FORMATS: dict[str, tuple[type[WireParse] | type[WireParseText], str]] = {
+    "text": (WireParseText, "parse_text_system.txt"),
+    "fields": (WireParse, "parse_system.txt"),
+}
+"""Wire format name -> (answer schema, system prompt file)."""
+
+
+def ground(answer: WireParse | WireParseText, instruction: str) -> GoalSpec:
     """The `GoalSpec` of a model's answer, or `InstructionError` naming what is not grounded."""
     unknown = [u for u in answer.unknown if not is_grounded_phrase(u)]
     if unknown:
@@ -53,7 +63,10 @@ def ground(answer: WireParse, instruction: str) -> GoalSpec:
     if not answer.subgoals:
         raise InstructionError(f"found no goal in {instruction!r}")
     try:
-        subgoals = tuple(s.to_subgoal(stage=i) for i, s in enumerate(answer.subgoals))
+        subgoals = tuple(
+            Subgoal.from_goal(s, stage=i) if isinstance(s, str) else s.to_subgoal(stage=i)
+            for i, s in enumerate(answer.subgoals)
+        )
     except ValidationError as e:
         reason = e.errors()[0]["msg"].removeprefix("Value error, ")
         raise InstructionError(f"{instruction!r} cannot be grounded: {reason}") from e
@@ -61,11 +74,16 @@ def ground(answer: WireParse, instruction: str) -> GoalSpec:
 
 
 class LLMGoalParser:
-    """`GoalParser` that asks a chat model; `retries` is how often to re-ask on invalid output."""
+    """`GoalParser` that asks a chat model; `retries` is how often to re-ask on invalid output,
+    `wire` the answer format ("text" or "fields", see the module doc)."""
 
-    def __init__(self, llm: BaseChatModel | str = "local", retries: int = 2) -> None:
+    def __init__(self, llm: BaseChatModel | str = "local", retries: int = 2,
+                 wire: str = "text") -> None:
+        if wire not in WIRE_FORMATS:
+            raise ValueError(f"unknown wire format {wire!r}; choose from {sorted(WIRE_FORMATS)}")
         self.llm = get_chat_model(llm)
         self.retries = retries
+        self.wire = wire
 
     def parse(self, instruction: str) -> GoalSpec:
         """Parse `instruction`; raises `InstructionError` (ungroundable) or
@@ -73,7 +91,7 @@ class LLMGoalParser:
         text = _normalize(instruction)
         if not text:
             raise InstructionError("the instruction is empty")
-        key = (model_key(self.llm), text)
+        key = (f"{model_key(self.llm)}|{self.wire}", text)
         with _CACHE_LOCK:
             cached = _CACHE.get(key)
             if cached is not None:
@@ -82,11 +100,12 @@ class LLMGoalParser:
             raise cached
         if cached is not None:
             return cached.model_copy(update={"instruction": instruction})
+        schema, system = WIRE_FORMATS[self.wire]
         messages = [
-            SystemMessage(load_prompt("parse_system.txt")),
+            SystemMessage(load_prompt(system)),
             HumanMessage(render_prompt("parse_user.txt", instruction=json.dumps(text))),
         ]
-        answer = invoke_structured(self.llm, WireParse, messages, retries=self.retries)
+        answer = invoke_structured(self.llm, schema, messages, retries=self.retries)
         try:
             result: GoalSpec | InstructionError = ground(answer, instruction)
         except InstructionError as e:
@@ -101,10 +120,10 @@ class LLMGoalParser:
 
 
 def parse_instruction(instruction: str, llm: BaseChatModel | str = "local",
-                      retries: int = 2) -> GoalSpec:
+                      retries: int = 2, wire: str = "text") -> GoalSpec:
     """Parse a free-form instruction into a `GoalSpec` with chat model `llm` (see `LLMGoalParser`).
 
     Raises `InstructionError` naming what cannot be grounded, e.g. "'the moon' is not an object
     in this task's vocabulary".
     """
-    return LLMGoalParser(llm, retries=retries).parse(instruction)
+    return LLMGoalParser(llm, retries=retries, wire=wire).parse(instruction)
