@@ -113,6 +113,11 @@ class TrainConfig:
     """Largest per-episode epsilon of the Q policy."""
     policy_envs: int = 16
     """Envs stepped in lockstep (one batched model call per step) when the Q policy collects."""
+    eval_every: int = 500
+    """Evaluate the greedy Q policy every this many collected episodes (0: never), so a run
+    records its own learning curve (`eval/curves.py` plots it)."""
+    eval_episodes: int = 200
+    """Evaluation episodes, on the suite's first evaluation seeds (never trained on)."""
     workers: int = 1
     """Collection processes (more than 1: a local Ray cluster; needs the `ray` extra)."""
     ray_address: str | None = None

@@ -102,10 +102,16 @@ class Trainer:
             task = bar.add_task("dyna", total=cfg.episodes, completed=len(self.store), info="")
             while len(self.store) < cfg.episodes:
                 n = min(cfg.collect_per_iter, cfg.episodes - len(self.store))
+                start = time.perf_counter()
                 self.collect(n)
                 bar.update(task, completed=len(self.store), info="fitting")
                 metrics = self.fit(cfg.updates_per_iter)
                 self.state["iterations"] += 1
+                self.state["train_s"] = self.state.get("train_s", 0.0) + (
+                    time.perf_counter() - start)
+                if self._eval_due():
+                    bar.update(task, info="evaluating")
+                    metrics |= self.evaluate()
                 self.save()
                 bar.update(task, info=_fmt(metrics))
             if cfg.updates_after_collection and self.state["updates"] < self._planned_updates():
@@ -118,6 +124,33 @@ class Trainer:
                     self.save()
                     bar.update(fit_task, advance=k, info=_fmt(metrics))
         return metrics
+
+    def _eval_due(self) -> bool:
+        every = self.cfg.eval_every
+        done = self.state.get("evaluated_at", 0)
+        return every > 0 and len(self.store) // every > done // every
+
+    def evaluate(self, episodes: int | None = None) -> dict[str, float]:
+        """Success of the greedy Q policy (epsilon 0) on the suite's first `eval_episodes`
+        evaluation seeds, overall and on trained / held-out combinations; logged beside the
+        episodes and training wall time so far."""
+        start = time.perf_counter()
+        seeds = self.suite.seeds_for(None, episodes or self.cfg.eval_episodes)
+        probe = self.suite.make_env()
+        splits = {}
+        for seed in seeds:
+            probe.reset(seed=seed)
+            splits[seed] = self.suite.split_of_episode(probe)
+        rows = [(e.meta["seed"], bool(e.reward.sum() > 0))
+                for e in self.policy_episodes(seeds, greedy=True)]
+        info = {"eval_success": float(np.mean([ok for _, ok in rows]))}
+        for split in ("train", "held_out"):
+            part = [ok for seed, ok in rows if splits[seed] == split]
+            info[f"eval_success_{split}"] = float(np.mean(part)) if part else float("nan")
+        info["eval_s"] = time.perf_counter() - start
+        self.state["evaluated_at"] = len(self.store)
+        self._log(info | {"train_s": self.state.get("train_s", 0.0)})
+        return info
 
     def _planned_updates(self) -> int:
         cfg = self.cfg
@@ -151,16 +184,19 @@ class Trainer:
             for episode in collector.map(job, explore_seeds):
                 self.store.append(episode)
 
-    def policy_episodes(self, seeds: list[int], collector=None) -> list:
-        """Episodes of the model's epsilon-greedy Q policy on each seed's own mission, in seed
-        order: chunks of `policy_envs` envs step in lockstep (one batched model call per step),
-        one chunk per work item of `collector` (in-process by default)."""
+    def policy_episodes(self, seeds: list[int], collector=None, greedy: bool = False) -> list:
+        """Episodes of the model's epsilon-greedy Q policy (`greedy`: epsilon 0, and the run's
+        RNG untouched) on each seed's own mission, in seed order: chunks of `policy_envs` envs
+        step in lockstep (one batched model call per step), one chunk per work item of
+        `collector` (in-process by default)."""
         from lwm.eval.collect import LocalCollector
 
         cfg = self.cfg
+        if greedy:
+            cfg = dataclasses.replace(cfg, epsilon_min=0.0, epsilon_max=0.0)
         job = PolicyJob.from_model(self.model, cfg, self.vocab.texts, self.goal_table)
         width = max(1, cfg.policy_envs)
-        chunks = [(tuple(seeds[i : i + width]), int(self.rng.integers(2**63)))
+        chunks = [(tuple(seeds[i : i + width]), 0 if greedy else int(self.rng.integers(2**63)))
                   for i in range(0, len(seeds), width)]
         collector = collector or LocalCollector()
         self.model.eval()
@@ -284,7 +320,10 @@ class Trainer:
             self._writer = SummaryWriter(str(self.dir / "tb"))
         step = self.state["updates"]
         for k, v in metrics.items():
-            self._writer.add_scalar(f"train/{k}", v, step)
+            if k.startswith("eval_"):  # learning curves: against episodes collected
+                self._writer.add_scalar(f"eval/{k.removeprefix('eval_')}", v, len(self.store))
+            else:
+                self._writer.add_scalar(f"train/{k}", v, step)
         self._writer.add_scalar("data/episodes", len(self.store), step)
         self._writer.flush()
         with open(self.dir / "metrics.jsonl", "a") as f:
@@ -382,7 +421,9 @@ class _PolicyWorker:
             self.envs.append(self.suite.make_env())
         envs = self.envs[:b]
         recs, pending, obs_list = [], [], []
-        eps = np.exp(rng.uniform(np.log(self.eps_range[0]), np.log(self.eps_range[1]), size=b))
+        low, high = self.eps_range
+        eps = (np.zeros(b) if high <= 0
+               else np.exp(rng.uniform(np.log(low), np.log(high), size=b)))
         for env, seed, e in zip(envs, seeds, eps, strict=True):
             obs, info = env.reset(seed=seed)
             rec = EpisodeRecorder(meta={"suite": self.suite.name, "env_id": self.suite.env_id,

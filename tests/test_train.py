@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from lwm.data.relabel import GoalVocab, relabel
 from lwm.models.world_model import CheckpointError
@@ -132,6 +133,28 @@ def test_policy_episodes_follow_the_greedy_q_policy_without_exploration(tmp_path
     b = trainer.policy_episodes(seeds)  # batched (2 envs) and greedy: deterministic
     assert [e.action.tolist() for e in a] == [e.action.tolist() for e in b]
     assert all(6 not in e.action.tolist() for e in a)  # never "done"
+
+
+def test_periodic_greedy_evaluation_logs_a_learning_curve_and_leaves_training_alone(tmp_path):
+    common = dict(episodes=12, warmup_episodes=6, policy_envs=3, eval_episodes=5, **DEBUG)
+    plain = Trainer(TrainConfig(eval_every=0, **common), tmp_path / "plain", progress=False)
+    plain.run()
+    curve = Trainer(TrainConfig(eval_every=6, **common), tmp_path / "curve", progress=False)
+    curve.run()
+    lines = [json.loads(x) for x in (tmp_path / "curve" / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if "eval_success" in x]
+    assert [x["episodes"] for x in evals] == [6, 12]
+    assert all(0 <= x["eval_success"] <= 1 and x["train_s"] > 0 for x in evals)
+    # the logged rate is the greedy policy's on the first evaluation seeds (held out from training)
+    seeds = curve.suite.seeds_for(None, 5)
+    again = curve.policy_episodes(seeds, greedy=True)
+    assert evals[-1]["eval_success"] == np.mean([e.reward.sum() > 0 for e in again])
+    assert not set(seeds) & {curve.store[i].meta["seed"] for i in range(len(curve.store))}
+    # evaluating draws nothing from the run's RNG: the same episodes are collected and trained on
+    for i in range(12):
+        assert plain.store[i].action.tolist() == curve.store[i].action.tolist()
+    for a, b in zip(plain.model.parameters(), curve.model.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_ray_collection_equals_in_process_collection(tmp_path):
