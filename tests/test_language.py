@@ -16,7 +16,7 @@ import minigrid  # noqa: F401 (registers the BabyAI envs)
 import pytest
 from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import FakeListChatModel
-from langchain_core.messages import AIMessage
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import RunnableLambda
 from pydantic import ValidationError
 
@@ -512,3 +512,91 @@ def test_gguf_env_override(monkeypatch, tmp_path):
     monkeypatch.setenv("LWM_LLM_GGUF", str(tmp_path / "absent.gguf"))
     with pytest.raises(GGUFError, match="is not a file"):
         resolve_gguf()
+
+
+# --- tool calling on the local model ---------------------------------------------------------
+
+
+class ScriptedLlama(FakeLlama):
+    """FakeLlama answering with the next of several contents."""
+
+    def __init__(self, *contents: str):
+        super().__init__("")
+        self.contents = list(contents)
+
+    def create_chat_completion(self, **kwargs):
+        self.content = self.contents.pop(0)
+        return super().create_chat_completion(**kwargs)
+
+
+def _local_with(monkeypatch, tmp_path, llama) -> LocalChatModel:
+    import threading
+
+    monkeypatch.setattr(llm_mod, "_load_llama", lambda *a: (llama, threading.Lock()))
+    return LocalChatModel(gguf_path=str(tmp_path / "m.gguf"), n_threads=1)
+
+
+def _weather(city: str, days: int = 1) -> str:
+    """Forecast for a city."""
+    return f"sunny in {city} for {days} days"
+
+
+def test_local_model_calls_tools_through_a_constrained_schema(monkeypatch, tmp_path):
+    from langchain_core.tools import tool
+
+    weather = tool(_weather)
+    llama = ScriptedLlama(json.dumps({"name": "_weather", "arguments": {"city": "Oslo"}}),
+                          json.dumps({"answer": "It is sunny."}))
+    model = _local_with(monkeypatch, tmp_path, llama).bind_tools([weather])
+    first = model.invoke([SystemMessage("be brief"), HumanMessage("weather in Oslo?")])
+    assert first.content == "" and len(first.tool_calls) == 1
+    call = first.tool_calls[0]
+    assert call["name"] == "_weather" and call["args"] == {"city": "Oslo"}
+    sent = llama.calls[0]
+    assert sent["messages"][0]["content"].startswith("be brief")
+    assert "_weather: Forecast for a city." in sent["messages"][0]["content"]
+    options = sent["response_format"]["schema"]["anyOf"]
+    assert options[0]["properties"]["name"] == {"const": "_weather"}
+    assert options[0]["properties"]["arguments"]["required"] == ["city"]
+    assert options[1]["required"] == ["answer"]
+    result = ToolMessage(weather.invoke(call["args"]), tool_call_id=call["id"])
+    second = model.invoke([HumanMessage("weather in Oslo?"), first, result])
+    assert second.content == "It is sunny." and not second.tool_calls
+    history = llama.calls[1]["messages"]
+    assert json.loads(history[-2]["content"]) == {"name": "_weather",
+                                                  "arguments": {"city": "Oslo"}}
+    assert history[-1] == {"role": "user",
+                           "content": "Result of _weather: sunny in Oslo for 1 days"}
+
+
+def test_local_model_tool_choice(monkeypatch, tmp_path):
+    from langchain_core.tools import tool
+
+    weather = tool(_weather)
+    llama = ScriptedLlama(*[json.dumps({"name": "_weather", "arguments": {"city": "Rome"}})] * 3)
+    model = _local_with(monkeypatch, tmp_path, llama)
+    for choice in ("any", "_weather", {"type": "function", "function": {"name": "_weather"}}):
+        model.bind_tools([weather], tool_choice=choice).invoke("weather?")
+        schema = llama.calls[-1]["response_format"]["schema"]
+        assert "anyOf" not in schema and schema["required"] == ["name", "arguments"]
+    with pytest.raises(ValueError, match="tool_choice 'rain'"):
+        model.bind_tools([weather], tool_choice="rain")
+    plain = FakeLlama("hi")
+    reply = _local_with(monkeypatch, tmp_path, plain).bind_tools(
+        [weather], tool_choice="none").invoke("x")
+    assert reply.content == "hi" and "response_format" not in plain.calls[0]
+
+
+def test_create_agent_runs_a_tool_with_the_local_model(monkeypatch, tmp_path):
+    from langchain.agents import create_agent
+    from langchain_core.tools import tool
+
+    llama = ScriptedLlama(json.dumps({"name": "_weather", "arguments": {"city": "Lima",
+                                                                       "days": 2}}),
+                          json.dumps({"answer": "Sunny in Lima for two days."}))
+    agent = create_agent(_local_with(monkeypatch, tmp_path, llama), tools=[tool(_weather)])
+    out = agent.invoke({"messages": [HumanMessage("weather in Lima for 2 days?")]})
+    kinds = [m.type for m in out["messages"]]
+    assert kinds == ["human", "ai", "tool", "ai"]
+    assert out["messages"][2].content == "sunny in Lima for 2 days"
+    assert out["messages"][-1].content == "Sunny in Lima for two days."

@@ -13,6 +13,12 @@ Structured output on the local model is JSON-schema constrained decoding: llama.
 schema into a grammar, so the model cannot emit invalid JSON, a value outside an enum, or more
 array items than `maxItems` (without that bound a small model can repeat an item until it runs out
 of tokens).
+
+Tool calling on the local model (`bind_tools`, what `langchain.agents.create_agent` uses) is the
+same mechanism: the tools are described in the system prompt (`prompts/tools_system.txt`) and the
+answer is constrained to one of {"name": tool, "arguments": <that tool's argument schema>} or
+{"answer": text}, so a 1.5B model cannot call a tool that does not exist or with malformed
+arguments.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import json
 import os
 import tempfile
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +39,7 @@ from typing import Any
 
 from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models.chat_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.runnables import Runnable, RunnableLambda
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -228,10 +235,45 @@ def _load_llama(path: Path, n_ctx: int, n_threads: int, n_batch: int, seed: int,
 
 
 def _role(message: BaseMessage) -> str:
-    roles = {"system": "system", "human": "user", "ai": "assistant"}
+    roles = {"system": "system", "human": "user", "ai": "assistant", "tool": "user"}
     if message.type not in roles:
         raise ValueError(f"LocalChatModel does not take {message.type!r} messages")
     return roles[message.type]
+
+
+def _chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
+    """langchain messages -> llama.cpp chat messages. A tool call the model made is shown as
+    the JSON it answered with; a tool's result comes back as a user message naming the tool."""
+    chat, names = [], {}
+    for m in messages:
+        content = m.text
+        if isinstance(m, AIMessage) and m.tool_calls:
+            names.update({c["id"]: c["name"] for c in m.tool_calls})
+            content = "\n".join(json.dumps({"name": c["name"], "arguments": c["args"]})
+                                for c in m.tool_calls)
+        elif isinstance(m, ToolMessage):
+            name = m.name or names.get(m.tool_call_id, "the tool")
+            content = f"Result of {name}: {content}"
+        chat.append({"role": _role(m), "content": content})
+    return chat
+
+
+def tool_call_schema(tools: Sequence[dict[str, Any]], allow_answer: bool = True
+                     ) -> dict[str, Any]:
+    """The JSON schema of a tool-calling turn: a call of one of `tools` (OpenAI function specs:
+    name, description, parameters) with its arguments, or (`allow_answer`) a reply."""
+    options: list[dict[str, Any]] = [
+        {"type": "object", "properties": {
+            "name": {"const": t["name"]},
+            "arguments": _inline_refs(t.get("parameters") or {"type": "object"},
+                                      (t.get("parameters") or {}).get("$defs", {})),
+        }, "required": ["name", "arguments"]}
+        for t in tools
+    ]
+    if allow_answer:
+        options.append({"type": "object", "properties": {"answer": {"type": "string"}},
+                        "required": ["answer"]})
+    return options[0] if len(options) == 1 else {"anyOf": options}
 
 
 class LocalChatModel(BaseChatModel):
@@ -283,7 +325,22 @@ class LocalChatModel(BaseChatModel):
         run_manager: Any = None,
         **kwargs: Any,
     ) -> ChatResult:
-        chat = [{"role": _role(m), "content": m.text} for m in messages]
+        tools = kwargs.pop("tools", None)
+        allow_answer = kwargs.pop("allow_answer", True)
+        chat = _chat_messages(messages)
+        if tools:
+            from lwm.language.prompts import render_prompt
+
+            described = "\n".join(
+                f"- {t['name']}: {t.get('description', '')}\n  arguments: "
+                f"{json.dumps(t.get('parameters') or {})}" for t in tools)
+            note = render_prompt("tools_system.txt", tools=described)
+            if chat and chat[0]["role"] == "system":
+                chat[0] = {"role": "system", "content": chat[0]["content"] + "\n\n" + note}
+            else:
+                chat.insert(0, {"role": "system", "content": note})
+            kwargs["response_format"] = {"type": "json_object",
+                                         "schema": tool_call_schema(tools, allow_answer)}
         system = chat[0]["content"] if chat and chat[0]["role"] == "system" else ""
         slot = hashlib.sha256(system.encode()).hexdigest()[:16]
         llama, lock = _load_llama(
@@ -300,8 +357,13 @@ class LocalChatModel(BaseChatModel):
             )
         choice = out["choices"][0]
         usage = out.get("usage") or {}
+        content = choice["message"]["content"] or ""
+        calls: list[dict[str, Any]] = []
+        if tools:
+            content, calls = _read_tool_turn(content)
         message = AIMessage(
-            content=choice["message"]["content"] or "",
+            content=content,
+            tool_calls=calls,
             response_metadata={"finish_reason": choice.get("finish_reason"), "model": self.model},
             usage_metadata={
                 "input_tokens": usage.get("prompt_tokens", 0),
@@ -310,6 +372,32 @@ class LocalChatModel(BaseChatModel):
             },
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def bind_tools(self, tools: Sequence[Any], *, tool_choice: str | dict | bool | None = None,
+                   **kwargs: Any) -> Runnable:
+        """Offer `tools` (langchain tools, pydantic classes, functions or OpenAI specs) to the
+        model: each answer is then a call of one of them, with arguments constrained to its
+        schema, or a reply. `tool_choice` "any" / "required" / True forces a call, a tool's name
+        forces that tool, "none" offers none; `parallel_tool_calls` is accepted and moot (one
+        call per turn)."""
+        from langchain_core.utils.function_calling import convert_to_openai_tool
+
+        kwargs.pop("parallel_tool_calls", None)
+        kwargs.pop("strict", None)
+        specs = [convert_to_openai_tool(t)["function"] for t in tools]
+        names = [t["name"] for t in specs]
+        if isinstance(tool_choice, dict):
+            tool_choice = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+        if tool_choice in (None, "auto", False):
+            return self.bind(tools=specs, **kwargs)
+        if tool_choice == "none":
+            return self.bind(**kwargs)
+        if tool_choice in ("any", "required", True):
+            return self.bind(tools=specs, allow_answer=False, **kwargs)
+        if tool_choice in names:
+            return self.bind(tools=[t for t in specs if t["name"] == tool_choice],
+                             allow_answer=False, **kwargs)
+        raise ValueError(f"tool_choice {tool_choice!r} is none of auto, any, none or {names}")
 
     def with_structured_output(
         self, schema: dict[str, Any] | type, *, include_raw: bool = False, **kwargs: Any
@@ -347,6 +435,19 @@ class LocalChatModel(BaseChatModel):
                 return {"raw": message, "parsed": None, "parsing_error": e}
 
         return bound | RunnableLambda(parse_raw)
+
+
+def _read_tool_turn(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """A constrained tool-calling answer -> (reply text, tool calls)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return text, []  # cut at max_tokens: the raw text, no call
+    if isinstance(data, dict) and "name" in data:
+        call = {"name": data["name"], "args": data.get("arguments") or {},
+                "id": f"call_{uuid.uuid4().hex[:16]}", "type": "tool_call"}
+        return "", [call]
+    return str(data.get("answer", text)) if isinstance(data, dict) else text, []
 
 
 def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
