@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, default=None, help="override the planner's K")
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--horizon", type=int, default=None)
+    parser.add_argument("--epsilon", type=float, default=None,
+                        help="greedy planner: chance of a random (move-biased) action")
     parser.add_argument("--llm", default="grammar", help="grammar, local, or a provider string")
     parser.add_argument("--paraphrase", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -49,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     agent = Agent.from_pretrained(args.checkpoint, llm=None if args.llm == "grammar" else args.llm,
                                   planner=args.planner, seed=args.seed)
     cfg = agent.planner.cfg
-    for name in ("candidates", "iterations", "horizon"):
+    for name in ("candidates", "iterations", "horizon", "epsilon"):
         if getattr(args, name) is not None:
+            if not hasattr(cfg, name):
+                parser.error(f"--{name} does not apply to the {args.planner} planner")
             setattr(cfg, name, getattr(args, name))
     suite = load_suite(args.suite)
     env = suite.make_env()

@@ -288,6 +288,8 @@ def evaluate(
     candidates: int | None = typer.Option(None, min=1, help="override the planner's K"),
     iterations: int | None = typer.Option(None, min=1, help="override the planner's rounds"),
     horizon: int | None = typer.Option(None, min=1, help="override the planner's H"),
+    epsilon: float | None = typer.Option(
+        None, min=0.0, max=1.0, help="greedy planner: chance of a random (move-biased) action"),
     workers: int = typer.Option(1, min=1, help="parallel workers (more than 1: Ray)"),
     ray_address: str | None = typer.Option(None, help="Ray cluster to run on ('auto', ...)"),
     seed: int = typer.Option(0, help="seed of the agents' own randomness"),
@@ -329,7 +331,7 @@ def evaluate(
 
     shared: dict[str, Any] = {"llm": llm, "seed": seed, "planner": planner}
     overrides = {k: v for k, v in (("candidates", candidates), ("iterations", iterations),
-                                   ("horizon", horizon)) if v is not None}
+                                   ("horizon", horizon), ("epsilon", epsilon)) if v is not None}
     if overrides:
         shared["planner_cfg"] = overrides
     if "dqn" in names and dqn_checkpoint is None:

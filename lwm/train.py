@@ -33,6 +33,7 @@ import torch
 from lwm.config import TrainConfig
 from lwm.data import EpisodeRecorder, EpisodeStore, SequenceSampler
 from lwm.data.relabel import GoalVocab, relabel
+from lwm.envs.language import EXPLORATION_PROBS as env_exploration_probs
 from lwm.goals import all_concrete_goals
 from lwm.models.world_model import CheckpointError, WorldModel, WorldModelConfig, preset
 from lwm.tasks import TaskSuite, load_suite
@@ -41,9 +42,9 @@ __all__ = [
     "EXPLORATION_PROBS", "ExploreJob", "PolicyJob", "TrainConfig", "Trainer", "explore_episode",
 ]
 
-EXPLORATION_PROBS = np.array([0.2, 0.2, 0.4, 0.08, 0.06, 0.06, 0.0])
-"""Exploration policy over minigrid's actions (left, right, forward, pickup, drop, toggle, done):
-mostly moving, never the no-op `done`."""
+EXPLORATION_PROBS = np.array(env_exploration_probs)
+"""Exploration policy over minigrid's actions (`lwm.envs.EXPLORATION_PROBS`): mostly moving,
+never the no-op `done`."""
 
 
 def explore_episode(env, seed: int, rng: np.random.Generator, recorder: EpisodeRecorder,

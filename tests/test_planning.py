@@ -304,3 +304,25 @@ def test_greedy_q_takes_the_best_q_action(model):
     assert torch.equal(result.action, q.argmax(-1))
     assert result.actions.shape == (3, 1) and result.image.shape == (3, 1, 7, 7, 3)
     torch.testing.assert_close(result.value, torch.sigmoid(q.amax(-1)))
+
+
+def test_epsilon_greedy_q_mixes_in_the_exploration_distribution(model):
+    from lwm.envs import EXPLORATION_PROBS
+    from lwm.planning import GreedyQConfig
+
+    state, h, goal = history(model, 1)
+    h, goal = h.expand(4000, -1), goal.expand(4000, -1)
+    greedy = make_planner("greedy").plan(model, state, h, goal).action
+    cfg = GreedyQConfig(epsilon=0.3)
+    gen = torch.Generator().manual_seed(0)
+    actions = make_planner("greedy", cfg).plan(model, state, h, goal, generator=gen).action
+    again = make_planner("greedy", cfg).plan(
+        model, state, h, goal, generator=torch.Generator().manual_seed(0)).action
+    assert torch.equal(actions, again)  # the episode's generator makes it reproducible
+    counts = torch.bincount(actions, minlength=7).float() / len(actions)
+    expected = 0.3 * torch.tensor(EXPLORATION_PROBS)
+    expected[greedy[0]] += 0.7
+    torch.testing.assert_close(counts, expected, atol=0.03, rtol=0)
+    assert counts[6] == 0  # never the excluded no-op
+    with pytest.raises(ValueError, match="epsilon must be in"):
+        GreedyQConfig(epsilon=1.5)

@@ -17,6 +17,7 @@ import minigrid  # noqa: F401  (registers the BabyAI-* and MiniGrid-* ids)
 from lwm.envs.language import (
     ACTION_NAMES,
     DIRECTION_NAMES,
+    EXPLORATION_PROBS,
     NOTHING_CARRIED,
     OBJECT_TO_IDX,
     LanguageWrapper,
@@ -27,6 +28,7 @@ from lwm.envs.levels import MixedLocal, PickupThenGoToLocal
 __all__ = [
     "ACTION_NAMES",
     "DIRECTION_NAMES",
+    "EXPLORATION_PROBS",
     "NOTHING_CARRIED",
     "OBJECT_TO_IDX",
     "LanguageWrapper",

@@ -46,6 +46,9 @@ NOTHING_CARRIED = (OBJECT_TO_IDX["empty"], 0)
 """The `carrying` observation when the agent holds nothing."""
 ACTION_NAMES: tuple[str, ...] = ("left", "right", "forward", "pickup", "drop", "toggle", "done")
 """minigrid's seven discrete actions, by index."""
+EXPLORATION_PROBS: tuple[float, ...] = (0.2, 0.2, 0.4, 0.08, 0.06, 0.06, 0.0)
+"""A random policy over those actions that mostly moves and never takes the no-op `done`: the
+Dyna loop's exploration policy, and the random actions of epsilon-greedy policies."""
 DIRECTION_NAMES: tuple[str, ...] = ("east", "south", "west", "north")
 MISSION_CHARSET = string.ascii_letters + string.digits + " ,.'-"
 MAX_MISSION_LENGTH = 512
