@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="run or model directory")
     parser.add_argument("--suite", default="babyai-goto")
     parser.add_argument("--episodes", type=int, default=200)
-    parser.add_argument("--planner", default="cem", choices=sorted(PLANNERS))
+    parser.add_argument("--planner", default=None, choices=sorted(PLANNERS),
+                        help="default: the checkpoint's agent.json, else cem")
     parser.add_argument("--candidates", type=int, default=None, help="override the planner's K")
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--horizon", type=int, default=None)
@@ -51,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     agent = Agent.from_pretrained(args.checkpoint, llm=None if args.llm == "grammar" else args.llm,
                                   planner=args.planner, seed=args.seed)
     cfg = agent.planner.cfg
+    planner = next(name for name, (cls, _) in PLANNERS.items() if isinstance(agent.planner, cls))
     for name in ("candidates", "iterations", "horizon", "epsilon"):
         if getattr(args, name) is not None:
             if not hasattr(cfg, name):
-                parser.error(f"--{name} does not apply to the {args.planner} planner")
+                parser.error(f"--{name} does not apply to the {planner} planner")
             setattr(cfg, name, getattr(args, name))
     suite = load_suite(args.suite)
     env = suite.make_env()
@@ -79,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
 
     figures: dict = {"suite": suite.name, "checkpoint": str(args.checkpoint),
-                     "planner": args.planner, "planner_cfg": vars(cfg), "llm": args.llm,
+                     "planner": planner, "planner_cfg": vars(cfg), "llm": args.llm,
                      "paraphrase": args.paraphrase, "episodes": len(rows), "wall_s": wall}
-    table = Table(title=f"lwm agent on {suite.name} ({args.planner}, {len(rows)} held-out seeds)")
+    table = Table(title=f"lwm agent on {suite.name} ({planner}, {len(rows)} held-out seeds)")
     for c in ("episodes", "n", "success", "95% CI", "mean steps", "ms/action"):
         table.add_column(c)
     for name, subset in (("all", rows), ("trained combos", [r for r in rows

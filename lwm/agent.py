@@ -13,6 +13,8 @@ mission: the env's verifier is switched off and success means every subgoal was 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from lwm.envs import goal_achieved
 from lwm.language.critic import Critic, Critique
 from lwm.language.embed import GoalEncoder
 from lwm.language.spec import GoalParser, GoalSpec
-from lwm.models.world_model import WorldModel
+from lwm.models.world_model import CheckpointError, WorldModel
 from lwm.planning import Planner, PlanResult, make_planner
 
 __all__ = ["Agent", "EpisodeResult", "StepRecord"]
@@ -81,6 +83,27 @@ class EpisodeResult:
         return text
 
 
+AGENT_SETTINGS = "agent.json"
+"""A checkpoint's recommended agent settings, beside config.json: {"planner": name,
+"planner_cfg": {field: value}, "measured": free text saying where the choice comes from}."""
+
+
+def agent_settings(path: str | Path) -> dict[str, Any]:
+    """The `agent.json` of a run or model directory ({} when there is none)."""
+    path = Path(path)
+    for candidate in (path / AGENT_SETTINGS, path / "model" / AGENT_SETTINGS):
+        if candidate.is_file():
+            try:
+                data = json.loads(candidate.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise CheckpointError(f"{candidate}: corrupt agent settings ({err})") from None
+            if not isinstance(data, dict) or not isinstance(data.get("planner_cfg", {}), dict):
+                raise CheckpointError(f"{candidate}: agent settings must be a JSON object with "
+                                      "'planner' and an object 'planner_cfg'")
+            return data
+    return {}
+
+
 class Agent:
     """A world model, a planner, a goal parser, a goal encoder and (optionally) a critic."""
 
@@ -108,7 +131,7 @@ class Agent:
         cls,
         path: str | Path,
         llm: Any = "local",
-        planner: str = "cem",
+        planner: str | None = None,
         planner_cfg: Any = None,
         critic: bool = True,
         **kwargs: Any,
@@ -116,16 +139,27 @@ class Agent:
         """Load the world model of a run directory (or a model directory) and build an agent.
 
         llm: "local" (the embedded llama.cpp model), a provider string, a langchain chat model,
-        or None for BabyAI's grammar parser and no critic. The planner's discount is the one Q
-        was trained with unless `planner_cfg` is given.
+        or None for BabyAI's grammar parser and no critic. planner: "cem", "mppi" or "greedy";
+        None takes the checkpoint's recommendation (`agent_settings`), else "cem". The planner's
+        discount is the one Q was trained with unless `planner_cfg` is given.
         """
         from lwm.planning import PLANNERS
 
         path = Path(path)
         model_dir = path / "model" if (path / "model").is_dir() else path
         model = WorldModel.from_pretrained(model_dir)
+        settings = agent_settings(path) if planner is None else {}
+        planner = planner or settings.get("planner", "cem")
+        if planner not in PLANNERS:
+            raise ValueError(f"unknown planner {planner!r}; choose from {sorted(PLANNERS)}")
         if planner_cfg is None:
-            planner_cfg = PLANNERS[planner][1](discount=model.cfg.discount)
+            cfg_cls = PLANNERS[planner][1]
+            overrides = settings.get("planner_cfg", {})
+            known = {f.name for f in dataclasses.fields(cfg_cls)}
+            if set(overrides) - known:
+                raise CheckpointError(f"{path}: {AGENT_SETTINGS} sets unknown {planner} settings "
+                                      f"{sorted(set(overrides) - known)}")
+            planner_cfg = cfg_cls(**{"discount": model.cfg.discount, **overrides})
         if llm is None:
             from lwm.language.mission import BabyAIMissionParser
 

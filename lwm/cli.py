@@ -48,7 +48,8 @@ def demo(
         None, help="run or model directory; default: runs/train/<suite>-mamba2 if trained, else "
         "the checkpoint lwm ships for the suite, else train one with the defaults"),
     llm: str = typer.Option("local", help="'local', a provider string, or 'grammar'"),
-    planner: str = typer.Option("cem", help="cem, mppi or greedy"),
+    planner: str | None = typer.Option(
+        None, help="cem, mppi or greedy (default: the checkpoint's agent.json, else cem)"),
     policy: str = typer.Option("agent", help="'agent' (lwm) or 'bot' (BabyAI's oracle)"),
     out: Path = typer.Option(Path("runs/demo"), help="where GIFs are written"),
 ) -> None:
@@ -71,7 +72,8 @@ def demo(
         console.print(summary)
         return
     agent = _load_agent(s, checkpoint, llm, planner)
-    summary = Table(title=f"{s.name}: lwm ({planner}, llm={llm}) following instructions")
+    summary = Table(title=f"{s.name}: lwm ({type(agent.planner).__name__}, llm={llm}) "
+                          "following instructions")
     for col in ("seed", "instruction", "kind", "subgoals", "success", "steps", "ms/action"):
         summary.add_column(col)
     wins = 0
@@ -105,7 +107,7 @@ def _demo_instruction(suite, env, seed: int, paraphrase: bool) -> tuple[str, str
     return obs["mission"], "mission"
 
 
-def _load_agent(suite, checkpoint: str | None, llm: str, planner: str):
+def _load_agent(suite, checkpoint: str | None, llm: str, planner: str | None):
     from lwm.agent import Agent
     from lwm.resources import checkpoint as shipped_checkpoint
 
@@ -251,7 +253,8 @@ def plan(
     llm: str = typer.Option(
         "local", help="'local' (embedded llama.cpp model), a provider string such as "
         "'openai:gpt-4o-mini', or 'grammar' for BabyAI's grammar parser and no critic"),
-    planner: str = typer.Option("cem", help="cem, mppi or greedy"),
+    planner: str | None = typer.Option(
+        None, help="cem, mppi or greedy (default: the checkpoint's agent.json, else cem)"),
     max_steps: int | None = typer.Option(None, help="step budget (default: the suite's)"),
     gif: Path | None = typer.Option(None, help="GIF of real frames beside imagined futures "
                                     "(default runs/plan/<suite>-seed<seed>.gif)"),
@@ -284,7 +287,9 @@ def evaluate(
     llm: str = typer.Option(
         "local", help="LLM of the lwm and llm-only agents: 'local', a provider string, or "
         "'grammar' (lwm with BabyAI's grammar parser)"),
-    planner: str = typer.Option("cem", help="planner of the lwm agents: cem, mppi or greedy"),
+    planner: str | None = typer.Option(
+        None, help="planner of the lwm agents: cem, mppi or greedy (default: the checkpoint's "
+        "agent.json, else cem)"),
     candidates: int | None = typer.Option(None, min=1, help="override the planner's K"),
     iterations: int | None = typer.Option(None, min=1, help="override the planner's rounds"),
     horizon: int | None = typer.Option(None, min=1, help="override the planner's H"),

@@ -86,3 +86,27 @@ def test_time_limit_and_decoded_views():
                           on_step=seen.append)
     assert len(seen) == result.steps
     assert seen[0].imagined_image.shape == (3, 7, 7, 3) and seen[0].real_image.shape == (7, 7, 3)
+
+
+def test_from_pretrained_takes_the_checkpoints_recommended_planner(tmp_path):
+    import json
+
+    from lwm.models.world_model import CheckpointError
+    from lwm.planning import CEM, GreedyQ
+
+    WorldModel(preset("debug")).save_pretrained(tmp_path / "model")
+    assert isinstance(Agent.from_pretrained(tmp_path, llm=None).planner, CEM)  # no agent.json
+    (tmp_path / "model" / "agent.json").write_text(json.dumps(
+        {"planner": "greedy", "planner_cfg": {"epsilon": 0.3}, "measured": "a note"}))
+    for path in (tmp_path, tmp_path / "model"):
+        agent = Agent.from_pretrained(path, llm=None)
+        assert isinstance(agent.planner, GreedyQ) and agent.planner.cfg.epsilon == 0.3
+    explicit = Agent.from_pretrained(tmp_path, llm=None, planner="cem")  # the caller wins
+    assert isinstance(explicit.planner, CEM)
+    (tmp_path / "model" / "agent.json").write_text(json.dumps(
+        {"planner": "greedy", "planner_cfg": {"temperature": 2}}))
+    with pytest.raises(CheckpointError, match=r"unknown greedy settings \['temperature'\]"):
+        Agent.from_pretrained(tmp_path, llm=None)
+    (tmp_path / "model" / "agent.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt agent settings"):
+        Agent.from_pretrained(tmp_path, llm=None)

@@ -182,7 +182,7 @@ class LwmRunner:
     no LLM and no critic)."""
     critic: bool = True
     """Let the LLM critique and revise the subgoals (only with an LLM)."""
-    planner: str = "cem"
+    planner: str | None = None
     """cem, mppi or greedy."""
     planner_cfg: dict[str, Any] = field(default_factory=dict)
     """Overrides of the planner's config ({"candidates": 256, "horizon": 6}, ...)."""
@@ -205,7 +205,8 @@ class _LwmWorker(_Worker):
         planner_cfg = self.agent.planner.cfg
         for key, value in cfg.planner_cfg.items():
             if not hasattr(planner_cfg, key):
-                raise ValueError(f"planner {cfg.planner!r} has no setting {key!r}")
+                raise ValueError(f"planner {type(self.agent.planner).__name__} has no setting "
+                                 f"{key!r}")
             setattr(planner_cfg, key, value)
         self.cfg = cfg
         self.counter = _count_calls([getattr(self.agent.parser, "llm", None),
