@@ -1,22 +1,33 @@
 #!/usr/bin/env bash
-# Train a `small` mamba2 world model by the Dyna loop on BabyAI GoToLocal (seed 0, 1 thread):
-# 3000 episodes with 100 updates per 100 episodes, then 5000 more updates, and copy it into
-# lwm/resources/checkpoints/babyai-goto.
+# Train the shipped GoToLocal world model: a `small` mamba2 model, Dyna loop on BabyAI GoToLocal
+# (seed 0, 1 thread), in two phases of one run directory:
+#   1. 3000 episodes, 100 updates per 100 episodes (exploration for 200, then mostly the model's
+#      own epsilon-greedy Q policy);
+#   2. resumed to 5000 episodes with 150 updates per 100 episodes: 6000 updates in all.
+# Then copy it into lwm/resources/checkpoints/babyai-goto with agent.json, the planner measured
+# best for it (epsilon-greedy Q; see that file and issue #5's notes).
 #
-# The checkpoint shipped now predates goal-match maps, Double-DQN targets and Q-policy
-# collection: it was trained with this script at commit 901867b (exploration episodes only, no
-# maps). To reproduce it exactly: `git worktree add /tmp/lwm-901867b 901867b` and run this script
-# there. At HEAD the script trains the current recipe, which replaces the shipped model only once
-# it beats it under the agent's default planner (see issue #5's notes).
+# The shipped file was trained by phase 1 at commit 7c9964c and phase 2 at commit 50e04c7. Later
+# commits compute the goal heads' scores in a different floating-point order, so at HEAD the same
+# commands train the same recipe, not bit-identical weights. On a 2-core machine shared with other
+# jobs, phase 1 took 104 min and phase 2 about 35 min.
 # Usage: bash eval/make_checkpoint.sh [run-dir]     (resumable: run it again after a kill)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/train/babyai-goto-mamba2}
-.venv/bin/lwm train --suite babyai-goto --preset small --backbone mamba2 --seed 0 --threads 1 \
-    --episodes 3000 --collect-per-iter 100 --updates-per-iter 100 \
-    --updates-after-collection 5000 --run-dir "$RUN"
+COMMON=(--suite babyai-goto --preset small --backbone mamba2 --seed 0 --threads 1
+        --collect-per-iter 100 --run-dir "$RUN")
+.venv/bin/lwm train "${COMMON[@]}" --episodes 3000 --updates-per-iter 100
+.venv/bin/lwm train "${COMMON[@]}" --episodes 5000 --updates-per-iter 150
 DEST=lwm/resources/checkpoints/babyai-goto
 mkdir -p "$DEST"
 cp "$RUN/model/config.json" "$RUN/model/model.safetensors" "$DEST/"
 cp "$RUN/trainer.json" "$DEST/trainer.json"
+cat > "$DEST/agent.json" <<'EOF'
+{
+  "planner": "greedy",
+  "planner_cfg": {"epsilon": 0.3},
+  "measured": "python eval/agent.py lwm/resources/checkpoints/babyai-goto --planner P --episodes 200 (GoToLocal, held-out seeds): greedy epsilon 0.3 90.5% [85.6, 93.8]; greedy 75.5% [69.1, 80.9]; MPPI 256x8x3 on 50 episodes is below greedy epsilon 0.3 (see issue #5's notes)"
+}
+EOF
 du -h "$DEST"/*

@@ -180,7 +180,7 @@ def test_registry_names_errors_and_hook(monkeypatch):
 
 def test_lwm_runner_with_the_grammar_parser_on_the_shipped_checkpoint():
     path = checkpoint("babyai-goto")
-    runner = make_runner("lwm-grammar", checkpoint=str(path),
+    runner = make_runner("lwm-grammar", checkpoint=str(path), planner="cem",
                          planner_cfg={"candidates": 32, "iterations": 2, "horizon": 4})
     worker = runner()
     grammar = [replace(e, max_steps=8) for e in episodes_for(GOTO, 2, paraphrase_share=0.0)]
