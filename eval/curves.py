@@ -72,8 +72,8 @@ def plot(runs: list[dict[str, Any]], out: Path) -> None:
             ax.plot([p["episodes"] for p in pts], [p["eval_success"] for p in pts],
                     marker="o", markersize=3, label=run["label"])
     ax.axhline(BABYAI_CRITERION, color="grey", linestyle="--", linewidth=1)
-    ax.text(ax.get_xlim()[0], BABYAI_CRITERION, " BabyAI criterion (99 %)", va="bottom",
-            fontsize=8, color="grey")
+    ax.text(0.01, BABYAI_CRITERION, "BabyAI criterion (99 %)", va="bottom", fontsize=8,
+            color="grey", transform=ax.get_yaxis_transform())
     suites = {run["suite"] for run in runs if run["suite"] in PPO_EPISODES}
     for suite in sorted(suites):
         ax.axvline(PPO_EPISODES[suite], color="black", linestyle=":", linewidth=1)
