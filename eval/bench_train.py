@@ -73,17 +73,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         heads = (trainer.model.q_head, trainer.model.q_target, trainer.model.reward_head)
 
         def update(reference: bool) -> None:
-            for head in heads:
-                if reference:
-                    head.pairwise = reference_pairwise.__get__(head)
-                else:
-                    head.__dict__.pop("pairwise", None)
+            _use_reference(heads, reference)
             trainer.fit(1)
 
         batch_check = _loss_agreement(trainer, heads)
         seconds = time_interleaved({"batched": lambda: update(False),
                                     "reference": lambda: update(True)}, rounds=args.rounds)
-        update(False)
+        _use_reference(heads, False)
 
     result = {
         "config": vars(args) | {"json": str(args.json) if args.json else None},
@@ -103,27 +99,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def _use_reference(heads, on: bool) -> None:
+    """Score with `reference_pairwise` (on) or with the heads' own `pairwise` (off)."""
+    for head in heads:
+        if on:
+            head.pairwise = reference_pairwise.__get__(head)
+        else:
+            head.__dict__.pop("pairwise", None)
+
+
 def _loss_agreement(trainer: Trainer, heads) -> float:
     """Largest |difference| of the loss parts, batched vs reference, on one batch: the two
     paths compute the same math."""
-    from lwm.data.relabel import relabel
-
-    model, cfg = trainer.model, trainer.cfg
-    batch = trainer.sampler.sample(cfg.batch_size, trainer.rng)
-    goals = relabel(batch, trainer.vocab, trainer.rng, cfg.n_goals)
-    tensors = batch.to_torch()
-    prev = tensors["prev_action"]
-    tensors.update(prev_action=torch.where(prev < 0, model.START, prev),
-                   goal=torch.from_numpy(goals.goal), goal_reward=torch.from_numpy(goals.reward),
-                   goal_mask=torch.from_numpy(goals.mask))
+    tensors = trainer.sample_batch()
+    parts = []
     with torch.no_grad():
-        batched = torch.tensor(list(model.loss(tensors, trainer.goal_table)[1].values()))
-        for head in heads:
-            head.pairwise = reference_pairwise.__get__(head)
-        reference = torch.tensor(list(model.loss(tensors, trainer.goal_table)[1].values()))
-        for head in heads:
-            head.__dict__.pop("pairwise")
-    return float((batched - reference).abs().max())
+        for reference in (False, True):
+            _use_reference(heads, reference)
+            parts.append(torch.tensor(list(trainer.model.loss(tensors, trainer.goal_table)[1]
+                                           .values())))
+    _use_reference(heads, False)
+    return float((parts[0] - parts[1]).abs().max())
 
 
 def report(result: dict[str, Any]) -> None:

@@ -206,6 +206,20 @@ class Trainer:
         finally:
             self.model.train()
 
+    def sample_batch(self) -> dict[str, torch.Tensor]:
+        """`batch_size` windows from the store with relabelled goal slots, as the tensors
+        `WorldModel.loss` takes (call `sampler.refresh()` first to see new episodes)."""
+        cfg = self.cfg
+        batch = self.sampler.sample(cfg.batch_size, self.rng)
+        goals = relabel(batch, self.vocab, self.rng, cfg.n_goals)
+        tensors = batch.to_torch()
+        prev = tensors["prev_action"]
+        tensors.update(prev_action=torch.where(prev < 0, self.model.START, prev),
+                       goal=torch.from_numpy(goals.goal),
+                       goal_reward=torch.from_numpy(goals.reward),
+                       goal_mask=torch.from_numpy(goals.mask))
+        return tensors
+
     def fit(self, updates: int) -> dict[str, float]:
         """`updates` gradient steps on windows from the store; returns mean metrics."""
         cfg = self.cfg
@@ -213,15 +227,7 @@ class Trainer:
         self.model.train()
         sums: dict[str, float] = {}
         for _ in range(updates):
-            batch = self.sampler.sample(cfg.batch_size, self.rng)
-            goals = relabel(batch, self.vocab, self.rng, cfg.n_goals)
-            tensors = batch.to_torch()
-            prev = tensors["prev_action"]
-            tensors.update(prev_action=torch.where(prev < 0, self.model.START, prev),
-                           goal=torch.from_numpy(goals.goal),
-                           goal_reward=torch.from_numpy(goals.reward),
-                           goal_mask=torch.from_numpy(goals.mask))
-            loss, parts = self.model.loss(tensors, self.goal_table)
+            loss, parts = self.model.loss(self.sample_batch(), self.goal_table)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"non-finite loss {parts} at update {self.state['updates']}; the last "

@@ -2,7 +2,7 @@
 
 The model answers by structured output in one of two wire formats: `text` (the default), a list
 of canonical goal texts held to the goal grammar by a pattern (`WireParseText`), or `fields`,
-verb / colour / type / location enums per subgoal (`WireParse`), about six times the tokens.
+verb / colour / type / location enums per subgoal (`WireParse`), several times the tokens.
 Its answer is then grounded: every phrase
 it marks as unknown (unless all its words are in lwm's vocabulary: small models sometimes list a
 synonym they did map, "the blue sphere"), and every subgoal lwm's goal grammar rejects ("open the

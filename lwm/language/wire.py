@@ -27,8 +27,8 @@ __all__ = [
     "WireParse",
     "WireParseText",
     "WirePut",
-    "canonical_goal_pattern",
     "WireSubgoal",
+    "canonical_goal_pattern",
     "is_grounded_phrase",
 ]
 
@@ -121,15 +121,15 @@ class WireParseText(BaseModel):
 
     subgoals: list[Annotated[str, Field(pattern=canonical_goal_pattern())]] = Field(
         max_length=MAX_SUBGOALS)
+    unknown: list[Annotated[str, Field(max_length=40)]] = Field(
+        max_length=3, description="phrases naming things outside the vocabulary, as written"
+    )
 
     @field_validator("subgoals")
     @classmethod
     def _canonical_colours(cls, texts: list[str]) -> list[str]:
         """'the gray key' -> 'the grey key' (see `COLOR_ALIASES`)."""
         return [" ".join(COLOR_ALIASES.get(w, w) for w in t.split(" ")) for t in texts]
-    unknown: list[Annotated[str, Field(max_length=40)]] = Field(
-        max_length=3, description="phrases naming things outside the vocabulary, as written"
-    )
 
 
 class WireCheck(BaseModel):
