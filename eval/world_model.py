@@ -25,7 +25,6 @@ from rich.console import Console
 from rich.table import Table
 
 from lwm.data import EpisodeRecorder
-from lwm.goals import all_concrete_goals
 from lwm.models.metrics import auroc, open_loop_accuracy, reward_scores
 from lwm.models.world_model import WorldModel
 from lwm.report import machine_info, write_json
@@ -95,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run directories of `lwm train`, or model directories")
     parser.add_argument("--suite", default="babyai-goto")
     parser.add_argument("--episodes", type=int, default=200)
+    parser.add_argument("--goals", choices=("suite", "all"), default="suite",
+                        help="goals the reward AUROC scores: the suite's verbs and object types "
+                             "(what `lwm train` relabels with by default) or every concrete goal")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="write every figure here")
@@ -109,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     episodes = collect(suite, args.episodes, args.seed)
     console.print(f"{len(episodes)} held-out-seed episodes collected in "
                   f"{time.perf_counter() - t0:.1f} s")
-    goal_texts = [g.text for g in all_concrete_goals()]
+    # Scored goals: the model's task (the suite's verbs and types, `--goals suite`) or every
+    # concrete goal; held-out combinations included, reported apart.
+    goal_texts = suite.goal_vocabulary(args.goals, held_out=True)
     goal_table = GoalEncoder().encode(goal_texts, as_torch=True)
 
     results = {}
@@ -130,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     if args.json:
         write_json(args.json, {"machine": machine_info(), "seed": args.seed, "suite": suite.name,
+                               "goals": args.goals,
                                "episodes": len(episodes), "runs": results})
     return 0
 

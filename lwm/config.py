@@ -95,7 +95,11 @@ class TrainConfig:
     grad_clip: float = 10.0
     """Gradient-norm clip."""
     n_goals: int = 16
-    """Relabelled goal slots per step."""
+    """Relabelled goal slots per step (a vocabulary this small or smaller: every goal, every
+    step)."""
+    goal_vocab: str = "suite"
+    """Relabelling vocabulary: 'suite' (goals with the suite's verbs and object types) or 'all'
+    (every concrete goal); held-out combinations are left out of both."""
     seed: int = 0
     """Seed of the sampler, relabeling, exploration and model init."""
     threads: int = 1

@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lwm import resources
-from lwm.goals import COLORS, OBJECT_TYPES, VERBS, Goal, ObjRef, parse_goal
+from lwm.goals import COLORS, OBJECT_TYPES, VERBS, Goal, ObjRef, all_concrete_goals, parse_goal
 
 Split = Literal["train", "held_out"]
 
@@ -149,6 +149,24 @@ class TaskSuite(_Strict):
             if any((o.color, o.type) in held for o in desc.obj_set):
                 return "held_out"
         return "train"
+
+    def goal_vocabulary(self, which: str = "suite", held_out: bool = False) -> list[str]:
+        """Canonical texts of concrete goals: with 'suite', only those with the suite's verbs and
+        object types ('all': every verb and type); held-out combinations only with `held_out`.
+        Without them this is what training may use (its relabelling vocabulary)."""
+        if which not in ("suite", "all"):
+            raise ValueError(f"goal vocabulary must be 'suite' or 'all', got {which!r}")
+        verbs = {v for f in self.families for v in (f.verb, f.then) if v}
+        types = {t for f in self.families for t in f.types}
+        keep = []
+        for goal in all_concrete_goals():
+            if not held_out and self.split_of_goal(goal) != "train":
+                continue
+            objs = [goal.obj] if goal.target is None else [goal.obj, goal.target]
+            if which == "all" or (goal.verb in verbs and goal.obj.type in types
+                                  and all(o.type in types or o.type == "door" for o in objs)):
+                keep.append(goal.text)
+        return keep
 
     # ------------------------------------------------------------------ envs and seeds
 

@@ -34,7 +34,6 @@ from lwm.config import TrainConfig
 from lwm.data import EpisodeRecorder, EpisodeStore, SequenceSampler
 from lwm.data.relabel import GoalVocab, relabel
 from lwm.envs.language import EXPLORATION_PROBS as env_exploration_probs
-from lwm.goals import all_concrete_goals
 from lwm.models.world_model import CheckpointError, WorldModel, WorldModelConfig, preset
 from lwm.tasks import TaskSuite, load_suite
 
@@ -265,8 +264,7 @@ class Trainer:
         computed once per run and stored beside the checkpoint."""
         from safetensors.torch import load_file, save_file
 
-        texts = [g.text for g in all_concrete_goals() if self.suite.split_of_goal(g) == "train"]
-        vocab = GoalVocab(texts)
+        vocab = GoalVocab(self.suite.goal_vocabulary(self.cfg.goal_vocab))
         names, table = self.dir / "goals.json", self.dir / "goals.safetensors"
         if names.exists() and table.exists() and json.loads(names.read_text()) == vocab.texts:
             return vocab, load_file(str(table))["embeddings"]
@@ -299,7 +297,8 @@ class Trainer:
     def _check_resumable(self) -> None:
         saved = json.loads((self.dir / "trainer.json").read_text())["config"]
         ours = dataclasses.asdict(self.cfg)
-        fixed = ("suite", "preset", "backbone", "seq_len", "seed")
+        saved.setdefault("goal_vocab", "all")  # runs from before the option used every goal
+        fixed = ("suite", "preset", "backbone", "seq_len", "seed", "goal_vocab")
         diff = [f"{k}: run has {saved.get(k)!r}, asked for {ours[k]!r}" for k in fixed
                 if saved.get(k) != ours[k]]
         if diff:

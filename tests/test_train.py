@@ -29,7 +29,8 @@ class _Batch:
 
 def test_relabel_targets():
     vocab = GoalVocab(["go to the red ball", "pick up the red ball", "go to the blue key",
-                       "open the red door"])
+                       "open the red door", "go to the green box", "drop the grey key",
+                       "open the blue door"])  # more goals than slots: slots are sampled
     # arriving at obs 2: go to the red ball; at obs 3: pick it up; obs 4 is padding.
     batch = _Batch([[[], [], ["go to the red ball"], ["pick up the red ball", "held out"], []]],
                    [[True, True, True, False]])
@@ -45,6 +46,18 @@ def test_relabel_targets():
     for t in range(3):
         for k, g in enumerate(goals.goal[0, t]):
             assert goals.reward[0, t, k] == (vocab.texts[g] in batch.achieved[0][t + 1])
+
+
+def test_a_small_vocabulary_scores_every_goal_at_every_step():
+    vocab = GoalVocab(["go to the red ball", "go to the blue key", "go to the green box"])
+    batch = _Batch([[[], ["go to the blue key"], ["go to the red ball", "held out"], []]],
+                   [[True, True, False]])
+    goals = relabel(batch, vocab, np.random.default_rng(0), n_goals=4)
+    assert goals.goal.shape == (1, 3, 3)
+    assert (goals.goal[0] == np.arange(3)).all()
+    assert goals.mask[0, :2].all() and not goals.mask[0, 2].any()
+    # step 0 arrives where the blue key is reached, step 1 where the red ball is; step 2 is padding
+    assert goals.reward[0].tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 0]]
 
 
 def test_trainer_runs_saves_and_refuses_a_different_setup(tmp_path):
@@ -67,6 +80,13 @@ def test_held_out_goals_never_enter_training(tmp_path):
     assert "go to the blue ball" not in trainer.vocab  # held out in babyai-goto
     assert "go to the red ball" in trainer.vocab
     assert trainer.goal_table.shape == (len(trainer.vocab), 384)
+    # the suite vocabulary: babyai-goto's verb and types only
+    assert "pick up the red ball" not in trainer.vocab
+    assert "go to the red door" not in trainer.vocab
+    everything = Trainer(TrainConfig(episodes=6, goal_vocab="all", **DEBUG), tmp_path / "all",
+                         progress=False).vocab
+    assert {"pick up the red ball", "go to the red ball"} <= set(everything.texts)
+    assert "go to the blue ball" not in everything
 
 
 def test_resume_after_kill_loses_nothing_on_disk(tmp_path):

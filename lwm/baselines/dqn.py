@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from lwm.data.relabel import GoalVocab
 from lwm.envs import goal_achieved
 from lwm.envs.language import OBJECT_TO_IDX, instr_goals
-from lwm.goals import COLORS, Goal, all_concrete_goals, parse_goal
+from lwm.goals import COLORS, Goal, parse_goal
 from lwm.models.world_model import CheckpointError, check_tensors, read_safetensors
 from lwm.tasks import TaskSuite, load_suite
 
@@ -984,19 +984,8 @@ class _Collector:
 
 
 def training_goals(suite: TaskSuite, which: str = "suite") -> list[str]:
-    """Canonical texts of the goals training may use: concrete goals whose combinations are not
-    held out; with 'suite', only those with the suite's verbs and object types."""
-    verbs = {v for f in suite.families for v in (f.verb, f.then) if v}
-    types = {t for f in suite.families for t in f.types}
-    keep = []
-    for goal in all_concrete_goals():
-        if suite.split_of_goal(goal) != "train":
-            continue
-        objs = [goal.obj] if goal.target is None else [goal.obj, goal.target]
-        if which == "all" or (goal.verb in verbs and goal.obj.type in types
-                              and all(o.type in types or o.type == "door" for o in objs)):
-            keep.append(goal.text)
-    return keep
+    """The relabelling vocabulary of `suite` (`TaskSuite.goal_vocabulary`)."""
+    return suite.goal_vocabulary(which)
 
 
 # ---------------------------------------------------------------------------------- files

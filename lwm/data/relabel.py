@@ -1,6 +1,8 @@
 """Language hindsight relabeling: every window teaches the goals it actually achieved.
 
-For each step t of a `SequenceBatch` window, `relabel` picks G goal slots:
+With a vocabulary of at most G goals (a single-verb suite: "go to" x 14 combinations), every
+step is scored against every goal: slot k holds goal k, and nothing is sampled. Otherwise, for
+each step t of a `SequenceBatch` window, `relabel` picks G goal slots:
 
 - slot 0: a goal achieved on arriving at observation t+1, when there is one (a reward positive);
 - slots 1..n_future: goals achieved later in the window (hindsight "future" goals, whose TD
@@ -61,6 +63,8 @@ def relabel(
     n_future: int = 3,
 ) -> RelabeledGoals:
     """Choose goal slots and targets for every step of `batch` (see the module docstring)."""
+    if len(vocab) <= n_goals:
+        return _every_goal(batch, vocab)
     if n_goals < n_future + 2:
         raise ValueError(f"n_goals ({n_goals}) must leave room for {n_future} future goals, "
                          "one achieved goal and at least one negative")
@@ -103,3 +107,17 @@ def relabel(
                 now = set(achieved[b][t + 1])
                 reward[b, t] = [float(int(i) in now) for i in goal[b, t]]
     return RelabeledGoals(goal=goal, reward=reward, mask=mask)
+
+
+def _every_goal(batch: SequenceBatch, vocab: GoalVocab) -> RelabeledGoals:
+    """Slot k of every real step holds vocabulary goal k (G = len(vocab))."""
+    n_windows, length = batch.action.shape
+    hit = np.zeros((n_windows, length + 1, len(vocab)), np.float32)  # achieved on arrival
+    for b, window in enumerate(batch.achieved):
+        for j, step in enumerate(window):
+            for text in step:
+                if text in vocab.index:
+                    hit[b, j, vocab.index[text]] = 1.0
+    mask = np.broadcast_to(batch.mask[:, :, None], (n_windows, length, len(vocab))).copy()
+    goal = np.broadcast_to(np.arange(len(vocab)), mask.shape).copy()
+    return RelabeledGoals(goal=goal, reward=hit[:, 1:] * mask, mask=mask)
