@@ -207,7 +207,12 @@ class Trainer:
 
     def sample_batch(self) -> dict[str, torch.Tensor]:
         """`batch_size` windows from the store with relabelled goal slots, as the tensors
-        `WorldModel.loss` takes (call `sampler.refresh()` first to see new episodes)."""
+        `WorldModel.loss` takes (call `sampler.refresh()` first to see new episodes).
+
+        Steps past the longest real window of the batch are cut off: they are padding in every
+        window, masked out of every loss term, and the backbone is causal, so the loss is the
+        same, at the cost of the real steps only (windows as long as a whole episode are mostly
+        padding once the policy succeeds in a few steps)."""
         cfg = self.cfg
         batch = self.sampler.sample(cfg.batch_size, self.rng)
         goals = relabel(batch, self.vocab, self.rng, cfg.n_goals)
@@ -217,7 +222,7 @@ class Trainer:
                        goal=torch.from_numpy(goals.goal),
                        goal_reward=torch.from_numpy(goals.reward),
                        goal_mask=torch.from_numpy(goals.mask))
-        return tensors
+        return trim_padding(tensors)
 
     def fit(self, updates: int) -> dict[str, float]:
         """`updates` gradient steps on windows from the store; returns mean metrics."""
@@ -466,6 +471,18 @@ class _PolicyWorker:
                 episodes[i] = recs[i].step(actions[i], *step)
             prev = torch.tensor(actions)
         return episodes
+
+
+def trim_padding(batch: dict[str, Any]) -> dict[str, Any]:
+    """A training batch without the trailing steps that are padding in every window (step
+    fields (B, L, ...) keep the longest window's n real steps, observation fields n + 1)."""
+    length = batch["mask"].shape[1]
+    steps = int(batch["mask"].sum(1).max())
+    if steps == length:
+        return batch
+    return {key: value[:, : steps + value.shape[1] - length]
+            if torch.is_tensor(value) and value.dim() >= 2 else value
+            for key, value in batch.items()}
 
 
 def _fmt(metrics: dict[str, float]) -> str:

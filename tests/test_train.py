@@ -13,7 +13,7 @@ import torch
 
 from lwm.data.relabel import GoalVocab, relabel
 from lwm.models.world_model import CheckpointError
-from lwm.train import TrainConfig, Trainer
+from lwm.train import TrainConfig, Trainer, trim_padding
 
 DEBUG = dict(preset="debug", collect_per_iter=6, updates_per_iter=3, batch_size=4, seq_len=8)
 
@@ -60,6 +60,27 @@ def test_a_small_vocabulary_scores_every_goal_at_every_step():
     assert goals.reward[0].tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 0]]
 
 
+def test_trimming_padding_leaves_the_loss_unchanged(tmp_path):
+    cfg = TrainConfig(episodes=8, **{**DEBUG, "seq_len": 80, "batch_size": 3})
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    trainer.collect(8)
+    trainer.sampler.refresh()
+    batch = trainer.sampler.sample(3, np.random.default_rng(1))
+    goals = relabel(batch, trainer.vocab, np.random.default_rng(2), cfg.n_goals)
+    full = batch.to_torch() | {
+        "prev_action": torch.full((3,), trainer.model.START),
+        "goal": torch.from_numpy(goals.goal), "goal_reward": torch.from_numpy(goals.reward),
+        "goal_mask": torch.from_numpy(goals.mask)}
+    trimmed = trim_padding(full)
+    steps = int(batch.mask.sum(1).max())
+    assert steps < 80  # babyai-goto episodes end within 64 steps
+    assert trimmed["action"].shape[1] == steps and trimmed["image"].shape[1] == steps + 1
+    torch.manual_seed(0)
+    _, a = trainer.model.loss(full, trainer.goal_table)
+    _, b = trainer.model.loss(trimmed, trainer.goal_table)
+    assert a == pytest.approx(b, rel=1e-5)
+
+
 def test_trainer_runs_saves_and_refuses_a_different_setup(tmp_path):
     cfg = TrainConfig(episodes=12, **DEBUG)
     metrics = Trainer(cfg, tmp_path, progress=False).run()
@@ -92,7 +113,7 @@ def test_held_out_goals_never_enter_training(tmp_path):
 def test_resume_after_kill_loses_nothing_on_disk(tmp_path):
     """SIGKILL a training process after its first checkpoint; a new Trainer resumes from it."""
     code = (
-        "from lwm.train import TrainConfig, Trainer\n"
+        "from lwm.train import TrainConfig, Trainer, trim_padding\n"
         f"Trainer(TrainConfig(episodes=600, **{DEBUG!r}), {str(tmp_path)!r}, "
         "progress=False).run()\n"
     )

@@ -438,7 +438,7 @@ class WorldModel(nn.Module):
 
         total = obs_loss + reward_loss + cont_loss + q_loss
         parts = {"loss": total, "obs": obs_loss, "reward": reward_loss, "cont": cont_loss,
-                 "q": q_loss, "q_mean": torch.sigmoid(q_taken).mean()}
+                 "q": q_loss, "q_mean": (torch.sigmoid(q_taken) * gmask).sum() / gdenom}
         return total, {k: float(v.detach()) for k, v in parts.items()}
 
     @torch.no_grad()
