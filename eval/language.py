@@ -2,19 +2,26 @@
 
     python eval/language.py --json eval/results/language.json
     python eval/language.py --models grammar,local --kinds paraphrase,ungroundable --limit 20
-    python eval/language.py --models local --wire text,fields --no-critic --threads 2
+    python eval/language.py --models local --wire text,fields --parsers llm --no-critic
 
 Parsers: `grammar` (BabyAI's mission grammar, deterministic, no LLM) and chat models by
 `get_chat_model` spec ("local" = Qwen2.5-Coder-1.5B, "local:qwen2.5-coder-0.5b", or a provider
-string). Suites: `tasks/parse_suite.yaml` (exact match of the ordered canonical subgoal texts;
-an ungroundable instruction is right when it raises an `InstructionError` naming the expected
-word) and `tasks/critic_suite.yaml` (verdict = label), the latter for chat models only. Chat
+string). Each chat model parses in two ways (`--parsers`): `llm`, the chat model alone
+(`LLMGoalParser`), and `grammar-first`, lwm's default (`GrammarFirstParser`: BabyAI's grammar
+parser, a vocabulary check and spelling fixes first, the chat model only for the rest); the
+report counts the chat-model calls each made and which stage answered.
+
+Suites: `tasks/parse_suite.yaml` (exact match of the ordered canonical subgoal texts; an
+ungroundable instruction is right when it raises an `InstructionError` naming the expected word)
+and `tasks/critic_suite.yaml` (verdict = label), the latter for chat models only. Chat
 models parse in each `--wire` format (`lwm.language.parse.WIRE_FORMATS`: canonical goal texts,
 or enum fields per subgoal); each format's system prompt is evaluated once before timing, as it
-is in a long-running agent, so latency is per instruction with the prompt prefix cached.
+is in a long-running agent, so latency is per instruction with the prompt prefix cached. The
+parse cache is cleared before each parser's run, so neither answers from the other's calls.
 
 Latency is wall time per call on whatever else the machine is running; the load average at the
-start and end of each section is recorded beside it.
+start and end of each section is recorded beside it. Parsers of one model run one after the
+other in one process, so their figures are on the same load as far as the machine allows.
 """
 
 from __future__ import annotations
@@ -28,10 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from langchain_core.callbacks import BaseCallbackHandler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lwm.language import (  # noqa: E402
+    GrammarFirstParser,
     InstructionError,
     LLMCritic,
     LLMGoalParser,
@@ -52,6 +61,20 @@ def load_suite(name: str) -> list[dict[str, Any]]:
     return yaml.safe_load(files("tasks").joinpath(name).read_text())["items"]
 
 
+PARSERS = {"llm": LLMGoalParser, "grammar-first": GrammarFirstParser}
+"""How a chat model is asked: alone, or behind lwm's deterministic stages (the default)."""
+
+
+class _LLMCalls(BaseCallbackHandler):
+    """Counts chat-model calls (each retry is a call)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_chat_model_start(self, serialized, messages, **kwargs: Any) -> None:
+        self.calls += 1
+
+
 def _latency(times: list[float]) -> dict[str, float]:
     if not times:
         return {}
@@ -60,36 +83,51 @@ def _latency(times: list[float]) -> dict[str, float]:
             "p90_s": ordered[int(0.9 * (len(ordered) - 1))], "calls": len(times)}
 
 
-def run_parse(parse, items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Exact-match accuracy of `parse` (text → GoalSpec) per kind, with every miss listed."""
+def run_parse(parse, items: list[dict[str, Any]],
+              llm_calls: _LLMCalls | None = None) -> dict[str, Any]:
+    """Exact-match accuracy of `parse` (text → GoalSpec) per kind, with every miss listed, and
+    latency per kind and overall; with `llm_calls`, the chat-model calls made per kind and the
+    latency of the items that made one."""
     per_kind: dict[str, list[bool]] = {}
-    times: list[float] = []
+    times: dict[str, list[float]] = {}
+    calls: dict[str, int] = {}
+    llm_times: list[float] = []
     misses = []
     load_start = os.getloadavg()[0]
     for item in items:
+        kind = item["kind"]
+        calls_before = llm_calls.calls if llm_calls else 0
         start = time.perf_counter()
         try:
             got: Any = parse(item["text"]).texts
         except (InstructionError, StructuredOutputError) as e:
             got = f"error: {e}"
-        times.append(time.perf_counter() - start)
-        if item["kind"] == "ungroundable":
+        times.setdefault(kind, []).append(time.perf_counter() - start)
+        if llm_calls and llm_calls.calls > calls_before:
+            calls[kind] = calls.get(kind, 0) + llm_calls.calls - calls_before
+            llm_times.append(times[kind][-1])
+        if kind == "ungroundable":
             ok = isinstance(got, str) and item["expected_error"] in got.lower()
         else:
             ok = got == item["expected"]
-        per_kind.setdefault(item["kind"], []).append(ok)
+        per_kind.setdefault(kind, []).append(ok)
         if not ok:
             misses.append({"text": item["text"], "expected": item.get("expected")
                            or item["expected_error"], "got": got})
-        print(f"  parse {'ok  ' if ok else 'MISS'} {times[-1]:6.2f}s {item['text']!r} -> {got}",
-              file=sys.stderr)
-    return {
+        print(f"  parse {'ok  ' if ok else 'MISS'} {times[kind][-1]:6.2f}s {item['text']!r} "
+              f"-> {got}", file=sys.stderr)
+    result = {
         "accuracy": {k: sum(v) / len(v) for k, v in per_kind.items()},
         "counts": {k: len(v) for k, v in per_kind.items()},
-        "latency": _latency(times),
+        "latency": _latency([t for v in times.values() for t in v]),
+        "latency_per_kind": {k: _latency(v) for k, v in times.items()},
         "loadavg_1min": [load_start, os.getloadavg()[0]],
         "misses": misses,
     }
+    if llm_calls:
+        result["llm_calls"] = calls
+        result["latency_with_llm"] = _latency(llm_times)
+    return result
 
 
 def run_critic(critic: LLMCritic, items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -136,6 +174,8 @@ def main() -> None:
     ap.add_argument("--no-critic", action="store_true", help="skip the critic suite")
     ap.add_argument("--wire", default="text",
                     help="comma-separated answer formats to parse in: text and/or fields")
+    ap.add_argument("--parsers", default="llm,grammar-first",
+                    help=f"comma-separated, how to ask each chat model: {', '.join(PARSERS)}")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
     ap.add_argument("--json", type=Path, help="write all figures here")
     args = ap.parse_args()
@@ -164,29 +204,41 @@ def main() -> None:
             report["results"][name] = {"parse": run_parse(parse_babyai_mission, parse_items)}
         else:
             llm = get_chat_model(name, n_threads=args.threads, seed=SEED)
+            llm_calls = _LLMCalls()
+            llm.callbacks = [*(llm.callbacks or []), llm_calls]
             start = time.perf_counter()
             llm.invoke("Say OK.", max_tokens=2)
             result = {"load_and_first_call_s": time.perf_counter() - start, "parse": {}}
             items = pick([i for i in parse_items if i["kind"] in kinds], "kind")
             for wire in args.wire.split(","):
-                parser = LLMGoalParser(llm, wire=wire)
                 start = time.perf_counter()
-                parser.parse("walk to the door")  # evaluates and caches the system prompt
+                LLMGoalParser(llm, wire=wire).parse("walk to the door")  # caches the prompt
                 result[f"prompt_prefill_s_{wire}"] = time.perf_counter() - start
-                clear_parse_cache()
-                print(f"-- {name} wire={wire}", file=sys.stderr)
-                result["parse"][wire] = run_parse(parser.parse, items)
+                result["parse"][wire] = {}
+                for how in args.parsers.split(","):
+                    clear_parse_cache()
+                    parser = PARSERS[how](llm, wire=wire)
+                    print(f"-- {name} wire={wire} parser={how}", file=sys.stderr)
+                    parsed = run_parse(parser.parse, items, llm_calls)
+                    if isinstance(parser, GrammarFirstParser):
+                        parsed["answered_by"] = dict(parser.answered_by)
+                    result["parse"][wire][how] = parsed
             if not args.no_critic:
                 result["critic"] = run_critic(LLMCritic(llm), pick(critic_items, "category"))
             report["results"][name] = result
         if args.json:
             write_json(args.json, report)
     for name, result in report["results"].items():
-        by_wire = result["parse"] if name != "grammar" else {"-": result["parse"]}
-        for wire, parse in by_wire.items():
-            line = f"{name:28s} {wire:6s} parse " + " ".join(
+        runs = ({("-", "-"): result["parse"]} if name == "grammar" else
+                {(wire, how): parse for wire, by_how in result["parse"].items()
+                 for how, parse in by_how.items()})
+        for (wire, how), parse in runs.items():
+            line = f"{name:28s} {wire:6s} {how:13s} parse " + " ".join(
                 f"{k} {v:.0%} ({parse['counts'][k]})" for k, v in parse["accuracy"].items())
             line += f"  median {parse['latency'].get('median_s', 0):.2f}s/call"
+            if "llm_calls" in parse:
+                line += (f"; {sum(parse['llm_calls'].values())} LLM calls, median "
+                         f"{parse['latency_with_llm'].get('median_s', 0):.2f}s on items with one")
             print(line)
         if "critic" in result:
             print(f"{name:28s} critic {result['critic']['accuracy']:.0%}"

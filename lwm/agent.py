@@ -166,9 +166,9 @@ class Agent:
             parser, judge = BabyAIMissionParser(), None
         else:
             from lwm.language.critic import LLMCritic
-            from lwm.language.parse import LLMGoalParser
+            from lwm.language.parse import GrammarFirstParser
 
-            parser = LLMGoalParser(llm)
+            parser = GrammarFirstParser(llm)
             judge = LLMCritic(parser.llm) if critic else None
         return cls(model, make_planner(planner, planner_cfg), parser, critic=judge, **kwargs)
 

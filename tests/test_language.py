@@ -14,6 +14,7 @@ import typing
 import gymnasium as gym
 import minigrid  # noqa: F401 (registers the BabyAI envs)
 import pytest
+import yaml
 from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import FakeListChatModel
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
@@ -26,6 +27,7 @@ from lwm.language import (
     GGUFError,
     GoalParser,
     GoalSpec,
+    GrammarFirstParser,
     InstructionError,
     LLMCritic,
     LLMGoalParser,
@@ -41,7 +43,9 @@ from lwm.language import (
 from lwm.language import llm as llm_mod
 from lwm.language import spec as spec_mod
 from lwm.language.llm import PackagedGGUF, assemble_gguf, json_schema_for, resolve_gguf
+from lwm.language.vocabulary import fix_spelling, unknown_objects
 from lwm.language.wire import WireCritique, WireParse, WireParseText, canonical_goal_pattern
+from lwm.resources import files
 
 
 class FakeStructuredChatModel(FakeListChatModel):
@@ -76,6 +80,11 @@ def obj(type_, color="any", location="anywhere"):
 
 def step(verb, o, target=None):
     return {"verb": verb, "object": o} | ({"target": target} if target else {})
+
+
+def llm_parse(instruction, model, **kwargs):
+    """The chat model alone (`LLMGoalParser`), without the default's deterministic stages."""
+    return LLMGoalParser(model, **kwargs).parse(instruction)
 
 
 @pytest.fixture(autouse=True)
@@ -220,7 +229,7 @@ def test_babyai_mission_parser_reads_real_missions(level):
 def test_llm_parse_grounds_the_answer():
     model = fake({"unknown": [], "subgoals": [
         "pick up the blue ball", "put the blue ball next to the red door on your left"]})
-    spec = parse_instruction("take the blue orb and leave it by the red door on your left", model)
+    spec = llm_parse("take the blue orb and leave it by the red door on your left", model)
     assert spec.texts == ["pick up the blue ball",
                           "put the blue ball next to the red door on your left"]
     assert [s.stage for s in spec.subgoals] == [0, 1]
@@ -235,13 +244,13 @@ def test_llm_parse_in_the_fields_wire_format():
         step("pick up", obj("ball", "blue")),
         step("put next to", obj("ball", "blue"), obj("door", "red", "left")),
     ]})
-    spec = parse_instruction("take the blue orb and leave it by the red door on your left", model,
+    spec = llm_parse("take the blue orb and leave it by the red door on your left", model,
                              wire="fields")
     assert spec.texts == ["pick up the blue ball",
                           "put the blue ball next to the red door on your left"]
     assert "Subgoal grammar" not in model.seen[0][0].text
     with pytest.raises(InstructionError, match="only doors can be opened"):
-        parse_instruction("open the ball", fake({"unknown": [], "subgoals": [
+        llm_parse("open the ball", fake({"unknown": [], "subgoals": [
             step("open", obj("ball"))]}), wire="fields")
     with pytest.raises(ValueError, match="unknown wire format 'xml'"):
         LLMGoalParser(model, wire="xml")
@@ -264,24 +273,24 @@ def test_the_text_wire_pattern_is_the_well_typed_goal_grammar():
 def test_llm_parse_names_what_cannot_be_grounded():
     model = fake({"unknown": ["the moon"], "subgoals": ["go to the ball"]})
     with pytest.raises(InstructionError, match="'the moon' is not an object"):
-        parse_instruction("go to the moon", model)
+        llm_parse("go to the moon", model)
     synonym = fake({"unknown": ["the gray Sphere", "thank you"], "subgoals": ["go to the ball"]})
-    assert parse_instruction("go to the gray sphere", synonym).texts == ["go to the ball"]
+    assert llm_parse("go to the gray sphere", synonym).texts == ["go to the ball"]
     with pytest.raises(InstructionError, match="found no goal"):
-        parse_instruction("hello there", fake({"unknown": [], "subgoals": []}))
+        llm_parse("hello there", fake({"unknown": [], "subgoals": []}))
     with pytest.raises(InstructionError, match="empty"):
-        parse_instruction("   ", fake({"unknown": [], "subgoals": []}))
+        llm_parse("   ", fake({"unknown": [], "subgoals": []}))
 
 
 def test_llm_parse_retries_then_fails_clearly():
     good = {"unknown": [], "subgoals": ["open the green door"]}
     model = fake("not json", {"unknown": [], "subgoals": ["open the green ball"]}, good)
-    assert parse_instruction("open the green door", model, retries=2).texts == [
+    assert llm_parse("open the green door", model, retries=2).texts == [
         "open the green door"]
     assert len(model.seen) == 3
     assert "previous answer was invalid" in model.seen[1][-1].text
     with pytest.raises(StructuredOutputError, match="no valid WireParseText in 2 tries"):
-        parse_instruction("open the red door", fake("nope"), retries=1)
+        llm_parse("open the red door", fake("nope"), retries=1)
 
 
 def test_llm_parse_caches_per_model_wire_and_text():
@@ -291,15 +300,131 @@ def test_llm_parse_caches_per_model_wire_and_text():
     again = parser.parse("go   to the red key")
     assert first.texts == again.texts and len(model.seen) == 1
     other = fake({"unknown": [], "subgoals": ["go to the blue key"]})
-    assert parse_instruction("go to the red key", other).texts == ["go to the blue key"]
+    assert llm_parse("go to the red key", other).texts == ["go to the blue key"]
     fields = fake({"unknown": [], "subgoals": [step("go to", obj("key", "green"))]})
-    assert parse_instruction("go to the red key", fields, wire="fields").texts == [
+    assert llm_parse("go to the red key", fields, wire="fields").texts == [
         "go to the green key"]
     ungroundable = fake({"unknown": ["the moon"], "subgoals": []})
     for _ in range(2):
         with pytest.raises(InstructionError):
-            parse_instruction("go to the moon", ungroundable)
+            llm_parse("go to the moon", ungroundable)
     assert len(ungroundable.seen) == 1
+
+
+# --- the default parser: grammar first, vocabulary check, spelling fixes, then the LLM -------
+
+PARSE_SUITE = yaml.safe_load(files("tasks").joinpath("parse_suite.yaml").read_text())["items"]
+
+
+def test_grammar_first_answers_missions_without_the_llm():
+    model = fake({"unknown": [], "subgoals": ["go to the blue key"]})
+    parser = GrammarFirstParser(model)
+    spec = parser.parse("pick up a ball and open a red door")
+    assert spec.texts == ["pick up the ball", "open the red door"]
+    assert [s.stage for s in spec.subgoals] == [0, 0]
+    with pytest.raises(InstructionError, match="only doors can be opened"):
+        parser.parse("open the red ball")  # a mission of the grammar, asking the impossible
+    assert model.seen == [] and parser.answered_by == {"grammar": 2}
+    assert parser.llm is model and isinstance(parser, GoalParser)
+
+
+def test_grammar_first_asks_the_llm_for_the_rest():
+    model = fake({"unknown": [], "subgoals": ["pick up the blue ball"]})
+    parser = GrammarFirstParser(model)
+    spec = parser.parse("could you grab the blue orb please")
+    assert spec.texts == ["pick up the blue ball"]
+    assert spec.instruction == "could you grab the blue orb please"
+    assert len(model.seen) == 1 and parser.answered_by == {"llm": 1}
+    assert parse_instruction("go to the red key", model).texts == ["go to the red key"]
+    assert len(model.seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("instruction", "message"),
+    [
+        ("go to the moon", "'the moon' is not an object in this task's vocabulary"),
+        ("please fetch the red piano, thanks", "'the red piano' is not an object"),
+        ("go to the table, then open the red door", "'the table' is not an object"),
+        ("grab the orange ball", "'orange' is not one of its colours"),
+    ],
+)
+def test_grammar_first_refuses_what_is_not_in_the_vocabulary(instruction, message):
+    model = fake({"unknown": [], "subgoals": ["go to the ball"]})  # maps it onto a real object
+    parser = GrammarFirstParser(model)
+    with pytest.raises(InstructionError, match=message):
+        parser.parse(instruction)
+    assert model.seen == [] and parser.answered_by == {"vocabulary check": 1}
+
+
+def test_grammar_first_fixes_spelling_before_anyone_reads_it():
+    model = fake({"unknown": [], "subgoals": ["go to the grey key"]})
+    parser = GrammarFirstParser(model)
+    spec = parser.parse("put the rde bal next to the gren box")
+    assert spec.texts == ["put the red ball next to the green box"]
+    assert spec.instruction == "put the rde bal next to the gren box"
+    assert parser.answered_by == {"grammar after spelling fixes": 1} and model.seen == []
+    assert parser.parse("go too the grey kee").texts == ["go to the grey key"]
+    assert json.dumps("go too the grey key") in model.seen[0][-1].text
+
+
+@pytest.mark.parametrize(
+    ("text", "fixed"),
+    [
+        ("go to the rde ball", "go to the red ball"),
+        ("pick up the purpel ball", "pick up the purple ball"),
+        ("open the yelow door", "open the yellow door"),
+        ("go to the gren box", "go to the green box"),  # a left-out letter, not "grey"
+        ("go to the grey kee", "go to the grey key"),
+        ("Put the Red bal next to the blue box.", "Put the Red ball next to the blue box."),
+        ("go to the wall", "go to the wall"),  # the first letter is never the typo
+        ("pik up the red ball", "pik up the red ball"),  # only colours and types, in phrases
+        ("go to the gray crate", "go to the gray crate"),  # synonyms are not typos
+    ],
+)
+def test_fix_spelling(text, fixed):
+    assert fix_spelling(text) == fixed
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["go to the nearest red ball", "pick up the red and the blue ball", "go to the red one",
+     "pick up a ball that is on your left", "I'd like you to go to the purple box, thanks"],
+)
+def test_vocabulary_check_leaves_modifiers_and_ellipses_to_the_parser(text):
+    assert unknown_objects(text) == []
+
+
+@pytest.mark.parametrize("kind", ["grammar", "paraphrase", "ungroundable"])
+def test_vocabulary_check_on_the_parse_suite(kind):
+    """Deterministic, so the whole suite runs without an LLM: no valid instruction is refused,
+    every ungroundable one is, naming the expected word."""
+    for item in (i for i in PARSE_SUITE if i["kind"] == kind):
+        found = unknown_objects(item["text"])
+        if kind == "ungroundable":
+            assert item["expected_error"] in " ".join(found), item["text"]
+        else:
+            assert found == [], item["text"]
+
+
+def test_grammar_first_deterministic_answers_on_the_parse_suite_are_right():
+    """Every suite instruction the deterministic stages answer is answered exactly right; the
+    rest reach the chat model (here one that never answers validly)."""
+    parser = GrammarFirstParser(fake("not json"), retries=0)
+    reached_llm = 0
+    for item in PARSE_SUITE:
+        try:
+            got = parser.parse(item["text"]).texts
+        except StructuredOutputError:
+            reached_llm += 1
+            continue
+        except InstructionError as e:
+            got = str(e)
+        if item["kind"] == "ungroundable":
+            assert item["expected_error"] in got, item["text"]
+        else:
+            assert got == item["expected"], item["text"]
+    assert parser.answered_by["llm"] == reached_llm
+    assert parser.answered_by["grammar"] >= sum(i["kind"] == "grammar" for i in PARSE_SUITE)
 
 
 # --- critic orchestration ------------------------------------------------------------------
@@ -437,7 +562,7 @@ def test_local_model_uses_constrained_decoding(monkeypatch, tmp_path):
     llama = FakeLlama(json.dumps(answer))
     monkeypatch.setattr(llm_mod, "_load_llama", lambda *a: (llama, threading.Lock()))
     model = LocalChatModel(gguf_path=str(tmp_path / "m.gguf"), n_threads=1)
-    assert parse_instruction("go to the gray crate", model).texts == ["go to the grey box"]
+    assert llm_parse("go to the gray crate", model).texts == ["go to the grey box"]
     call = llama.calls[0]
     assert call["response_format"] == {"type": "json_object",
                                        "schema": json_schema_for(WireParseText)}
@@ -448,7 +573,7 @@ def test_local_model_uses_constrained_decoding(monkeypatch, tmp_path):
     cut = FakeLlama('{"unknown": [', finish_reason="length")
     monkeypatch.setattr(llm_mod, "_load_llama", lambda *a: (cut, threading.Lock()))
     with pytest.raises(StructuredOutputError, match="cut at max_tokens"):
-        parse_instruction("go to the red box", model, retries=0)
+        llm_parse("go to the red box", model, retries=0)
 
 
 def test_local_model_keeps_one_context_per_system_prompt(monkeypatch, tmp_path):
@@ -464,8 +589,8 @@ def test_local_model_keeps_one_context_per_system_prompt(monkeypatch, tmp_path):
 
     monkeypatch.setattr(llm_mod, "_load_llama", load)
     model = LocalChatModel(gguf_path=str(tmp_path / "m.gguf"))
-    spec = parse_instruction("go to the grey box", model)
-    parse_instruction("go to the gray crate", model)
+    spec = llm_parse("go to the grey box", model)
+    llm_parse("go to the gray crate", model)
     assert critique("x", spec, ["you are in front of the grey box"], model).success
     assert slots[0] == slots[1] != slots[2]
 

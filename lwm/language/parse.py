@@ -1,31 +1,39 @@
-"""Instruction → `GoalSpec` with a chat model (any langchain model, or lwm's local one).
+"""Instruction -> `GoalSpec`: lwm's default parser, and the chat-model parser inside it.
 
-The model answers by structured output in one of two wire formats: `text` (the default), a list
-of canonical goal texts held to the goal grammar by a pattern (`WireParseText`), or `fields`,
-verb / colour / type / location enums per subgoal (`WireParse`), several times the tokens.
-Its answer is then grounded: every phrase
-it marks as unknown (unless all its words are in lwm's vocabulary: small models sometimes list a
-synonym they did map, "the blue sphere"), and every subgoal lwm's goal grammar rejects ("open the
-red ball"), becomes an `InstructionError` that says what could not be grounded. Answers are
-cached per (model, text).
+`GrammarFirstParser` (the default) asks a chat model only when it must: BabyAI's grammar parser
+answers missions in BabyAI's own grammar (exact, no LLM call), `check_vocabulary` refuses an
+instruction that names an object or colour outside the vocabulary (no LLM call), misspelt
+vocabulary words are corrected (and the grammar parser gets a second look), and `LLMGoalParser`
+parses the rest.
+
+`LLMGoalParser` asks the chat model (any langchain model, or lwm's local one), which answers by
+structured output in one of two wire formats: `text` (the default), a list of canonical goal
+texts held to the goal grammar by a pattern (`WireParseText`), or `fields`, verb / colour / type
+/ location enums per subgoal (`WireParse`), several times the tokens. Its answer is then
+grounded: every phrase it marks as unknown (unless all its words are in lwm's vocabulary: small
+models sometimes list a synonym they did map, "the blue sphere"), and every subgoal lwm's goal
+grammar rejects ("open the red ball"), becomes an `InstructionError` that says what could not be
+grounded. Answers are cached per (model, text).
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import HumanMessage, SystemMessage
 from pydantic import ValidationError
 
 from lwm.language.llm import get_chat_model, invoke_structured, model_key
+from lwm.language.mission import NotAMissionError, parse_babyai_mission
 from lwm.language.prompts import load_prompt, render_prompt
 from lwm.language.spec import GoalSpec, InstructionError, Subgoal
-from lwm.language.wire import WireParse, WireParseText, is_grounded_phrase
+from lwm.language.vocabulary import check_vocabulary, fix_spelling, is_grounded_phrase
+from lwm.language.wire import WireParse, WireParseText
 
-__all__ = ["LLMGoalParser", "clear_parse_cache", "parse_instruction"]
+__all__ = ["GrammarFirstParser", "LLMGoalParser", "clear_parse_cache", "parse_instruction"]
 
 # Ungroundable instructions are cached too: asking again would give the same answer.
 _CACHE: OrderedDict[tuple[str, str], GoalSpec | InstructionError] = OrderedDict()
@@ -119,11 +127,66 @@ class LLMGoalParser:
         return result
 
 
+class GrammarFirstParser:
+    """lwm's default `GoalParser`: deterministic stages first, the chat model for the rest.
+
+    1. BabyAI's grammar parser (`parse_babyai_mission`): a mission in BabyAI's grammar gets its
+       exact spec, with no LLM call.
+    2. `check_vocabulary`: a noun phrase naming an object or colour outside the vocabulary ("the
+       moon", "the orange ball") is an `InstructionError`, with no LLM call.
+    3. `fix_spelling`: misspelt colours and types are corrected; if that makes the text a BabyAI
+       mission, the grammar parser answers it.
+    4. `LLMGoalParser` parses the (corrected) text.
+
+    `answered_by` counts which stage answered each call: "grammar", "grammar after spelling
+    fixes", "vocabulary check" or "llm". `llm` is the chat model (for a critic to share).
+    """
+
+    def __init__(self, llm: BaseChatModel | str = "local", retries: int = 2,
+                 wire: str = "text") -> None:
+        self.llm_parser = LLMGoalParser(llm, retries=retries, wire=wire)
+        self.llm = self.llm_parser.llm
+        self.answered_by: Counter[str] = Counter()
+
+    def parse(self, instruction: str) -> GoalSpec:
+        """Parse `instruction`; raises `InstructionError` (ungroundable) or
+        `StructuredOutputError` (the chat model kept answering outside the schema)."""
+        spec = self._by_grammar(instruction, "grammar")
+        if spec is not None:
+            return spec
+        try:
+            check_vocabulary(instruction)
+        except InstructionError:
+            self.answered_by["vocabulary check"] += 1
+            raise
+        fixed = fix_spelling(instruction)
+        if fixed != instruction:
+            spec = self._by_grammar(fixed, "grammar after spelling fixes")
+            if spec is not None:
+                return spec.model_copy(update={"instruction": instruction})
+        self.answered_by["llm"] += 1
+        return self.llm_parser.parse(fixed).model_copy(update={"instruction": instruction})
+
+    def _by_grammar(self, text: str, stage: str) -> GoalSpec | None:
+        """The grammar parser's spec of `text`, counted as `stage`; None when `text` is not a
+        BabyAI mission. A mission that asks for the impossible raises its `InstructionError`."""
+        try:
+            spec = parse_babyai_mission(text)
+        except NotAMissionError:
+            return None
+        except InstructionError:
+            self.answered_by[stage] += 1
+            raise
+        self.answered_by[stage] += 1
+        return spec
+
+
 def parse_instruction(instruction: str, llm: BaseChatModel | str = "local",
                       retries: int = 2, wire: str = "text") -> GoalSpec:
-    """Parse a free-form instruction into a `GoalSpec` with chat model `llm` (see `LLMGoalParser`).
+    """Parse an instruction into a `GoalSpec` with lwm's default parser (`GrammarFirstParser`:
+    BabyAI's grammar parser, then chat model `llm` for what is outside that grammar).
 
     Raises `InstructionError` naming what cannot be grounded, e.g. "'the moon' is not an object
     in this task's vocabulary".
     """
-    return LLMGoalParser(llm, retries=retries, wire=wire).parse(instruction)
+    return GrammarFirstParser(llm, retries=retries, wire=wire).parse(instruction)

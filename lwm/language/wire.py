@@ -10,13 +10,13 @@ cannot loop on an item.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
 from lwm.goals import COLORS, LOC_TEXTS, OBJECT_TYPES, PORTABLE_TYPES
 from lwm.language.spec import ObjectSpec, Subgoal
+from lwm.language.vocabulary import COLOR_ALIASES
 
 __all__ = [
     "MAX_SUBGOALS",
@@ -29,15 +29,10 @@ __all__ = [
     "WirePut",
     "WireSubgoal",
     "canonical_goal_pattern",
-    "is_grounded_phrase",
 ]
 
 MAX_SUBGOALS = 4
 """Most subgoals an LLM may return; BabyAI's longest missions have four actions."""
-
-COLOR_ALIASES = {"gray": "grey", "violet": "purple"}
-"""Spellings the text format accepts for a colour: constrained decoding that forbids the word
-the model is about to copy ("the gray key") makes it drop the colour instead."""
 
 
 class WireObject(BaseModel):
@@ -150,23 +145,3 @@ class WireCritique(BaseModel):
     checks: list[WireCheck] = Field(max_length=MAX_SUBGOALS)
     reason: str = Field(max_length=200)
     revised_subgoals: list[WireSubgoal] | None = Field(max_length=MAX_SUBGOALS)
-
-
-# Words that are part of the vocabulary or carry no content. A phrase the model calls unknown
-# but made only of these ("the blue sphere") is a synonym it did ground, not an unknown thing.
-_KNOWN_WORDS = frozenset(
-    [*COLORS, *OBJECT_TYPES, "gray", "violet", "balls", "boxes", "keys", "doors", "sphere",
-     "spheres", "orb", "crate", "chest", "carton", "doorway", "gate", "entrance", "object",
-     "thing", "one", "the", "a", "an", "your", "you", "on", "to", "in", "of", "at", "by", "it",
-     "left", "right", "front", "behind", "ahead", "back", "next", "beside", "near", "please",
-     "go", "walk", "move", "head", "approach", "reach", "get", "find", "visit", "pick", "up",
-     "grab", "take", "fetch", "collect", "lift", "hold", "open", "unlock", "drop", "put", "down",
-     "place", "bring", "set", "leave", "release", "then", "and", "after", "before", "first",
-     "thank", "thanks", "kindly", "could", "would", "can", "for", "me", "i", "like", "want",
-     "hey", "robot", "if", "that", "is", "any", "some", "there", "over", "too"]
-)
-
-
-def is_grounded_phrase(phrase: str) -> bool:
-    """True when every word of `phrase` is in lwm's vocabulary (or is a filler word)."""
-    return all(w in _KNOWN_WORDS for w in re.findall(r"[a-z]+", phrase.lower()))
