@@ -9,14 +9,16 @@
 #
 # The shipped file was trained by phase 1 at commit 7c9964c and phase 2 at commit 50e04c7. Later
 # commits compute the goal heads' scores in a different floating-point order, so at HEAD the same
-# commands train the same recipe, not bit-identical weights. On a 2-core machine shared with other
+# commands train the same recipe, not bit-identical weights (`--goal-vocab all` keeps the
+# relabelling vocabulary of then: every concrete goal, where `lwm train` now defaults to the
+# suite's own). On a 2-core machine shared with other
 # jobs, phase 1 took 104 min and phase 2 about 35 min.
 # Usage: bash eval/make_checkpoint.sh [run-dir]     (resumable: run it again after a kill)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/train/babyai-goto-mamba2}
 COMMON=(--suite babyai-goto --preset small --backbone mamba2 --seed 0 --threads 1
-        --collect-per-iter 100 --run-dir "$RUN")
+        --collect-per-iter 100 --goal-vocab all --run-dir "$RUN")
 .venv/bin/lwm train "${COMMON[@]}" --episodes 3000 --updates-per-iter 100
 .venv/bin/lwm train "${COMMON[@]}" --episodes 5000 --updates-per-iter 150
 DEST=lwm/resources/checkpoints/babyai-goto
