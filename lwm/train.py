@@ -39,6 +39,7 @@ from lwm.tasks import TaskSuite, load_suite
 
 __all__ = [
     "EXPLORATION_PROBS", "ExploreJob", "PolicyJob", "TrainConfig", "Trainer", "explore_episode",
+    "flatten_optimizer", "trim_padding", "unflatten_optimizer",
 ]
 
 EXPLORATION_PROBS = np.array(env_exploration_probs)
@@ -287,7 +288,7 @@ class Trainer:
         from safetensors.torch import save_file
 
         self.model.save_pretrained(self.dir / "model")
-        tensors, layout = _flatten_optimizer(self.opt)
+        tensors, layout = flatten_optimizer(self.opt)
         tmp = self.dir / "optimizer.safetensors.tmp"
         save_file(tensors, str(tmp))
         os.replace(tmp, self.dir / "optimizer.safetensors")
@@ -321,7 +322,7 @@ class Trainer:
         opt_file = self.dir / "optimizer.safetensors"
         if opt_file.exists():
             layout = json.loads((self.dir / "optimizer.json").read_text())
-            self.opt.load_state_dict(_unflatten_optimizer(load_file(str(opt_file)), layout))
+            self.opt.load_state_dict(unflatten_optimizer(load_file(str(opt_file)), layout))
 
     def _log(self, metrics: dict[str, float]) -> None:
         """Scalars to tensorboard (tb/) and, one JSON line per call, to metrics.jsonl."""
@@ -495,7 +496,7 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Optimizer state as named tensors + a JSON layout (safetensors holds no pickle)."""
     sd = opt.state_dict()
     tensors, layout = {}, {"param_groups": sd["param_groups"], "state": {}}
@@ -510,7 +511,8 @@ def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, layout
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], layout: dict) -> dict:
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], layout: dict) -> dict:
+    """The optimizer `state_dict` that `flatten_optimizer` wrote as tensors + layout."""
     state = {}
     for pid, entries in layout["state"].items():
         state[int(pid)] = {

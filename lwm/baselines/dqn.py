@@ -856,11 +856,11 @@ class DQNAgent:
         names the trainer file, so a kill mid-save leaves the previous checkpoint intact)."""
         from safetensors.torch import save_file
 
-        from lwm.train import _flatten_optimizer
+        from lwm.train import flatten_optimizer
 
         assert self.dir is not None
         save_pretrained(self.net, self.dir)
-        opt_tensors, layout = _flatten_optimizer(self.opt)
+        opt_tensors, layout = flatten_optimizer(self.opt)
         tensors = {f"online.{k}": v for k, v in self.net.state_dict().items()}
         tensors |= {f"target.{k}": v for k, v in self.target.state_dict().items()}
         tensors |= {f"opt.{k}": v for k, v in opt_tensors.items()}
@@ -881,7 +881,7 @@ class DQNAgent:
             (self.dir / old).unlink(missing_ok=True)
 
     def _resume(self) -> None:
-        from lwm.train import _unflatten_optimizer
+        from lwm.train import unflatten_optimizer
 
         assert self.dir is not None
         saved = _trainer_json(self.dir)
@@ -900,7 +900,7 @@ class DQNAgent:
         self.net.load_state_dict(check_tensors(file, part("online."), self.net.state_dict()))
         self.target.load_state_dict(check_tensors(file, part("target."),
                                                    self.target.state_dict()))
-        self.opt.load_state_dict(_unflatten_optimizer(part("opt."), saved["optimizer"]))
+        self.opt.load_state_dict(unflatten_optimizer(part("opt."), saved["optimizer"]))
         self.replay.load_arrays({k: v.numpy() for k, v in part("replay.").items()},
                                 saved["replay_pos"])
         self.state = saved["state"]
