@@ -99,3 +99,61 @@ def test_compiled_mamba2_equals_eager(bf16):
         torch.testing.assert_close(fast(x), eager(x), atol=1e-5, rtol=1e-5)
     atol = 2e-2 if bf16 else 1e-5
     torch.testing.assert_close(y_fast, y_eager, atol=atol, rtol=atol)
+
+
+def test_shipped_checkpoint_backbone_matches_transformers_mixers():
+    # The trained GoToLocal model's backbone loads with its exact keys and shapes, and computes
+    # what a stack of transformers' Mamba2Mixer computes with the same weights, by the scan and
+    # by both steps: a speed change that altered the math or the layout would fail here.
+    import json
+    from importlib.resources import files
+
+    from safetensors.torch import load_file
+    from transformers import Mamba2Config
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+    ckpt = files("lwm.resources") / "checkpoints" / "babyai-goto"
+    cfg = BackboneConfig(**json.loads((ckpt / "config.json").read_text())["config"]["backbone_cfg"])
+    weights = {
+        k.removeprefix("backbone."): v
+        for k, v in load_file(str(ckpt / "model.safetensors")).items()
+        if k.startswith("backbone.")
+    }
+    backbone = make_backbone("mamba2", cfg).eval()
+    assert {k: v.shape for k, v in backbone.state_dict().items()} == {
+        k: v.shape for k, v in weights.items()
+    }
+    backbone.load_state_dict(weights)
+
+    mixer_cfg = Mamba2Config(
+        hidden_size=cfg.d_model,
+        state_size=cfg.d_state,
+        head_dim=cfg.headdim,
+        num_heads=cfg.expand * cfg.d_model // cfg.headdim,
+        expand=cfg.expand,
+        n_groups=1,
+        conv_kernel=cfg.d_conv,
+        use_bias=False,
+        use_conv_bias=True,
+        chunk_size=cfg.chunk_size,
+        layer_norm_epsilon=cfg.norm_eps,
+        num_hidden_layers=cfg.n_layers,
+    )
+    mixers = []
+    for i in range(cfg.n_layers):
+        mixer = Mamba2Mixer(mixer_cfg, layer_idx=i).eval()
+        mixer.load_state_dict(
+            {k.split(".", 2)[2]: v for k, v in weights.items() if k.startswith(f"blocks.{i}.")}
+        )
+        mixers.append(mixer)
+
+    x = torch.randn(3, 40, cfg.d_model)  # longer than a chunk
+    with torch.no_grad():
+        h = x
+        for norm, mixer in zip(backbone.norms, mixers, strict=True):
+            h = h + mixer(norm(h))
+        expected = backbone.norm_f(h)
+        torch.testing.assert_close(backbone(x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(step_all(backbone, x)[0], expected, atol=1e-5, rtol=1e-5)
+    with torch.enable_grad():
+        torch.testing.assert_close(step_all(backbone, x)[0], expected, atol=1e-5, rtol=1e-5)

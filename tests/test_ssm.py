@@ -48,7 +48,7 @@ def test_causal_conv1d_matches_ref():
 @pytest.mark.parametrize("chunk_size", [1, 4, 8, 16, 32])
 def test_chunk_scan_equals_step_by_step(chunk_size):
     x, dt, A, B, C = ssd_inputs()
-    h0 = torch.randn(2, 3, 5, 4)
+    h0 = torch.randn(2, 3, 4, 5)  # (b, H, P, N)
     y, h_final = ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size, h0)
     h, ys = h0, []
     for t in range(T):
@@ -60,7 +60,7 @@ def test_chunk_scan_equals_step_by_step(chunk_size):
 
 def test_inplace_step_equals_ref():
     x, dt, A, B, C = ssd_inputs()
-    h = torch.randn(2, 3, 5, 4)
+    h = torch.randn(2, 3, 4, 5)  # (b, H, P, N)
     y_ref, h_ref = ssd_step_ref(h, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
     y = ssd_step_(h, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
     torch.testing.assert_close(y, y_ref)

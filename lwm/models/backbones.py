@@ -121,17 +121,25 @@ class Mamba2Backbone(Backbone):
 
     def prefill(self, x: Tensor, state: LayerStates | None = None) -> tuple[Tensor, LayerStates]:
         """Chunked scan over x: (B, T, D) from `state` -> y (B, T, D) and the final state."""
+        return self._prefill(x, state, [block.conv_weight() for block in self.blocks])
+
+    def _prefill(
+        self, x: Tensor, state: LayerStates | None, conv_weights: list[Tensor]
+    ) -> tuple[Tensor, LayerStates]:
+        """`prefill` given each block's `conv_weight()`: the unit torch.compile sees."""
         layer_states = []
-        for i, (norm, block) in enumerate(zip(self.norms, self.blocks, strict=True)):
-            y, s = block(norm(x), None if state is None else state.layers[i])
+        for i, (norm, block, w) in enumerate(
+            zip(self.norms, self.blocks, conv_weights, strict=True)
+        ):
+            y, s = block(norm(x), None if state is None else state.layers[i], w)
             x = x + y
             layer_states.append(s)
         return self.norm_f(x), LayerStates(tuple(layer_states))
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, D) -> (B, T, D) by the chunked scan (compiled if `cfg.compile`)."""
-        prefill = _mamba2_prefill_compiled if self.cfg.compile else Mamba2Backbone.prefill
-        return prefill(self, x)[0]
+        prefill = _mamba2_prefill_compiled if self.cfg.compile else Mamba2Backbone._prefill
+        return prefill(self, x, None, [block.conv_weight() for block in self.blocks])[0]
 
     def init_state(self, batch: int) -> LayerStates:
         """Zero conv ring buffers and SSM states, one `Mamba2State` per block."""
@@ -146,14 +154,24 @@ class Mamba2Backbone(Backbone):
             layer_states.append(s)
         return self.norm_f(x), LayerStates(tuple(layer_states))
 
-    def step_(self, convs: list[Tensor], ssms: list[Tensor], slot: int, x: Tensor) -> Tensor:
+    def step_(
+        self,
+        convs: list[Tensor],
+        ssms: list[Tensor],
+        slot: int,
+        x: Tensor,
+        conv_weights: list[Tensor],
+    ) -> Tensor:
         """One token through the whole stack, updating every block's state tensors in place.
 
         The unit torch.compile sees: one graph for the step, specialised on `slot = t % (K-1)`.
+        conv_weights: each block's `conv_weight()`, made outside the graph (see there).
         """
         dtype = torch.bfloat16 if self.cfg.bf16_matmul else None
-        for norm, block, conv, ssm in zip(self.norms, self.blocks, convs, ssms, strict=True):
-            x = x + block.step_(conv, ssm, slot, norm(x), dtype)
+        for norm, block, conv, ssm, w in zip(
+            self.norms, self.blocks, convs, ssms, conv_weights, strict=True
+        ):
+            x = x + block.step_(conv, ssm, slot, norm(x), dtype, w)
         return self.norm_f(x)
 
     def step(self, state: LayerStates, x: Tensor) -> tuple[Tensor, LayerStates]:
@@ -164,14 +182,15 @@ class Mamba2Backbone(Backbone):
         layers: tuple[Mamba2State, ...] = state.layers  # type: ignore[assignment]
         step_ = _mamba2_step_compiled if self.cfg.compile else Mamba2Backbone.step_
         slot = layers[0].t % (self.cfg.d_conv - 1)
-        y = step_(self, [s.conv for s in layers], [s.ssm for s in layers], slot, x)
+        weights = [block.conv_weight() for block in self.blocks]
+        y = step_(self, [s.conv for s in layers], [s.ssm for s in layers], slot, x, weights)
         for s in layers:
             s.t += 1
         return y, state
 
 
 # Module level, so one compiled graph serves every instance and deep copies (ensembles) work.
-_mamba2_prefill_compiled = compiled(Mamba2Backbone.prefill)
+_mamba2_prefill_compiled = compiled(Mamba2Backbone._prefill)
 _mamba2_step_compiled = compiled(Mamba2Backbone.step_)
 
 

@@ -1,8 +1,11 @@
 """Mamba-2 (SSD) block in pure PyTorch: a chunked scan for training, an O(1) step for imagination.
 
 Notation follows the Mamba-2 paper (Dao & Gu, 2024) with n_groups = 1: per head h the state
-h_t (N, P) evolves as h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T and y_t = C_t h_t + D x_t, with
-A = -exp(A_log) a negative scalar per head and dt_t = softplus(dt_raw + dt_bias).
+h_t (P, N) evolves as h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T and y_t = h_t C_t + D x_t, with
+A = -exp(A_log) a negative scalar per head and dt_t = softplus(dt_raw + dt_bias). States are
+stored (B, H, P, N), as mamba-ssm and transformers store them: N innermost makes y = h C a
+reduction over contiguous memory, which the compiled CPU state update runs ~20 % faster than a
+reduction over N strided by P (measured on the update alone at batch 1024).
 
 Three ways to run the same math, each fast path beside the pure-PyTorch `*_ref` it is tested
 against:
@@ -94,7 +97,7 @@ class Mamba2State(BatchState):
     """Recurrent state of one Mamba-2 block.
 
     conv: (B, K-1, C) ring buffer of the last K-1 conv inputs; slot `t % (K-1)` holds the oldest.
-    ssm: (B, H, N, P) SSM state per head.
+    ssm: (B, H, P, N) SSM state per head.
     t: tokens consumed so far (picks the ring slot; the same for all batch elements).
     """
 
@@ -184,11 +187,11 @@ def ssd_chunk_scan_ref(
     """SSD chunked scan (the paper's "minimal" algorithm), without the D skip.
 
     Within a chunk the output is a masked, decayed attention-like product (quadratic in the
-    chunk length, matmul-friendly); across chunks only the (H, N, P) states are passed on.
+    chunk length, matmul-friendly); across chunks only the (H, P, N) states are passed on.
 
     x: (B, T, H, P); dt: (B, T, H) after softplus; A: (H,) negative; B, C: (B, T, N);
-    h0: (B, H, N, P) initial state or None. Returns y: (B, T, H, P) and the final state
-    (B, H, N, P). T need not be a multiple of `chunk_size`.
+    h0: (B, H, P, N) initial state or None. Returns y: (B, T, H, P) and the final state
+    (B, H, P, N). T need not be a multiple of `chunk_size`.
     """
     b, T, H, P = x.shape
     N = B.shape[-1]
@@ -209,20 +212,20 @@ def ssd_chunk_scan_ref(
     M = CB[:, None] * decay  # (b, H, c, l, s)
     y_diag = torch.einsum("bhcls,bcshp->bclhp", M, xdt)
 
-    # 2. State each chunk contributes at its end: sum_j exp(a_{j+1..end}) B_j (dt_j x_j)^T.
+    # 2. State each chunk contributes at its end: sum_j exp(a_{j+1..end}) (dt_j x_j) B_j^T.
     decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, H, c, l)
-    states = torch.einsum("bcln,bhcl,bclhp->bchnp", B, decay_to_end, xdt)  # (b, c, H, N, P)
+    states = torch.einsum("bcln,bhcl,bclhp->bchpn", B, decay_to_end, xdt)  # (b, c, H, P, N)
 
     # 3. Across chunks: state at the start of each chunk (and the final one) from all earlier.
     if h0 is None:
-        h0 = x.new_zeros(b, H, N, P)
-    states = torch.cat([h0[:, None].to(states.dtype), states], dim=1)  # (b, c+1, H, N, P)
+        h0 = x.new_zeros(b, H, P, N)
+    states = torch.cat([h0[:, None].to(states.dtype), states], dim=1)  # (b, c+1, H, P, N)
     chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, H, c+1, c+1)
-    states = torch.einsum("bhzc,bchnp->bzhnp", chunk_decay, states)  # (b, c+1, H, N, P)
+    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)  # (b, c+1, H, P, N)
     states, h_final = states[:, :-1], states[:, -1]
 
     # 4. Contribution of each chunk's start state: C_i exp(a_{start..i}) h_start.
-    y_off = torch.einsum("bcln,bchnp,bhcl->bclhp", C, states, torch.exp(a_cum))
+    y_off = torch.einsum("bcln,bchpn,bhcl->bclhp", C, states, torch.exp(a_cum))
 
     y = (y_diag + y_off).reshape(b, c * L, H, P)[:, :T]  # (B, T, H, P)
     return y, h_final
@@ -239,7 +242,6 @@ def ssd_chunk_scan(
 ) -> tuple[Tensor, Tensor]:
     """`ssd_chunk_scan_ref`, on mamba-ssm's fused kernel when on CUDA with mamba-ssm installed."""
     if HAS_MAMBA_SSM and x.is_cuda:
-        init = None if h0 is None else h0.transpose(-1, -2).contiguous()  # (B, H, P, N)
         y, h_final = mamba_chunk_scan_combined(
             x,
             dt,
@@ -247,10 +249,10 @@ def ssd_chunk_scan(
             B[:, :, None],
             C[:, :, None],
             chunk_size,  # B, C: (B, T, 1, N)
-            initial_states=init,
+            initial_states=h0,
             return_final_states=True,
         )
-        return y, h_final.transpose(-1, -2)  # (B, H, N, P)
+        return y, h_final
     return ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size, h0)
 
 
@@ -259,13 +261,13 @@ def ssd_step_ref(
 ) -> tuple[Tensor, Tensor]:
     """One SSD recurrence step, functional (differentiable), without the D skip.
 
-    h: (B, H, N, P); x: (B, H, P); dt: (B, H) after softplus; A: (H,); B, C: (B, N).
-    Returns y: (B, H, P) and the new state (B, H, N, P).
+    h: (B, H, P, N); x: (B, H, P); dt: (B, H) after softplus; A: (H,); B, C: (B, N).
+    Returns y: (B, H, P) and the new state (B, H, P, N).
     """
     dA = torch.exp(dt * A)  # (B, H)
-    dBx = (dt[..., None] * B[:, None, :])[..., None] * x[:, :, None, :]  # (B, H, N, P)
-    h = dA[..., None, None] * h + dBx
-    y = torch.einsum("bn,bhnp->bhp", C, h)
+    dxB = x[..., None] * (dt[..., None] * B[:, None, :])[:, :, None, :]  # (B, H, P, N)
+    h = dA[..., None, None] * h + dxB
+    y = torch.einsum("bhpn,bn->bhp", h, C)
     return y, h
 
 
@@ -274,34 +276,34 @@ def ssd_step_(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor)
 
     At imagination batch sizes h is larger than the cache (16 MiB a layer at B=1024), so a fresh
     tensor per step costs 1.7-2.6x; y is computed from the old state,
-    y = exp(dt A) (C . h_old) + dt (C . B) x, so h is read once before it is overwritten.
+    y = exp(dt A) (h_old C) + dt (C . B) x, so h is read once before it is overwritten.
     """
     if HAS_MAMBA_SSM and x.is_cuda:
         H, P = x.shape[1:]
         return selective_state_update(
-            h.transpose(-1, -2),  # (B, H, P, N) view: the kernel writes through its strides
+            h,
             x,
             dt[..., None].expand(-1, -1, P),
             A[:, None, None].expand(H, P, B.shape[-1]),
             B[:, None],
             C[:, None],  # (B, 1, N)
         )
-    N, P = h.shape[-2:]
+    P, N = h.shape[-2:]
     dA = torch.exp(dt * A)  # (B, H)
     dtB = dt[..., None] * B[:, None, :]  # (B, H, N)
-    Ch = torch.matmul(C[:, None, None, :], h).squeeze(-2)  # (B,H,1,N) @ (B,H,N,P) -> (B,H,P)
+    hC = torch.matmul(h, C[:, None, :, None]).squeeze(-1)  # (B,H,P,N) @ (B,1,N,1) -> (B,H,P)
     CB = (C * B).sum(-1, keepdim=True)  # (B, 1)
-    y = dA[..., None] * Ch + (dt * CB)[..., None] * x
+    y = dA[..., None] * hC + (dt * CB)[..., None] * x
     if torch.compiler.is_compiling():
         # One expression: inductor turns it into a single read-modify-write pass over h (2.4x
         # faster than tracing the two in-place ops below).
-        h.copy_(dA[..., None, None] * h + dtB[..., None] * x[:, :, None, :])
+        h.copy_(dA[..., None, None] * h + x[..., None] * dtB[:, :, None, :])
     else:
-        # Eager: no (B, H, N, P) temporary; decay, then a rank-1 update per head as a batched
+        # Eager: no (B, H, P, N) temporary; decay, then a rank-1 update per head as a batched
         # matmul. `view` (not reshape) so a non-contiguous state fails loudly instead of
         # updating a copy.
         h.mul_(dA[..., None, None])
-        h.view(-1, N, P).baddbmm_(dtB.reshape(-1, N, 1), x.reshape(-1, 1, P))  # (B*H, N, P)
+        h.view(-1, P, N).baddbmm_(x.reshape(-1, P, 1), dtB.reshape(-1, 1, N))  # (B*H, P, N)
     return y
 
 
@@ -412,17 +414,21 @@ class Mamba2(nn.Module):
         dt = F.softplus(dt_raw + self.dt_bias)
         return x, dt, -torch.exp(self.A_log), B, C
 
-    def forward(self, u: Tensor, state: Mamba2State | None = None) -> tuple[Tensor, Mamba2State]:
+    def forward(
+        self, u: Tensor, state: Mamba2State | None = None, conv_weight: Tensor | None = None
+    ) -> tuple[Tensor, Mamba2State]:
         """Chunked-scan pass over a sequence (training, and prefilling a state for imagination).
 
-        u: (B, T, D); state: where to continue from (None: from zeros). Returns y: (B, T, D)
+        u: (B, T, D); state: where to continue from (None: from zeros); conv_weight:
+        `conv_weight()`, which a compiled caller makes outside its graph. Returns y: (B, T, D)
         and the state after the last token.
         """
         T = u.shape[1]
+        w = self.conv_weight() if conv_weight is None else conv_weight
         z, xBC, dt_raw = self._split(self.in_proj(u))
         context = None if state is None else state.conv_ordered()
         conv_in = xBC
-        xBC = F.silu(causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, context))
+        xBC = F.silu(causal_conv1d(xBC, w, self.conv1d.bias, context))
         x, dt, A, B, C = self._ssm_inputs(xBC, dt_raw)
         y, h = ssd_chunk_scan(x, dt, A, B, C, self.chunk_size, None if state is None else state.ssm)
         y = y + self.D[:, None] * x  # (B, T, H, P)
@@ -436,17 +442,28 @@ class Mamba2(nn.Module):
         return self.out_proj(y), Mamba2State(conv=conv, ssm=h.contiguous(), t=t)
 
     def init_state(self, batch: int, device: torch.device | None = None) -> Mamba2State:
-        """Zero state for `batch` sequences: conv (B, K-1, C), ssm (B, H, N, P)."""
+        """Zero state for `batch` sequences: conv (B, K-1, C), ssm (B, H, P, N)."""
         device = device or self.A_log.device
         return Mamba2State(
             conv=torch.zeros(batch, self.d_conv - 1, self.conv_dim, device=device),
-            ssm=torch.zeros(batch, self.n_heads, self.d_state, self.headdim, device=device),
+            ssm=torch.zeros(batch, self.n_heads, self.headdim, self.d_state, device=device),
         )
 
-    def _conv_step(self, conv: Tensor, slot: int, xBC: Tensor) -> Tensor:
+    def conv_weight(self) -> Tensor:
+        """(C, K) depthwise conv weight stored tap-major, so that each tap w[:, k] is contiguous.
+
+        Compiled code vectorises the K shifted multiply-adds over C only if each tap is
+        contiguous; conv1d.weight (C, 1, K) has them strided by K (scalar code, ~3x slower for
+        the step's conv), and inductor inlines a `.contiguous()` taken inside its graph, so
+        compiled callers make this outside the graph and pass it in. Differentiable.
+        """
+        return self.conv1d.weight[:, 0].t().contiguous().t()
+
+    def _conv_step(self, conv: Tensor, slot: int, xBC: Tensor, w: Tensor) -> Tensor:
         """Causal conv output (B, C) for a new input xBC: (B, C), given the ring buffer
-        conv: (B, K-1, C) whose oldest entry is at `slot` (not updated here)."""
-        w, K = self.conv1d.weight[:, 0], self.d_conv  # (C, K)
+        conv: (B, K-1, C) whose oldest entry is at `slot` (not updated here) and the weight
+        w: (C, K)."""
+        K = self.d_conv
         y = self.conv1d.bias + xBC * w[:, K - 1]
         for k in range(K - 1):  # tap k sees the input K-1-k steps back, in slot + k
             y = y + conv[:, (slot + k) % (K - 1)] * w[:, k]
@@ -456,7 +473,7 @@ class Mamba2(nn.Module):
         """One token, functional and differentiable. u: (B, D) -> y: (B, D), new state."""
         z, xBC, dt_raw = self._split(self.in_proj(u))
         slot = state.t % (self.d_conv - 1)
-        xc = F.silu(self._conv_step(state.conv, slot, xBC))
+        xc = F.silu(self._conv_step(state.conv, slot, xBC, self.conv1d.weight[:, 0]))
         conv = state.conv.clone()
         conv[:, slot] = xBC  # newest input replaces the oldest
         x, dt, A, B, C = self._ssm_inputs(xc, dt_raw)
@@ -472,16 +489,19 @@ class Mamba2(nn.Module):
         slot: int,
         u: Tensor,
         matmul_dtype: torch.dtype | None = None,
+        conv_weight: Tensor | None = None,
     ) -> Tensor:
-        """One token, updating a `Mamba2State`'s conv (B, K-1, C) and ssm (B, H, N, P) in place.
+        """One token, updating a `Mamba2State`'s conv (B, K-1, C) and ssm (B, H, P, N) in place.
 
         slot: `state.t % (K-1)` (the caller advances `state.t`; a compiled caller specialises on
         the slot, where passing t would recompile every step). u: (B, D) -> y: (B, D).
         `matmul_dtype=torch.bfloat16` runs the two projections in bf16; the scan stays fp32.
-        No autograd through the in-place update: this is the no-grad imagination path.
+        conv_weight: `conv_weight()`, made here if None. No autograd through the in-place update:
+        this is the no-grad imagination path.
         """
         z, xBC, dt_raw = self._split(linear(u, self.in_proj.weight, matmul_dtype))
-        xc = F.silu(self._conv_step(conv, slot, xBC))
+        w = self.conv_weight() if conv_weight is None else conv_weight
+        xc = F.silu(self._conv_step(conv, slot, xBC, w))
         conv[:, slot] = xBC
         x, dt, A, B, C = self._ssm_inputs(xc, dt_raw)
         y = ssd_step_(ssm, x, dt, A, B, C) + self.D[:, None] * x  # (B, H, P)
