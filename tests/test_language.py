@@ -43,6 +43,7 @@ from lwm.language import (
 from lwm.language import llm as llm_mod
 from lwm.language import spec as spec_mod
 from lwm.language.llm import PackagedGGUF, assemble_gguf, json_schema_for, resolve_gguf
+from lwm.language.repair import repair_parse
 from lwm.language.vocabulary import fix_spelling, unknown_objects
 from lwm.language.wire import WireCritique, WireParse, WireParseText, canonical_goal_pattern
 from lwm.resources import files
@@ -425,6 +426,53 @@ def test_grammar_first_deterministic_answers_on_the_parse_suite_are_right():
             assert got == item["expected"], item["text"]
     assert parser.answered_by["llm"] == reached_llm
     assert parser.answered_by["grammar"] >= sum(i["kind"] == "grammar" for i in PARSE_SUITE)
+
+
+@pytest.mark.parametrize(
+    ("instruction", "answer", "repaired"),
+    [
+        ("go over to the purple door and open it",
+         ["go to the purple door", "open the door"],
+         ["go to the purple door", "open the purple door"]),
+        ("take the ball to your left", ["pick up the ball"], ["pick up the ball on your left"]),
+        ("look at the key ahead of you", ["go to the key on your right"],
+         ["go to the key in front of you"]),
+        ("slide the blue key beside the red ball",
+         ["pick up the blue key", "put the blue key next to the red ball"],
+         ["put the blue key next to the red ball"]),
+        ("place the green box near the grey door",
+         ["go to the grey door", "put the green box next to the grey door"],
+         ["put the green box next to the grey door"]),
+        ("look for the red door", ["open the red door"], ["go to the red door"]),
+        ("opne the blu door", ["open the blue door"], ["open the blue door"]),
+        # what the instruction asks for, or leaves open, stays
+        ("grab the blue key and put it next to the red ball",
+         ["pick up the blue key", "put the blue key next to the red ball"],
+         ["pick up the blue key", "put the blue key next to the red ball"]),
+        ("go to the red door, then open the door", ["go to the red door", "open the door"],
+         ["go to the red door", "open the door"]),
+        ("get the red or the blue ball", ["pick up the ball"], ["pick up the ball"]),
+    ],
+)
+def test_repair_parse(instruction, answer, repaired):
+    spec = repair_parse(GoalSpec.from_texts(answer, instruction), instruction)
+    assert spec.texts == repaired
+    assert [s.stage for s in spec.subgoals] == list(range(len(repaired)))
+
+
+def test_repair_parse_keeps_every_right_answer_of_the_parse_suite():
+    for item in PARSE_SUITE:
+        if item["kind"] != "ungroundable":
+            right = GoalSpec.from_texts(item["expected"], item["text"])
+            assert repair_parse(right, item["text"]).texts == item["expected"], item["text"]
+
+
+def test_grammar_first_repairs_the_llm_answer():
+    model = fake({"unknown": [], "subgoals": ["go to the green door", "open the door"]})
+    parser = GrammarFirstParser(model)
+    spec = parser.parse("walk over to the green door and unlock it")
+    assert spec.texts == ["go to the green door", "open the green door"]
+    assert parser.answered_by == {"llm": 1, "llm, repaired": 1}
 
 
 # --- critic orchestration ------------------------------------------------------------------

@@ -4,7 +4,7 @@
 answers missions in BabyAI's own grammar (exact, no LLM call), `check_vocabulary` refuses an
 instruction that names an object or colour outside the vocabulary (no LLM call), misspelt
 vocabulary words are corrected (and the grammar parser gets a second look), and `LLMGoalParser`
-parses the rest.
+parses the rest, its answer mended by `repair_parse` where the instruction allows one reading.
 
 `LLMGoalParser` asks the chat model (any langchain model, or lwm's local one), which answers by
 structured output in one of two wire formats: `text` (the default), a list of canonical goal
@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from lwm.language.llm import get_chat_model, invoke_structured, model_key
 from lwm.language.mission import NotAMissionError, parse_babyai_mission
 from lwm.language.prompts import load_prompt, render_prompt
+from lwm.language.repair import repair_parse
 from lwm.language.spec import GoalSpec, InstructionError, Subgoal
 from lwm.language.vocabulary import check_vocabulary, fix_spelling, is_grounded_phrase
 from lwm.language.wire import WireParse, WireParseText
@@ -136,10 +137,13 @@ class GrammarFirstParser:
        moon", "the orange ball") is an `InstructionError`, with no LLM call.
     3. `fix_spelling`: misspelt colours and types are corrected; if that makes the text a BabyAI
        mission, the grammar parser answers it.
-    4. `LLMGoalParser` parses the (corrected) text.
+    4. `LLMGoalParser` parses the (corrected) text, and `repair_parse` mends its answer where
+       the instruction's own words allow one reading (the colour of "open it", a location it
+       left out, a "pick up" before a "put" that nobody asked for).
 
     `answered_by` counts which stage answered each call: "grammar", "grammar after spelling
-    fixes", "vocabulary check" or "llm". `llm` is the chat model (for a critic to share).
+    fixes", "vocabulary check" or "llm", and "llm, repaired" among the last.
+    `llm` is the chat model (for a critic to share).
     """
 
     def __init__(self, llm: BaseChatModel | str = "local", retries: int = 2,
@@ -165,7 +169,11 @@ class GrammarFirstParser:
             if spec is not None:
                 return spec.model_copy(update={"instruction": instruction})
         self.answered_by["llm"] += 1
-        return self.llm_parser.parse(fixed).model_copy(update={"instruction": instruction})
+        answer = self.llm_parser.parse(fixed)
+        spec = repair_parse(answer, fixed)
+        if spec.texts != answer.texts:
+            self.answered_by["llm, repaired"] += 1
+        return spec.model_copy(update={"instruction": instruction})
 
     def _by_grammar(self, text: str, stage: str) -> GoalSpec | None:
         """The grammar parser's spec of `text`, counted as `stage`; None when `text` is not a

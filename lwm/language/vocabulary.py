@@ -1,13 +1,15 @@
 """The task vocabulary as people write it: the words that name its colours and object types
 (synonyms, plurals, typos), and the noun phrases of an instruction that name something outside it.
 
-Two deterministic checks run before a chat model sees an instruction (`GrammarFirstParser`):
+`GrammarFirstParser` reads an instruction's noun phrases before and after a chat model does:
 
 - `check_vocabulary`: an instruction whose noun phrase names an object or colour outside the
   vocabulary ("go to the moon", "pick up the orange ball") is an `InstructionError` naming it.
   A small LLM tends to map such a phrase onto the nearest real object rather than report it.
 - `fix_spelling`: misspelt vocabulary words inside noun phrases are corrected ("the rde bal" ->
   "the red ball"), so a misspelt BabyAI mission is in BabyAI's grammar again.
+- `named_objects`: the objects the phrases describe, with colour and location, which
+  `lwm.language.repair` holds the chat model's answer to.
 
 A noun phrase starts at a determiner ("the", "a", "an", "any", "some") and ends at its head: the
 first word within `MAX_PHRASE_WORDS` that names an object type, or a generic head ("one",
@@ -28,7 +30,7 @@ import re
 from dataclasses import dataclass
 
 from lwm.goals import COLORS, OBJECT_TYPES
-from lwm.language.spec import InstructionError
+from lwm.language.spec import InstructionError, ObjectSpec
 
 __all__ = [
     "COLOR_ALIASES",
@@ -38,6 +40,8 @@ __all__ = [
     "check_vocabulary",
     "fix_spelling",
     "is_grounded_phrase",
+    "named_objects",
+    "read_word",
     "unknown_objects",
 ]
 
@@ -105,8 +109,8 @@ def _typo_rank(typed: str, word: str) -> int | None:
     return None
 
 
-def _read(word: str, words: dict[str, str]) -> str | None:
-    """The vocabulary word of `words` that `word` is, exactly or as a typo (see the module doc);
+def read_word(word: str, words: dict[str, str]) -> str | None:
+    """The key of `words` that `word` is, exactly or as a typo (see the module doc);
     None when it is none of them, or when the likeliest typo readings name different things
     ("gren" is "green", not "grey": a left-out letter is likelier than a wrong one)."""
     if word in words:
@@ -137,6 +141,8 @@ class _Phrase:
     determiner: _Word
     modifiers: tuple[_Word, ...]
     head: _Word | None
+    after: tuple[str, ...] = ()
+    """The words that follow the phrase (where a location is said: "the key on your left")."""
 
     @property
     def text(self) -> str:
@@ -155,12 +161,14 @@ def _noun_phrases(text: str) -> list[_Phrase]:
         for word in tokens[i + 1:i + 1 + MAX_PHRASE_WORDS]:
             if not word.text.isalpha() or word.text in PHRASE_ENDS:
                 break
-            if _read(word.text, TYPE_WORDS) or word.text in GENERIC_HEADS:
+            if read_word(word.text, TYPE_WORDS) or word.text in GENERIC_HEADS:
                 head = word
                 break
             modifiers.append(word)
         if modifiers or head:
-            phrases.append(_Phrase(det, tuple(modifiers), head))
+            end = i + 1 + len(modifiers) + (head is not None)
+            after = tuple(t.text for t in tokens[end:end + 5])
+            phrases.append(_Phrase(det, tuple(modifiers), head, after))
     return phrases
 
 
@@ -171,12 +179,53 @@ def unknown_objects(text: str) -> list[str]:
     for phrase in _noun_phrases(text):
         other = [m.text for m in phrase.modifiers if m.text in OTHER_COLORS]
         if phrase.head is None:
-            if all(_read(m.text, COLOR_WORDS) for m in phrase.modifiers):
+            if all(read_word(m.text, COLOR_WORDS) for m in phrase.modifiers):
                 continue  # colours alone ("the red and the blue ball"): the parser's to read
             found.append(f"{phrase.text!r} is not an object in this task's vocabulary")
         elif other:
             found.append(f"{phrase.text!r} is not an object in this task's vocabulary: "
                          f"{other[0]!r} is not one of its colours ({', '.join(COLORS)})")
+    return found
+
+
+LOCATION_WORDS = {
+    ("on", "your", "left"): "left", ("to", "your", "left"): "left",
+    ("on", "your", "right"): "right", ("to", "your", "right"): "right",
+    ("in", "front", "of", "you"): "front", ("ahead", "of", "you"): "front", ("ahead",): "front",
+    ("behind", "you"): "behind", ("at", "your", "back"): "behind",
+}
+"""How a location follows a noun phrase, longest first where one starts another."""
+
+
+def _location(after: tuple[str, ...]) -> str | None:
+    if after[:2] in (("that", "is"), ("which", "is")):
+        after = after[2:]
+    return next((loc for words, loc in LOCATION_WORDS.items() if after[:len(words)] == words),
+                None)
+
+
+def named_objects(text: str) -> list[tuple[str, ObjectSpec | None]]:
+    """The objects the noun phrases of `text` name, in order, as (type, object): the object
+    with the phrase's colour and location ("a ball that is on your left" -> ball, no colour,
+    left), or None when its colour cannot be read (two colours, or one outside the
+    vocabulary). Colours alone ("the red" in "the red or the blue ball") are ("", None): an
+    object of a type said later."""
+    found: list[tuple[str, ObjectSpec | None]] = []
+    for phrase in _noun_phrases(text):
+        type_word = phrase.head and read_word(phrase.head.text, TYPE_WORDS)
+        if phrase.head is None and all(read_word(m.text, COLOR_WORDS) for m in phrase.modifiers):
+            found.append(("", None))
+            continue
+        if not type_word:
+            continue
+        colours = {COLOR_WORDS[c] for m in phrase.modifiers
+                   if (c := read_word(m.text, COLOR_WORDS))}
+        if len(colours) > 1 or any(m.text in OTHER_COLORS for m in phrase.modifiers):
+            found.append((TYPE_WORDS[type_word], None))
+            continue
+        found.append((TYPE_WORDS[type_word],
+                      ObjectSpec(type=TYPE_WORDS[type_word], color=next(iter(colours), None),
+                                 location=_location(phrase.after))))
     return found
 
 
@@ -195,7 +244,7 @@ def fix_spelling(text: str) -> str:
     for phrase in _noun_phrases(text):
         words = [*phrase.modifiers, *([phrase.head] if phrase.head else [])]
         for word in words:
-            fixed = _read(word.text, TYPE_WORDS if word is phrase.head else COLOR_WORDS)
+            fixed = read_word(word.text, TYPE_WORDS if word is phrase.head else COLOR_WORDS)
             if fixed is not None and fixed != word.text:
                 fixes.append((word.span, fixed))
     for (start, end), fixed in sorted(fixes, reverse=True):

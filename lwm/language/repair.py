@@ -1,0 +1,85 @@
+"""Deterministic repairs of a chat model's parse, against the instruction's own words.
+
+A small model reads most instructions right and slips on a detail the instruction states
+plainly. Each repair changes its answer only where the instruction's words allow one reading:
+
+- objects: an object of the answer that no noun phrase of the instruction describes takes the
+  colour and location of the instruction's phrases of its type, when they all describe the same
+  one ("walk to the green door and then unlock it": "open the door" -> "open the green door");
+- implied steps: "pick up X" or "go to X" just before a "put" that moves X or puts something
+  next to it is dropped when no word of the instruction asks for that step ("bring the grey
+  ball by the green key" is one subgoal: putting includes picking up and walking there);
+- verbs: "open" becomes "go to" when no word of the instruction is about opening ("find the
+  purple door").
+
+Words are read through typos as `lwm.language.vocabulary` reads them ("opne" is about opening).
+"""
+
+from __future__ import annotations
+
+import re
+
+from lwm.language.spec import GoalSpec, ObjectSpec, Subgoal
+from lwm.language.vocabulary import named_objects, read_word
+
+__all__ = ["GO_WORDS", "OPEN_WORDS", "PICK_WORDS", "repair_parse"]
+
+PICK_WORDS = frozenset(
+    ["pick", "picks", "picking", "picked", "grab", "grabbing", "take", "taking", "get", "getting",
+     "fetch", "fetching", "collect", "collecting", "lift", "lifting", "snatch", "hold", "have",
+     "carry", "carrying"]
+)
+"""Words that ask for a pick-up as a step of its own."""
+GO_WORDS = frozenset(
+    ["go", "goes", "going", "walk", "walking", "head", "heading", "approach", "reach", "find",
+     "visit", "navigate", "travel", "come"]
+)
+"""Words that ask for going somewhere as a step of its own ("move" is left out: "move the box
+near the door" is a put)."""
+OPEN_WORDS = frozenset(
+    ["open", "opens", "opened", "opening", "unlock", "unlocks", "unlocked", "unlocking", "unbolt",
+     "unbolted"]
+)
+"""Words about opening."""
+
+
+def _says(words: set[str], asking: frozenset[str]) -> bool:
+    """True when one of `words` is one of `asking`, or a typo of one ("opne")."""
+    table = dict.fromkeys(asking, "")
+    return any(read_word(w, table) is not None for w in words)
+
+
+def _described(obj: ObjectSpec, named: list[tuple[str, ObjectSpec | None]]) -> ObjectSpec:
+    """`obj`, or the one object the instruction's phrases of its type describe."""
+    phrases = [o for t, o in named if t in (obj.type, "")]
+    if not phrases or None in phrases or obj in phrases or len(set(phrases)) != 1:
+        return obj
+    return phrases[0]
+
+
+def _implied(step: Subgoal, put: Subgoal, words: set[str]) -> bool:
+    """True when `step`, just before `put`, is part of it and not asked for in `words`."""
+    if put.verb != "put next to":
+        return False
+    if step.verb == "pick up":
+        return step.object == put.object and not _says(words, PICK_WORDS)
+    if step.verb == "go to":
+        return step.object in (put.object, put.target) and not _says(words, GO_WORDS)
+    return False
+
+
+def repair_parse(spec: GoalSpec, instruction: str) -> GoalSpec:
+    """`spec` (a chat model's parse of `instruction`) with the repairs of the module doc."""
+    words = set(re.findall(r"[a-z]+", instruction.lower()))
+    named = named_objects(instruction)
+    subgoals = []
+    for s in spec.subgoals:
+        verb = "go to" if s.verb == "open" and not _says(words, OPEN_WORDS) else s.verb
+        target = _described(s.target, named) if s.target is not None else None
+        subgoals.append(Subgoal(verb=verb, object=_described(s.object, named), target=target,
+                                stage=s.stage))
+    kept = [s for s, after in zip(subgoals, [*subgoals[1:], None], strict=True)
+            if after is None or not _implied(s, after, words)]
+    stages = {stage: i for i, stage in enumerate(sorted({s.stage for s in kept}))}
+    return spec.model_copy(update={"subgoals": tuple(
+        s.model_copy(update={"stage": stages[s.stage]}) for s in kept)})
