@@ -77,6 +77,8 @@ GENERIC_HEADS = frozenset(
 """Heads that name no type ("the red one", "the one on the left"): the parser reads them in
 context."""
 DETERMINERS = frozenset(["the", "a", "an", "any", "some"])
+SCENE_PHRASES = [["floor"], ["ground"], ["room"]]
+"""Noun phrases that name the scene every task has, not an object a goal could name."""
 PHRASE_ENDS = frozenset(
     ["and", "then", "or", "but", "to", "on", "in", "of", "at", "by", "next", "beside", "near",
      "behind", "after", "before", "it", "is", "are", "please", "you", "your", "for", "with",
@@ -167,7 +169,7 @@ def _noun_phrases(text: str) -> list[_Phrase]:
             modifiers.append(word)
         if modifiers or head:
             end = i + 1 + len(modifiers) + (head is not None)
-            after = tuple(t.text for t in tokens[end:end + 5])
+            after = tuple(t.text for t in tokens[end:end + _AFTER_WORDS])
             phrases.append(_Phrase(det, tuple(modifiers), head, after))
     return phrases
 
@@ -181,6 +183,8 @@ def unknown_objects(text: str) -> list[str]:
         if phrase.head is None:
             if all(read_word(m.text, COLOR_WORDS) for m in phrase.modifiers):
                 continue  # colours alone ("the red and the blue ball"): the parser's to read
+            if [m.text for m in phrase.modifiers] in SCENE_PHRASES:
+                continue  # where things are ("lift the key off the floor"), not a goal object
             found.append(f"{phrase.text!r} is not an object in this task's vocabulary")
         elif other:
             found.append(f"{phrase.text!r} is not an object in this task's vocabulary: "
@@ -195,6 +199,8 @@ LOCATION_WORDS = {
     ("behind", "you"): "behind", ("at", "your", "back"): "behind",
 }
 """How a location follows a noun phrase, longest first where one starts another."""
+_AFTER_WORDS = 2 + max(map(len, LOCATION_WORDS))
+"""Words kept after a noun phrase: "that is" and the longest location ("in front of you")."""
 
 
 def _location(after: tuple[str, ...]) -> str | None:
