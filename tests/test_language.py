@@ -444,6 +444,16 @@ def test_grammar_first_deterministic_answers_on_the_parse_suite_are_right():
          ["go to the grey door", "put the green box next to the grey door"],
          ["put the green box next to the grey door"]),
         ("look for the red door", ["open the red door"], ["go to the red door"]),
+        # a put ends by dropping what it moves
+        ("drop off the blue key next to the red ball",
+         ["drop the blue key", "put the blue key next to the red ball"],
+         ["put the blue key next to the red ball"]),
+        ("carry the grey key to the purple box and leave it there",
+         ["put the grey key next to the purple box", "drop the grey key"],
+         ["put the grey key next to the purple box"]),
+        ("drop the red ball, then put the green key next to the box",
+         ["drop the red ball", "put the green key next to the box"],
+         ["drop the red ball", "put the green key next to the box"]),
         ("opne the blu door", ["open the blue door"], ["open the blue door"]),
         # what the instruction asks for, or leaves open, stays
         ("grab the blue key and put it next to the red ball",

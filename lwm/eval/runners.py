@@ -375,10 +375,11 @@ class RunnerEntry:
 RUNNERS: dict[str, RunnerEntry] = {
     "random": RunnerEntry(RandomRunner, "uniform random actions (no 'done')"),
     "bot": RunnerEntry(BotRunner, "BabyAI's bot, reading the true state: the oracle"),
-    "lwm": RunnerEntry(LwmRunner, "lwm: LLM parse, world-model planning, LLM critic"),
+    "lwm": RunnerEntry(LwmRunner, "lwm: grammar-first parse (the LLM outside BabyAI's "
+                       "grammar), world-model planning, LLM critic"),
     "lwm-grammar": RunnerEntry(LwmRunner, "lwm with BabyAI's grammar parser, no LLM",
                                {"llm": "grammar"}),
-    "lwm-no-critic": RunnerEntry(LwmRunner, "lwm with the LLM parser but no critic",
+    "lwm-no-critic": RunnerEntry(LwmRunner, "lwm with its default parser but no critic",
                                  {"critic": False}),
     "llm-only": RunnerEntry(LLMOnlyRunner, "the LLM picks every action from text (BALROG)"),
     "dqn": RunnerEntry("lwm.baselines.dqn:DQNRunner", "model-free DQN + language hindsight "

@@ -8,7 +8,9 @@ plainly. Each repair changes its answer only where the instruction's words allow
   one ("walk to the green door and then unlock it": "open the door" -> "open the green door");
 - implied steps: "pick up X" or "go to X" just before a "put" that moves X or puts something
   next to it is dropped when no word of the instruction asks for that step ("bring the grey
-  ball by the green key" is one subgoal: putting includes picking up and walking there);
+  ball by the green key" is one subgoal: putting includes picking up and walking there); a
+  "drop X" just before or after a "put" of X is dropped whatever the words: a put ends by
+  dropping what it moves ("drop off the blue key next to the red ball" is one put);
 - verbs: "open" becomes "go to" when no word of the instruction is about opening ("find the
   purple door").
 
@@ -61,6 +63,8 @@ def _implied(step: Subgoal, put: Subgoal, words: set[str]) -> bool:
     """True when `step`, just before `put`, is part of it and not asked for in `words`."""
     if put.verb != "put next to":
         return False
+    if step.verb == "drop":
+        return step.object == put.object
     if step.verb == "pick up":
         return step.object == put.object and not _says(words, PICK_WORDS)
     if step.verb == "go to":
@@ -78,8 +82,10 @@ def repair_parse(spec: GoalSpec, instruction: str) -> GoalSpec:
         target = _described(s.target, named) if s.target is not None else None
         subgoals.append(Subgoal(verb=verb, object=_described(s.object, named), target=target,
                                 stage=s.stage))
-    kept = [s for s, after in zip(subgoals, [*subgoals[1:], None], strict=True)
-            if after is None or not _implied(s, after, words)]
+    kept = [s for before, s, after in zip([None, *subgoals[:-1]], subgoals,
+                                          [*subgoals[1:], None], strict=True)
+            if not (after is not None and _implied(s, after, words))
+            and not (before is not None and s.verb == "drop" and _implied(s, before, words))]
     stages = {stage: i for i, stage in enumerate(sorted({s.stage for s in kept}))}
     return spec.model_copy(update={"subgoals": tuple(
         s.model_copy(update={"stage": stages[s.stage]}) for s in kept)})
