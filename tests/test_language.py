@@ -444,6 +444,13 @@ def test_grammar_first_deterministic_answers_on_the_parse_suite_are_right():
          ["go to the grey door", "put the green box next to the grey door"],
          ["put the green box next to the grey door"]),
         ("look for the red door", ["open the red door"], ["go to the red door"]),
+        # a put of an object the instruction never names is the model's invention
+        ("could you move next to the green key?", ["put the green key next to the green box"],
+         ["go to the green key"]),
+        ("move the purple box near the red door", ["put the purple box next to the red door"],
+         ["put the purple box next to the red door"]),
+        ("place the red ball next to it", ["put the red ball next to the blue box"],
+         ["put the red ball next to the blue box"]),
         # a put ends by dropping what it moves
         ("drop off the blue key next to the red ball",
          ["drop the blue key", "put the blue key next to the red ball"],

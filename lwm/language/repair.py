@@ -12,7 +12,9 @@ plainly. Each repair changes its answer only where the instruction's words allow
   "drop X" just before or after a "put" of X is dropped whatever the words: a put ends by
   dropping what it moves ("drop off the blue key next to the red ball" is one put);
 - verbs: "open" becomes "go to" when no word of the instruction is about opening ("find the
-  purple door").
+  purple door"); "put X next to Y" becomes "go to X" when the instruction names no object of
+  Y's type and no word of it is about putting: the model invented Y ("could you move next to
+  the green key?" is not "put the green key next to the green box").
 
 Words are read through typos as `lwm.language.vocabulary` reads them ("opne" is about opening).
 """
@@ -24,7 +26,7 @@ import re
 from lwm.language.spec import GoalSpec, ObjectSpec, Subgoal
 from lwm.language.vocabulary import named_objects, read_word
 
-__all__ = ["GO_WORDS", "OPEN_WORDS", "PICK_WORDS", "repair_parse"]
+__all__ = ["GO_WORDS", "OPEN_WORDS", "PICK_WORDS", "PUT_WORDS", "repair_parse"]
 
 PICK_WORDS = frozenset(
     ["pick", "picks", "picking", "picked", "grab", "grabbing", "take", "taking", "get", "getting",
@@ -43,6 +45,12 @@ OPEN_WORDS = frozenset(
      "unbolted"]
 )
 """Words about opening."""
+PUT_WORDS = frozenset(
+    ["put", "puts", "putting", "place", "placing", "set", "leave", "leaving", "bring", "bringing",
+     "drop", "dropping", "position", "carry", "carrying", "slide", "push", "lay", "deliver"]
+)
+"""Words about putting something somewhere ("move" is left out: "move next to the key" is a go
+to, while "move the box near the door" names both objects of its put)."""
 
 
 def _says(words: set[str], asking: frozenset[str]) -> bool:
@@ -77,9 +85,13 @@ def repair_parse(spec: GoalSpec, instruction: str) -> GoalSpec:
     words = set(re.findall(r"[a-z]+", instruction.lower()))
     named = named_objects(instruction)
     subgoals = []
+    named_types = {t for t, _ in named}
     for s in spec.subgoals:
         verb = "go to" if s.verb == "open" and not _says(words, OPEN_WORDS) else s.verb
         target = _described(s.target, named) if s.target is not None else None
+        if (verb == "put next to" and target.type not in named_types
+                and not _says(words, PUT_WORDS)):
+            verb, target = "go to", None  # the model invented the second object
         subgoals.append(Subgoal(verb=verb, object=_described(s.object, named), target=target,
                                 stage=s.stage))
     kept = [s for before, s, after in zip([None, *subgoals[:-1]], subgoals,
