@@ -24,7 +24,6 @@ from lwm.baselines.dqn import (
     goal_ids,
     preset,
     relabel,
-    training_goals,
 )
 from lwm.data.relabel import GoalVocab
 from lwm.envs.language import ACTION_NAMES, instr_goals
@@ -51,10 +50,10 @@ def trained(tmp_path_factory):
 
 
 def test_training_goals_leave_held_out_combinations_out():
-    goals = training_goals(SUITE)
+    goals = SUITE.goal_vocabulary()
     assert len(goals) == len(SUITE.split.train)  # one "go to" goal per training combination
     assert all(g.startswith("go to the ") for g in goals)
-    everything = training_goals(SUITE, "all")
+    everything = SUITE.goal_vocabulary("all")
     assert set(goals) < set(everything)
     assert all(SUITE.split_of_goal(g) == "train" for g in everything)
     assert "go to the blue ball" not in everything and "pick up the blue ball" not in everything
@@ -85,7 +84,7 @@ def _hand_built_episode(vocab, frames=3):
 
 
 def test_relabel_rewards_exactly_the_goals_achieved_at_each_step():
-    vocab = GoalVocab(training_goals(SUITE))
+    vocab = GoalVocab(SUITE.goal_vocabulary())
     steps, achieved = _hand_built_episode(vocab)
     replay = Replay(capacity=100, frames=3)
     replay.add_episode(steps)
@@ -115,7 +114,7 @@ def test_relabel_rewards_exactly_the_goals_achieved_at_each_step():
 
 
 def test_relabel_samples_vocabulary_goals_uniformly_in_the_free_slots():
-    vocab = GoalVocab(training_goals(SUITE))
+    vocab = GoalVocab(SUITE.goal_vocabulary())
     steps, _ = _hand_built_episode(vocab)
     replay = Replay(capacity=10, frames=3)
     replay.add_episode(steps)
@@ -126,7 +125,7 @@ def test_relabel_samples_vocabulary_goals_uniformly_in_the_free_slots():
 
 
 def test_replay_is_a_ring_and_stacks_next_frames():
-    vocab = GoalVocab(training_goals(SUITE))
+    vocab = GoalVocab(SUITE.goal_vocabulary())
     steps, _ = _hand_built_episode(vocab)
     replay = Replay(capacity=4, frames=3)
     replay.add_episode(steps)

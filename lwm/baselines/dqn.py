@@ -662,7 +662,7 @@ class DQNAgent:
         computed once per run and stored beside the checkpoint."""
         from safetensors.torch import save_file
 
-        vocab = GoalVocab(training_goals(self.suite, self.cfg.vocab))
+        vocab = GoalVocab(self.suite.goal_vocabulary(self.cfg.vocab))
         assert self.dir is not None
         if (self.dir / "goals.json").exists():
             saved, table = _load_goal_table(self.dir)
@@ -981,11 +981,6 @@ class _Collector:
         if len(f.pending) != n_pending and f.pending:
             self.behaviour = vocab.index.get(f.pending[0].text, self.behaviour)
         return f.done
-
-
-def training_goals(suite: TaskSuite, which: str = "suite") -> list[str]:
-    """The relabelling vocabulary of `suite` (`TaskSuite.goal_vocabulary`)."""
-    return suite.goal_vocabulary(which)
 
 
 # ---------------------------------------------------------------------------------- files

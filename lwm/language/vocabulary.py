@@ -77,8 +77,8 @@ GENERIC_HEADS = frozenset(
 """Heads that name no type ("the red one", "the one on the left"): the parser reads them in
 context."""
 DETERMINERS = frozenset(["the", "a", "an", "any", "some"])
-SCENE_PHRASES = [["floor"], ["ground"], ["room"]]
-"""Noun phrases that name the scene every task has, not an object a goal could name."""
+SCENE_WORDS = frozenset(["floor", "ground", "room"])
+"""Nouns that name the scene every task has, not an object a goal could name."""
 PHRASE_ENDS = frozenset(
     ["and", "then", "or", "but", "to", "on", "in", "of", "at", "by", "next", "beside", "near",
      "behind", "after", "before", "it", "is", "are", "please", "you", "your", "for", "with",
@@ -183,7 +183,7 @@ def unknown_objects(text: str) -> list[str]:
         if phrase.head is None:
             if all(read_word(m.text, COLOR_WORDS) for m in phrase.modifiers):
                 continue  # colours alone ("the red and the blue ball"): the parser's to read
-            if [m.text for m in phrase.modifiers] in SCENE_PHRASES:
+            if all(m.text in SCENE_WORDS for m in phrase.modifiers):
                 continue  # where things are ("lift the key off the floor"), not a goal object
             found.append(f"{phrase.text!r} is not an object in this task's vocabulary")
         elif other:
