@@ -126,3 +126,8 @@ class TrainConfig:
     """Collection processes (more than 1: a local Ray cluster; needs the `ray` extra)."""
     ray_address: str | None = None
     """Address of a running Ray cluster to collect on (e.g. "auto" or "ray://host:10001")."""
+    init_from: str | None = None
+    """Start from this world model's weights instead of a fresh init (fine-tuning): a run or
+    checkpoint directory, or 'shipped:<suite>' for the checkpoint lwm ships for that suite.
+    Its config must match `preset` and `backbone`. Read once, when the run starts; a resumed
+    run ignores it."""

@@ -47,6 +47,20 @@ EXPLORATION_PROBS = np.array(env_exploration_probs)
 never the no-op `done`."""
 
 
+def _init_dir(spec: str) -> Path:
+    """The model directory `TrainConfig.init_from` names: 'shipped:<suite>' or a run or
+    checkpoint directory."""
+    if spec.startswith("shipped:"):
+        from lwm.resources import checkpoint
+
+        path = checkpoint(spec.removeprefix("shipped:"))
+        if path is None:
+            raise CheckpointError(f"init_from {spec!r}: lwm ships no checkpoint for that suite")
+        return path
+    path = Path(spec)
+    return path / "model" if (path / "model").is_dir() else path
+
+
 def explore_episode(env, seed: int, rng: np.random.Generator, recorder: EpisodeRecorder,
                     meta: dict[str, Any] | None = None):
     """One episode of the exploration policy from `env.reset(seed)`, recorded -> `Episode`."""
@@ -75,10 +89,13 @@ class Trainer:
         if resumed:
             self._check_resumable()
         torch.manual_seed(cfg.seed)
-        self.model = (
-            WorldModel.from_pretrained(self.dir / "model", expect=self.model_cfg)
-            if resumed else WorldModel(self.model_cfg)
-        )
+        if resumed:
+            self.model = WorldModel.from_pretrained(self.dir / "model", expect=self.model_cfg)
+        elif cfg.init_from:
+            self.model = WorldModel.from_pretrained(_init_dir(cfg.init_from),
+                                                    expect=self.model_cfg)
+        else:
+            self.model = WorldModel(self.model_cfg)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.rng = np.random.default_rng(cfg.seed)
         if resumed:

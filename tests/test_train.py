@@ -96,6 +96,30 @@ def test_trainer_runs_saves_and_refuses_a_different_setup(tmp_path):
         Trainer(TrainConfig(episodes=12, backbone="gru", **DEBUG), tmp_path, progress=False)
 
 
+def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path):
+    source = Trainer(TrainConfig(episodes=6, **DEBUG), tmp_path / "source", progress=False)
+    source.run()
+    weights = {k: v.clone() for k, v in source.model.state_dict().items()}
+    fresh = Trainer(TrainConfig(episodes=0, seed=1, **DEBUG), tmp_path / "fresh", progress=False)
+    tuned = Trainer(TrainConfig(episodes=0, seed=1, init_from=str(tmp_path / "source"), **DEBUG),
+                    tmp_path / "tuned", progress=False)
+    for name, value in tuned.model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    assert any(not torch.equal(v, weights[k]) for k, v in fresh.model.state_dict().items())
+    tuned.save()  # a resumed run reads its own checkpoint, not `init_from` again
+    tuned.store.close()
+    (tmp_path / "source" / "model" / "model.safetensors").unlink()
+    again = Trainer(TrainConfig(episodes=0, seed=1, init_from=str(tmp_path / "source"), **DEBUG),
+                    tmp_path / "tuned", progress=False)
+    assert all(torch.equal(v, weights[k]) for k, v in again.model.state_dict().items())
+    with pytest.raises(CheckpointError, match="checkpoint config does not match"):
+        Trainer(TrainConfig(episodes=0, backbone="gru", init_from=str(tmp_path / "source"),
+                            **DEBUG), tmp_path / "gru", progress=False)
+    with pytest.raises(CheckpointError, match="ships no checkpoint"):
+        Trainer(TrainConfig(episodes=0, init_from="shipped:no-such-suite", **DEBUG),
+                tmp_path / "none", progress=False)
+
+
 def test_held_out_goals_never_enter_training(tmp_path):
     trainer = Trainer(TrainConfig(episodes=6, **DEBUG), tmp_path, progress=False)
     assert "go to the blue ball" not in trainer.vocab  # held out in babyai-goto
