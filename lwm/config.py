@@ -115,6 +115,11 @@ class TrainConfig:
     """Smallest per-episode epsilon of the Q policy (drawn log-uniformly per episode)."""
     epsilon_max: float = 0.5
     """Largest per-episode epsilon of the Q policy."""
+    stepping_stones: float = 0.0
+    """Share of Q-policy episodes that first pursue one or two random goals about objects in
+    the scene (go to / pick up / open), then the mission: exploration that chains skills the
+    model has into states the mission's own policy does not reach yet (a key carried to a
+    locked door), so hindsight relabeling sees goals that random actions never achieve."""
     policy_envs: int = 16
     """Envs stepped in lockstep (one batched model call per step) when the Q policy collects."""
     eval_every: int = 500

@@ -393,6 +393,7 @@ class PolicyJob:
     goal_table: bytes
     epsilon_min: float
     epsilon_max: float
+    stepping_stones: float = 0.0
 
     @classmethod
     def from_model(cls, model: WorldModel, cfg: TrainConfig, goal_texts,
@@ -403,7 +404,8 @@ class PolicyJob:
         return cls(suite=cfg.suite, model_config=json.dumps(model.cfg.to_dict()),
                    weights=save(state), goal_texts=tuple(goal_texts),
                    goal_table=save({"embeddings": goal_table.contiguous()}),
-                   epsilon_min=cfg.epsilon_min, epsilon_max=cfg.epsilon_max)
+                   epsilon_min=cfg.epsilon_min, epsilon_max=cfg.epsilon_max,
+                   stepping_stones=cfg.stepping_stones)
 
     def __call__(self):
         from safetensors.torch import load
@@ -413,16 +415,18 @@ class PolicyJob:
         table = load(self.goal_table)["embeddings"]
         index = {t: i for i, t in enumerate(self.goal_texts)}
         return _PolicyWorker(load_suite(self.suite), model.eval(), table, index,
-                             (self.epsilon_min, self.epsilon_max))
+                             (self.epsilon_min, self.epsilon_max), self.stepping_stones)
 
 
 class _PolicyWorker:
     """Runs chunks of Q-policy episodes for `PolicyJob`."""
 
     def __init__(self, suite: TaskSuite, model: WorldModel, table: torch.Tensor,
-                 index: dict[str, int], eps_range: tuple[float, float]):
+                 index: dict[str, int], eps_range: tuple[float, float],
+                 stepping_stones: float = 0.0):
         self.suite, self.model, self.table, self.index = suite, model, table, index
         self.eps_range = eps_range
+        self.stepping_stones = stepping_stones
         self.envs: list = []
         self.extra: dict[str, torch.Tensor] = {}
 
@@ -440,8 +444,9 @@ class _PolicyWorker:
     def __call__(self, item: tuple[tuple[int, ...], int]) -> list:
         """Each episode draws its epsilon log-uniformly from [epsilon_min, epsilon_max]
         (Ape-X style: some episodes mostly exploit, some mostly explore); a random step samples
-        the exploration policy."""
-        from lwm.envs.language import goal_achieved, instr_goals
+        the exploration policy. A `stepping_stones` share of episodes first pursue one or two
+        random goals about objects in the scene (`TrainConfig.stepping_stones`)."""
+        from lwm.envs.language import goal_achieved, instr_goals, scene_goals
 
         seeds, rng_seed = item
         rng = np.random.default_rng(rng_seed)
@@ -457,9 +462,17 @@ class _PolicyWorker:
             obs, info = env.reset(seed=seed)
             rec = EpisodeRecorder(meta={"suite": self.suite.name, "env_id": self.suite.env_id,
                                         "policy": "q-epsilon-greedy"})
-            rec.reset(obs, info, meta={"seed": seed, "epsilon": float(e)})
+            goals = instr_goals(env.unwrapped.instrs)
+            meta = {"seed": seed, "epsilon": float(e)}
+            if self.stepping_stones > 0 and rng.random() < self.stepping_stones:
+                stones = [s for s in scene_goals(env)
+                          if not any(g.matches(s, set(), set()) for g in goals)]
+                picked = rng.permutation(len(stones))[: rng.integers(1, 3)]
+                goals = [stones[j] for j in picked] + goals
+                meta["stepping_stones"] = [stones[j].text for j in picked]
+            rec.reset(obs, info, meta=meta)
             recs.append(rec)
-            pending.append(instr_goals(env.unwrapped.instrs))
+            pending.append(goals)
             obs_list.append(obs)
         state = model.init_state(b)
         prev = torch.full((b,), model.START)

@@ -11,7 +11,7 @@ from minigrid.utils.baby_ai_bot import BabyAIBot
 
 import lwm.envs
 from lwm.envs import LanguageWrapper, goal_achieved, make_env
-from lwm.envs.language import instr_goals
+from lwm.envs.language import instr_goals, scene_goals
 from lwm.goals import parse_goal
 
 LWM_IDS = sorted(k for k in gym.registry if k.startswith("lwm/"))
@@ -135,6 +135,24 @@ def test_open_door_events_and_locations():
             break
     (goal,) = instr_goals(env.unwrapped.instrs)
     assert opened == [f"{goal.obj.text} is open"]
+
+
+def test_scene_goals_name_the_objects_in_the_grid():
+    env = make_env("lwm/BabyAI-MixedLocal-v0")
+    seed = next(s for s in range(50)
+                if env.reset(seed=s) and env.unwrapped.instrs.surface(env.unwrapped)
+                .startswith("open"))
+    env.reset(seed=seed)
+    grid = [o for o in env.unwrapped.grid.grid if o is not None and o.type in ("key", "door")]
+    key = next(o for o in grid if o.type == "key")
+    door = next(o for o in grid if o.type == "door" and o.is_locked)
+    texts = [g.text for g in scene_goals(env)]
+    assert f"pick up the {key.color} key" in texts and f"go to the {key.color} key" in texts
+    assert f"open the {door.color} door" in texts and f"go to the {door.color} door" in texts
+    assert len(texts) == len(set(texts))
+    assert all(not t.startswith("pick up") or "door" not in t for t in texts)
+    door.is_locked, door.is_open = False, True  # an open door is no longer a goal to open
+    assert f"open the {door.color} door" not in [g.text for g in scene_goals(env)]
 
 
 def test_location_patterns_need_the_reported_locations():

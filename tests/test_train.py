@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lwm.data.relabel import GoalVocab, relabel
+from lwm.goals import parse_goal
 from lwm.models.world_model import CheckpointError
 from lwm.train import TrainConfig, Trainer, trim_padding
 
@@ -188,6 +189,26 @@ def test_policy_collection_after_warmup(tmp_path):
         assert ep.num_steps <= trainer.suite.max_steps
         env.reset(seed=ep.meta["seed"])
         assert trainer.suite.split_of_episode(env) == "train"
+
+
+def test_stepping_stone_episodes_pursue_scene_goals_before_the_mission(tmp_path):
+    from lwm.envs.language import instr_goals, scene_goals
+
+    cfg = TrainConfig(episodes=0, suite="balrog-babyai", stepping_stones=1.0, **DEBUG)
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    seeds = trainer.suite.seeds_for("train", 6, evaluation=False)
+    episodes = trainer.policy_episodes(seeds)
+    env = trainer.suite.make_env()
+    for ep in episodes:
+        stones = ep.meta["stepping_stones"]
+        assert 1 <= len(stones) <= 2 and len(set(stones)) == len(stones)
+        env.reset(seed=ep.meta["seed"])
+        assert set(stones) <= {g.text for g in scene_goals(env)}
+        mission = instr_goals(env.unwrapped.instrs)
+        assert not any(g.matches(parse_goal(t), set(), set()) for g in mission for t in stones)
+    plain = Trainer(TrainConfig(episodes=0, suite="balrog-babyai", **DEBUG), tmp_path / "p",
+                    progress=False)
+    assert all("stepping_stones" not in e.meta for e in plain.policy_episodes(seeds))
 
 
 def test_policy_episodes_follow_the_greedy_q_policy_without_exploration(tmp_path):

@@ -38,7 +38,7 @@ import numpy as np
 from minigrid.core.constants import COLOR_NAMES, DIR_TO_VEC, IDX_TO_COLOR, IDX_TO_OBJECT
 from minigrid.core.constants import OBJECT_TO_IDX as _OBJECT_TO_IDX
 
-from lwm.goals import OBJECT_TYPES, Goal, ObjRef, parse_goal
+from lwm.goals import OBJECT_TYPES, PORTABLE_TYPES, Goal, ObjRef, parse_goal
 
 OBJECT_TO_IDX: dict[str, int] = dict(_OBJECT_TO_IDX)
 """minigrid's object type indices (unseen 0, empty 1, wall 2, floor 3, door 4, key 5, ...)."""
@@ -333,6 +333,24 @@ def goal_achieved(goal: Goal, info: dict[str, Any]) -> bool:
         if goal.matches(parse_goal(text), set(obj_locs), set(target_locs)):
             return True
     return False
+
+
+def scene_goals(env) -> list[Goal]:
+    """Goals about the objects in `env`'s current grid (a minigrid env, wrapped or not), one per
+    distinct (type, colour) and verb, in grid order: go to every object, pick up every portable
+    one, open every door that is not open. Stepping stones for exploration, not a check that each
+    is reachable."""
+    goals: list[Goal] = []
+    for obj in env.unwrapped.grid.grid:
+        ref = _ref(obj)
+        if ref is None:
+            continue
+        goals.append(Goal("go to", ref))
+        if ref.type in PORTABLE_TYPES:
+            goals.append(Goal("pick up", ref))
+        elif not obj.is_open:
+            goals.append(Goal("open", ref))
+    return list(dict.fromkeys(goals))
 
 
 def instr_goals(instrs) -> list[Goal]:
