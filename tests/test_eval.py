@@ -305,6 +305,7 @@ def _hand_built() -> list[EpisodeOutcome]:
          _outcome("a", False, split="held_out", kind="paraphrase", steps=64, llm_calls=1,
                   error="InstructionError: no")]
     b = [_outcome("b", False, family="open", seed=s) for s in range(10)]
+    b += [_outcome("b", True, family="goto", seed=10 + s) for s in range(2)]
     return a + b
 
 
@@ -333,11 +334,14 @@ def test_summarize_hand_built_outcomes():
     assert a["llm_calls_per_episode"] == pytest.approx(1.5)
     assert a["plan_ms_per_action"] == pytest.approx(20.0)  # episodes without a planner ignored
     assert a["errors"] == 1 and a["wall_s_per_episode"] == pytest.approx(0.5)
-    assert (b["success"], b["ci95"]) == (0.0, pytest.approx([0.0, 0.2775], abs=1e-4))
+    assert (b["success"], b["ci95"]) == (2 / 12, pytest.approx(list(wilson(2, 12))))
     assert b["by_split"]["held_out"] == {"n": 0, "successes": 0, "success": None, "ci95": None}
     assert b["gap_train_minus_held_out"] is None and b["plan_ms_per_action"] is None
-    assert b["by_family"] == {"open": {"n": 10, "successes": 0, "success": 0.0,
-                                       "ci95": pytest.approx([0.0, 0.2775], abs=1e-4)}}
+    assert b["by_family"]["open"] == {"n": 10, "successes": 0, "success": 0.0,
+                                      "ci95": pytest.approx([0.0, 0.2775], abs=1e-4)}
+    assert b["by_family"]["goto"]["success"] == 1.0
+    assert b["family_mean"] == pytest.approx(0.5)  # equal weights, not 2 / 12
+    assert a["family_mean"] == pytest.approx(0.75)
 
 
 def test_write_report_files_and_json_round_trip(tmp_path):

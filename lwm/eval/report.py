@@ -58,7 +58,8 @@ def _gap(a: dict[str, Any], b: dict[str, Any]) -> float | None:
 def summarize(outcomes: Sequence[EpisodeOutcome]) -> dict[str, dict[str, Any]]:
     """Per agent (in order of first appearance): n, success with its 95 % interval, mean steps
     (all episodes, and successful ones), success by split, by instruction kind, by both
-    ("held_out/grammar", ...) and by family (each with n and interval), the gaps trained -
+    ("held_out/grammar", ...) and by family (each with n and interval), the mean of the
+    families' rates (each family weighted equally, as BALROG averages its tasks), the gaps trained -
     held-out and grammar - paraphrase, LLM calls, wall seconds and invalid actions per episode,
     mean planning ms per action, errors."""
     agents: dict[str, list[EpisodeOutcome]] = {}
@@ -79,6 +80,7 @@ def summarize(outcomes: Sequence[EpisodeOutcome]) -> dict[str, dict[str, Any]]:
         families = sorted({o.episode.family for o in mine if o.episode.family is not None})
         row["by_family"] = {f: _rate([o for o in mine if o.episode.family == f])
                             for f in families}
+        row["family_mean"] = _mean([r["success"] for r in row["by_family"].values()])
         row["gap_train_minus_held_out"] = _gap(row["by_split"]["train"],
                                                row["by_split"]["held_out"])
         row["gap_grammar_minus_paraphrase"] = _gap(row["by_kind"]["grammar"],
@@ -133,12 +135,15 @@ def _markdown(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     families = sorted({f for row in summary.values() for f in row["by_family"]})
     if len(families) > 1:
         lines += ["", "## By instruction family", "",
-                  "| agent | " + " | ".join(families) + " |",
-                  "|---|" + "---|" * len(families)]
+                  "Family mean: the families' rates averaged with equal weight (BALROG's "
+                  "average over its tasks).", "",
+                  "| agent | family mean | " + " | ".join(families) + " |",
+                  "|---|---|" + "---|" * len(families)]
         for agent, row in summary.items():
             cells = [_pct(row["by_family"][f]) if f in row["by_family"] else "-"
                      for f in families]
-            lines.append(f"| {agent} | " + " | ".join(cells) + " |")
+            mean = _num(None if row["family_mean"] is None else 100 * row["family_mean"], ".1f")
+            lines.append(f"| {agent} | {mean} | " + " | ".join(cells) + " |")
     lines += ["", "![success by agent](success.png)", "", "![breakdowns](breakdown.png)", ""]
     return "\n".join(lines)
 
