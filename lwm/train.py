@@ -122,14 +122,18 @@ class Trainer:
                 n = min(cfg.collect_per_iter, cfg.episodes - len(self.store))
                 start = time.perf_counter()
                 self.collect(n)
+                collected = time.perf_counter()
                 bar.update(task, completed=len(self.store), info="fitting")
                 metrics = self.fit(cfg.updates_per_iter)
                 self.state["iterations"] += 1
-                self.state["train_s"] = self.state.get("train_s", 0.0) + (
-                    time.perf_counter() - start)
+                self._add_time("collect_s", collected - start)
+                self._add_time("fit_s", time.perf_counter() - collected)
+                self._add_time("train_s", time.perf_counter() - start)
                 if self._eval_due():
                     bar.update(task, info="evaluating")
+                    start = time.perf_counter()
                     metrics |= self.evaluate()
+                    self._add_time("eval_s", time.perf_counter() - start)
                 self.save()
                 bar.update(task, info=_fmt(metrics))
             if cfg.updates_after_collection and self.state["updates"] < self._planned_updates():
@@ -142,6 +146,10 @@ class Trainer:
                     self.save()
                     bar.update(fit_task, advance=k, info=_fmt(metrics))
         return metrics
+
+    def _add_time(self, key: str, seconds: float) -> None:
+        """Wall time by phase in trainer.json: train_s = collect_s + fit_s; eval_s apart."""
+        self.state[key] = self.state.get(key, 0.0) + seconds
 
     def _eval_due(self) -> bool:
         every = self.cfg.eval_every

@@ -88,6 +88,8 @@ def test_trainer_runs_saves_and_refuses_a_different_setup(tmp_path):
     assert np.isfinite(list(metrics.values())).all()
     state = json.loads((tmp_path / "trainer.json").read_text())["state"]
     assert state["updates"] == 6 and state["iterations"] == 2
+    assert state["collect_s"] > 0 and state["fit_s"] > 0
+    assert state["train_s"] == pytest.approx(state["collect_s"] + state["fit_s"], rel=1e-3)
     assert len(list((tmp_path / "episodes").glob("*.npz"))) == 12
     assert (tmp_path / "model" / "model.safetensors").exists()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
