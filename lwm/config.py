@@ -115,6 +115,11 @@ class TrainConfig:
     """Smallest per-episode epsilon of the Q policy (drawn log-uniformly per episode)."""
     epsilon_max: float = 0.5
     """Largest per-episode epsilon of the Q policy."""
+    exploration: str = "plain"
+    """Random actions of exploration episodes and of epsilon-greedy steps: 'plain' (mostly
+    moving, `lwm.envs.EXPLORATION_PROBS`) or 'affordance' (the same moves, but pick up, toggle
+    and drop only where the cell in front allows it, and then often:
+    `lwm.envs.language.affordance_probs`), which opens locked doors with their keys by chance."""
     stepping_stones: float = 0.0
     """Share of Q-policy episodes that first pursue one or two random goals about objects in
     the scene (go to / pick up / open), then the mission: exploration that chains skills the

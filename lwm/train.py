@@ -34,6 +34,7 @@ from lwm.config import TrainConfig
 from lwm.data import EpisodeRecorder, EpisodeStore, SequenceSampler
 from lwm.data.relabel import GoalVocab, relabel
 from lwm.envs.language import EXPLORATION_PROBS as env_exploration_probs
+from lwm.envs.language import affordance_probs
 from lwm.models.world_model import CheckpointError, WorldModel, WorldModelConfig, preset
 from lwm.tasks import TaskSuite, load_suite
 
@@ -61,15 +62,36 @@ def _init_dir(spec: str) -> Path:
     return path / "model" if (path / "model").is_dir() else path
 
 
+EXPLORATIONS = ("plain", "affordance")
+"""Random policies for exploration (`TrainConfig.exploration`)."""
+
+
+def random_actions(rng: np.random.Generator, exploration: str, obs: list[dict]) -> np.ndarray:
+    """One random action per observation: 'plain' draws from `EXPLORATION_PROBS`, 'affordance'
+    from `lwm.envs.language.affordance_probs` of the cell in front."""
+    if exploration == "plain":
+        return rng.choice(len(EXPLORATION_PROBS), size=len(obs), p=EXPLORATION_PROBS)
+    if exploration != "affordance":
+        raise ValueError(f"unknown exploration {exploration!r}; expected one of {EXPLORATIONS}")
+    probs = affordance_probs(np.stack([o["image"] for o in obs]),
+                             np.stack([np.asarray(o["carrying"]) for o in obs]))
+    u = rng.random((len(obs), 1))
+    return np.minimum((probs.cumsum(1) < u).sum(1), probs.shape[1] - 1)
+
+
 def explore_episode(env, seed: int, rng: np.random.Generator, recorder: EpisodeRecorder,
-                    meta: dict[str, Any] | None = None):
+                    meta: dict[str, Any] | None = None, exploration: str = "plain"):
     """One episode of the exploration policy from `env.reset(seed)`, recorded -> `Episode`."""
     obs, info = env.reset(seed=seed)
     recorder.reset(obs, info, meta=meta)
     episode = None
     while episode is None:
-        action = int(rng.choice(len(EXPLORATION_PROBS), p=EXPLORATION_PROBS))
-        episode = recorder.step(action, *env.step(action))
+        if exploration == "plain":  # the draws of runs from before the option, unchanged
+            action = int(rng.choice(len(EXPLORATION_PROBS), p=EXPLORATION_PROBS))
+        else:
+            action = int(random_actions(rng, exploration, [obs])[0])
+        obs, *rest = env.step(action)
+        episode = recorder.step(action, obs, *rest)
     return episode
 
 
@@ -80,6 +102,11 @@ class Trainer:
         self.cfg = cfg
         self.dir = Path(run_dir)
         self.progress = progress
+        if cfg.exploration not in EXPLORATIONS:
+            raise ValueError(f"unknown exploration {cfg.exploration!r}; expected one of "
+                             f"{EXPLORATIONS}")
+        if not 0.0 <= cfg.stepping_stones <= 1.0:
+            raise ValueError(f"stepping_stones is a share in [0, 1], got {cfg.stepping_stones}")
         self.suite: TaskSuite = load_suite(cfg.suite)
         torch.set_num_threads(cfg.threads)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -206,7 +233,7 @@ class Trainer:
             for episode in self.policy_episodes(policy_seeds, collector):
                 self.store.append(episode)
         if explore_seeds:
-            job = ExploreJob(suite=cfg.suite, seed=cfg.seed)
+            job = ExploreJob(suite=cfg.suite, seed=cfg.seed, exploration=cfg.exploration)
             for episode in collector.map(job, explore_seeds):
                 self.store.append(episode)
 
@@ -219,7 +246,7 @@ class Trainer:
 
         cfg = self.cfg
         if greedy:
-            cfg = dataclasses.replace(cfg, epsilon_min=0.0, epsilon_max=0.0)
+            cfg = dataclasses.replace(cfg, epsilon_min=0.0, epsilon_max=0.0, stepping_stones=0.0)
         job = PolicyJob.from_model(self.model, cfg, self.vocab.texts, self.goal_table)
         width = max(1, cfg.policy_envs)
         chunks = [(tuple(seeds[i : i + width]), 0 if greedy else int(self.rng.integers(2**63)))
@@ -374,6 +401,7 @@ class ExploreJob:
 
     suite: str
     seed: int
+    exploration: str = "plain"
 
     def __call__(self):
         suite = load_suite(self.suite)
@@ -383,7 +411,7 @@ class ExploreJob:
 
         def run(seed: int):
             rng = np.random.default_rng([self.seed, seed])
-            return explore_episode(env, seed, rng, recorder, {"seed": seed})
+            return explore_episode(env, seed, rng, recorder, {"seed": seed}, self.exploration)
 
         return run
 
@@ -402,6 +430,7 @@ class PolicyJob:
     epsilon_min: float
     epsilon_max: float
     stepping_stones: float = 0.0
+    exploration: str = "plain"
 
     @classmethod
     def from_model(cls, model: WorldModel, cfg: TrainConfig, goal_texts,
@@ -413,7 +442,7 @@ class PolicyJob:
                    weights=save(state), goal_texts=tuple(goal_texts),
                    goal_table=save({"embeddings": goal_table.contiguous()}),
                    epsilon_min=cfg.epsilon_min, epsilon_max=cfg.epsilon_max,
-                   stepping_stones=cfg.stepping_stones)
+                   stepping_stones=cfg.stepping_stones, exploration=cfg.exploration)
 
     def __call__(self):
         from safetensors.torch import load
@@ -423,7 +452,8 @@ class PolicyJob:
         table = load(self.goal_table)["embeddings"]
         index = {t: i for i, t in enumerate(self.goal_texts)}
         return _PolicyWorker(load_suite(self.suite), model.eval(), table, index,
-                             (self.epsilon_min, self.epsilon_max), self.stepping_stones)
+                             (self.epsilon_min, self.epsilon_max), self.stepping_stones,
+                             self.exploration)
 
 
 class _PolicyWorker:
@@ -431,10 +461,11 @@ class _PolicyWorker:
 
     def __init__(self, suite: TaskSuite, model: WorldModel, table: torch.Tensor,
                  index: dict[str, int], eps_range: tuple[float, float],
-                 stepping_stones: float = 0.0):
+                 stepping_stones: float = 0.0, exploration: str = "plain"):
         self.suite, self.model, self.table, self.index = suite, model, table, index
         self.eps_range = eps_range
         self.stepping_stones = stepping_stones
+        self.exploration = exploration
         self.envs: list = []
         self.extra: dict[str, torch.Tensor] = {}
 
@@ -497,7 +528,7 @@ class _PolicyWorker:
             q = model.q(h, psi=psi["q"])  # (b, A)
             greedy = allowed[q[:, allowed].argmax(-1).numpy()]
             explore = rng.random(b) < eps
-            random = rng.choice(len(EXPLORATION_PROBS), size=b, p=EXPLORATION_PROBS)
+            random = random_actions(rng, self.exploration, obs_list)
             actions = np.where(explore, random, greedy).tolist()
             for i in range(b):
                 if episodes[i] is not None:

@@ -10,7 +10,7 @@ from gymnasium.utils.env_checker import check_env
 from minigrid.utils.baby_ai_bot import BabyAIBot
 
 import lwm.envs
-from lwm.envs import LanguageWrapper, goal_achieved, make_env
+from lwm.envs import OBJECT_TO_IDX, LanguageWrapper, goal_achieved, make_env
 from lwm.envs.language import instr_goals, scene_goals
 from lwm.goals import parse_goal
 
@@ -200,3 +200,24 @@ def test_an_instruction_replaces_the_env_mission():
         _, reward, terminated, truncated, info = env.step(a)
         assert reward == 0 and not terminated
     assert goal_achieved(own_goal, info)  # reported as achieved all the same
+
+
+def test_affordance_exploration_acts_on_the_cell_in_front():
+    from lwm.envs.language import affordance_probs
+
+    image = np.zeros((4, 7, 7, 3), np.uint8)
+    image[..., 0] = OBJECT_TO_IDX["empty"]
+    image[0, 3, 5] = (OBJECT_TO_IDX["key"], 0, 0)  # a key ahead, hands empty
+    image[1, 3, 5] = (OBJECT_TO_IDX["door"], 0, 2)  # a locked door ahead
+    image[2, 3, 5] = (OBJECT_TO_IDX["door"], 0, 0)  # an open door ahead
+    image[3, 3, 5] = (OBJECT_TO_IDX["empty"], 0, 0)  # nothing ahead, carrying a ball
+    nothing = list(lwm.envs.NOTHING_CARRIED)
+    carrying = np.array([nothing, [OBJECT_TO_IDX["key"], 0], nothing,
+                         [OBJECT_TO_IDX["ball"], 1]])
+    p = affordance_probs(image, carrying)
+    assert np.allclose(p.sum(1), 1) and (p[:, 6] == 0).all()  # never `done`
+    pickup, drop, toggle = p[:, 3], p[:, 4], p[:, 5]
+    assert pickup[0] > 0.3 and pickup[1:].max() == 0
+    assert toggle[1] > 0.3 and toggle[[0, 2, 3]].max() == 0
+    assert drop[3] > 0 and drop[:3].max() == 0
+    assert np.allclose(p[2, :3] / p[2, :3].sum(), np.array([0.2, 0.2, 0.4]) / 0.8)

@@ -14,6 +14,7 @@ import torch
 from lwm.data.relabel import GoalVocab, relabel
 from lwm.goals import parse_goal
 from lwm.models.world_model import CheckpointError
+from lwm.tasks import load_suite
 from lwm.train import TrainConfig, Trainer, trim_padding
 
 DEBUG = dict(preset="debug", collect_per_iter=6, updates_per_iter=3, batch_size=4, seq_len=8)
@@ -196,7 +197,8 @@ def test_policy_collection_after_warmup(tmp_path):
 def test_stepping_stone_episodes_pursue_scene_goals_before_the_mission(tmp_path):
     from lwm.envs.language import instr_goals, scene_goals
 
-    cfg = TrainConfig(episodes=0, suite="balrog-babyai", stepping_stones=1.0, **DEBUG)
+    cfg = TrainConfig(episodes=0, suite="balrog-babyai", stepping_stones=1.0,
+                      exploration="affordance", **DEBUG)
     trainer = Trainer(cfg, tmp_path, progress=False)
     seeds = trainer.suite.seeds_for("train", 6, evaluation=False)
     episodes = trainer.policy_episodes(seeds)
@@ -211,6 +213,26 @@ def test_stepping_stone_episodes_pursue_scene_goals_before_the_mission(tmp_path)
     plain = Trainer(TrainConfig(episodes=0, suite="balrog-babyai", **DEBUG), tmp_path / "p",
                     progress=False)
     assert all("stepping_stones" not in e.meta for e in plain.policy_episodes(seeds))
+
+
+def test_affordance_exploration_opens_locked_doors_that_plain_exploration_never_opens(tmp_path):
+    from lwm.data import EpisodeRecorder
+    from lwm.train import explore_episode
+
+    env = load_suite("balrog-babyai").make_env()
+    seeds = [s for s in range(600) if env.reset(seed=s) and
+             env.unwrapped.instrs.surface(env.unwrapped).startswith("open")][:40]
+    opened = {}
+    for exploration in ("plain", "affordance"):
+        rng = np.random.default_rng(0)
+        episodes = [explore_episode(env, s, rng, EpisodeRecorder(), exploration=exploration)
+                    for s in seeds]
+        opened[exploration] = sum(any(g.startswith("open") for step in e.achieved for g in step)
+                                  for e in episodes)
+    assert opened["affordance"] >= 3 and opened["plain"] == 0
+    with pytest.raises(ValueError, match="unknown exploration 'greedy'"):
+        Trainer(TrainConfig(episodes=0, exploration="greedy", **DEBUG), tmp_path / "x",
+                progress=False)
 
 
 def test_policy_episodes_follow_the_greedy_q_policy_without_exploration(tmp_path):

@@ -49,6 +49,31 @@ ACTION_NAMES: tuple[str, ...] = ("left", "right", "forward", "pickup", "drop", "
 EXPLORATION_PROBS: tuple[float, ...] = (0.2, 0.2, 0.4, 0.08, 0.06, 0.06, 0.0)
 """A random policy over those actions that mostly moves and never takes the no-op `done`: the
 Dyna loop's exploration policy, and the random actions of epsilon-greedy policies."""
+_PICKUP, _DROP, _TOGGLE = 3, 4, 5
+
+
+def affordance_probs(image: np.ndarray, carrying: np.ndarray) -> np.ndarray:
+    """An exploration policy that looks at the cell in front: `EXPLORATION_PROBS` for moving,
+    but picking up only when facing something portable with empty hands (then often), toggling
+    only when facing a door that is not open (then often), dropping only when carrying and
+    facing an empty cell. Random actions that do something, so random play picks up objects,
+    puts them next to others and opens doors with keys it carries.
+
+    image: (B, 7, 7, 3) symbolic views, the agent at column 3 of the last row facing up;
+    carrying: (B, 2) -> (B, 7) action probabilities.
+    """
+    front = np.asarray(image)[:, 3, 5]  # (B, 3): object index, colour, state
+    kind, state = front[:, 0], front[:, 2]
+    holding = np.asarray(carrying)[:, 0] != NOTHING_CARRIED[0]
+    portable = np.isin(kind, [OBJECT_TO_IDX[t] for t in PORTABLE_TYPES])
+    shut_door = (kind == OBJECT_TO_IDX["door"]) & (state != 0)  # 0 open, 1 closed, 2 locked
+    probs = np.tile(np.asarray(EXPLORATION_PROBS, dtype=np.float64), (len(front), 1))
+    probs[:, _PICKUP] = np.where(portable & ~holding, 0.5, 0.0)
+    probs[:, _TOGGLE] = np.where(shut_door, 0.5, 0.0)
+    probs[:, _DROP] = np.where(holding & (kind == OBJECT_TO_IDX["empty"]), 0.02, 0.0)
+    return probs / probs.sum(1, keepdims=True)
+
+
 DIRECTION_NAMES: tuple[str, ...] = ("east", "south", "west", "north")
 MISSION_CHARSET = string.ascii_letters + string.digits + " ,.'-"
 MAX_MISSION_LENGTH = 512
