@@ -395,7 +395,7 @@ def test_vocabulary_check_leaves_modifiers_and_ellipses_to_the_parser(text):
     assert unknown_objects(text) == []
 
 
-@pytest.mark.parametrize("kind", ["grammar", "paraphrase", "fresh", "ungroundable"])
+@pytest.mark.parametrize("kind", ["grammar", "paraphrase", "fresh", "fresh2", "ungroundable"])
 def test_vocabulary_check_on_the_parse_suite(kind):
     """Deterministic, so the whole suite runs without an LLM: no valid instruction is refused,
     every ungroundable one is, naming the expected word."""
@@ -469,6 +469,12 @@ def test_grammar_first_deterministic_answers_on_the_parse_suite_are_right():
         ("go to the red door, then open the door", ["go to the red door", "open the door"],
          ["go to the red door", "open the door"]),
         ("get the red or the blue ball", ["pick up the ball"], ["pick up the ball"]),
+        # a location the phrase reader misses stays when the instruction says one
+        ("walk to the box that's to your left", ["go to the box on your left"],
+         ["go to the box on your left"]),
+        ("go to the box, the one at the left side", ["go to the box on your left"],
+         ["go to the box on your left"]),
+        ("go to the red box", ["go to the box on your left"], ["go to the red box"]),
     ],
 )
 def test_repair_parse(instruction, answer, repaired):

@@ -59,12 +59,24 @@ def _says(words: set[str], asking: frozenset[str]) -> bool:
     return any(read_word(w, table) is not None for w in words)
 
 
-def _described(obj: ObjectSpec, named: list[tuple[str, ObjectSpec | None]]) -> ObjectSpec:
-    """`obj`, or the one object the instruction's phrases of its type describe."""
+LOCATION_MENTIONS = {"left": {"left"}, "right": {"right"}, "front": {"front", "ahead"},
+                     "behind": {"behind", "back"}}
+"""Words without which an instruction cannot mean each location."""
+
+
+def _described(obj: ObjectSpec, named: list[tuple[str, ObjectSpec | None]],
+               words: set[str]) -> ObjectSpec:
+    """`obj`, or the one object the instruction's phrases of its type describe. A location of
+    `obj` that the phrases do not read stays when the instruction has a word for it (a way of
+    saying where that the phrase reader does not know)."""
     phrases = [o for t, o in named if t in (obj.type, "")]
     if not phrases or None in phrases or obj in phrases or len(set(phrases)) != 1:
         return obj
-    return phrases[0]
+    said = phrases[0]
+    if said.location is None and obj.location is not None and (
+            LOCATION_MENTIONS[obj.location] & words):
+        return said.model_copy(update={"location": obj.location})
+    return said
 
 
 def _implied(step: Subgoal, put: Subgoal, words: set[str]) -> bool:
@@ -88,12 +100,12 @@ def repair_parse(spec: GoalSpec, instruction: str) -> GoalSpec:
     named_types = {t for t, _ in named}
     for s in spec.subgoals:
         verb = "go to" if s.verb == "open" and not _says(words, OPEN_WORDS) else s.verb
-        target = _described(s.target, named) if s.target is not None else None
+        target = _described(s.target, named, words) if s.target is not None else None
         if (verb == "put next to" and target.type not in named_types
                 and not _says(words, PUT_WORDS)):
             verb, target = "go to", None  # the model invented the second object
-        subgoals.append(Subgoal(verb=verb, object=_described(s.object, named), target=target,
-                                stage=s.stage))
+        subgoals.append(Subgoal(verb=verb, object=_described(s.object, named, words),
+                                target=target, stage=s.stage))
     kept = [s for before, s, after in zip([None, *subgoals[:-1]], subgoals,
                                           [*subgoals[1:], None], strict=True)
             if not (after is not None and _implied(s, after, words))

@@ -199,13 +199,18 @@ LOCATION_WORDS = {
     ("behind", "you"): "behind", ("at", "your", "back"): "behind",
 }
 """How a location follows a noun phrase, longest first where one starts another."""
-_AFTER_WORDS = 2 + max(map(len, LOCATION_WORDS))
-"""Words kept after a noun phrase: "that is" and the longest location ("in front of you")."""
+_RELATIVES = (("that", "is"), ("which", "is"), ("that", "'", "s"), ("which", "'", "s"),
+              ("thats",))
+"""What may stand between a noun phrase and its location ("the box that's on your left")."""
+_AFTER_WORDS = max(map(len, _RELATIVES)) + max(map(len, LOCATION_WORDS))
+"""Words kept after a noun phrase: "that's" and the longest location ("in front of you")."""
 
 
 def _location(after: tuple[str, ...]) -> str | None:
-    if after[:2] in (("that", "is"), ("which", "is")):
-        after = after[2:]
+    for relative in _RELATIVES:
+        if after[:len(relative)] == relative:
+            after = after[len(relative):]
+            break
     return next((loc for words, loc in LOCATION_WORDS.items() if after[:len(words)] == words),
                 None)
 
