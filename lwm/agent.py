@@ -5,10 +5,12 @@
 
 For each subgoal of the spec (in stage order) the agent embeds its canonical text, plans in
 imagination from the current real observation (MPC: a new plan every step), acts, and moves on
-when the env reports the subgoal achieved. When a subgoal takes longer than its share of the step
-budget, the critic reads the text trace and may revise the remaining subgoals (at most
-`max_critiques` times); at the end it judges the episode. The instruction wins over the env's own
-mission: the env's verifier is switched off and success means every subgoal was achieved.
+when the env reports the subgoal achieved. A put of an object not yet in hand is planned as a
+pick-up of it first (`lwm.goals.acting_goal`; `pick_up_before_put=False` plans the put alone).
+When a subgoal takes longer than its share of the step budget, the critic reads the text trace
+and may revise the remaining subgoals (at most `max_critiques` times); at the end it judges the
+episode. The instruction wins over the env's own mission: the env's verifier is switched off and
+success means every subgoal was achieved.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import numpy as np
 import torch
 
 from lwm.envs import goal_achieved
+from lwm.envs.language import carried
+from lwm.goals import acting_goal
 from lwm.language.critic import Critic, Critique
 from lwm.language.embed import GoalEncoder
 from lwm.language.spec import GoalParser, GoalSpec
@@ -48,6 +52,9 @@ class StepRecord:
     imagined_reward: list[float]
     """Predicted probabilities that the subgoal is achieved at each imagined step."""
     plan_ms: float
+    acting: str = ""
+    """The goal planned for: the subgoal, or the pick-up that starts a put of an object not yet
+    carried (`lwm.goals.acting_goal`)."""
     imagined_image: np.ndarray | None = None
     """(H, 7, 7, 3) decoded imagined views of the chosen sequence, when asked for."""
     real_image: np.ndarray | None = None
@@ -105,7 +112,10 @@ def agent_settings(path: str | Path) -> dict[str, Any]:
 
 
 class Agent:
-    """A world model, a planner, a goal parser, a goal encoder and (optionally) a critic."""
+    """A world model, a planner, a goal parser, a goal encoder and (optionally) a critic.
+
+    `pick_up_before_put`: plan a put of an object not yet carried as a pick-up of it first.
+    """
 
     def __init__(
         self,
@@ -116,6 +126,7 @@ class Agent:
         critic: Critic | None = None,
         max_critiques: int = 1,
         seed: int = 0,
+        pick_up_before_put: bool = True,
     ):
         self.model = model.eval()
         self.planner = planner
@@ -124,6 +135,7 @@ class Agent:
         self.critic = critic
         self.max_critiques = max_critiques
         self.seed = seed
+        self.pick_up_before_put = pick_up_before_put
         self.generator = torch.Generator().manual_seed(seed)
 
     @classmethod
@@ -223,7 +235,9 @@ class Agent:
         while pending and step < budget and time.perf_counter() < deadline:
             stage = pending[0].stage
             current = pending[0]
-            goal_vec = self.encoder.encode(current.text, as_torch=True)[None]  # (1, 384)
+            acting = (acting_goal(current.goal, carried(obs)).text if self.pick_up_before_put
+                      else current.text)
+            goal_vec = self.encoder.encode(acting, as_torch=True)[None]  # (1, 384)
             z = self.model.encode(*_obs_tensors(obs))  # (1, d)
             h, state = self.model.next(state, z, prev_action)  # history through o_t
             t0 = time.perf_counter()
@@ -244,7 +258,7 @@ class Agent:
             record = StepRecord(
                 step=step, subgoal=current.text, action=action, events=list(info["events"]),
                 achieved=list(info["achieved"]), imagined_return=float(plan.objective[0]),
-                imagined_reward=plan.reward[0].tolist(), plan_ms=plan_ms,
+                imagined_reward=plan.reward[0].tolist(), plan_ms=plan_ms, acting=acting,
                 imagined_image=plan.image[0].numpy() if decode and plan.image is not None
                 else None,
                 real_image=obs["image"].copy() if decode else None,

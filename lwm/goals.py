@@ -129,6 +129,19 @@ class Goal:
         return self.text
 
 
+def acting_goal(goal: Goal, carrying: ObjRef | None) -> Goal:
+    """The goal to pursue now for `goal`, given what the agent carries: a put of an object not
+    in hand starts by picking it up. A put is a pick-up, a walk and a drop; the pick-up is a
+    skill of its own that a world model learns early, so agents (and the Dyna loop's policy)
+    plan for it first, then for the put itself once the object is carried. A location in the
+    put's object cannot be checked on a carried object, so the type and colour decide."""
+    if goal.verb != "put next to":
+        return goal
+    if carrying is not None and ObjRef(goal.obj.type, goal.obj.color).matches(carrying):
+        return goal
+    return Goal("pick up", goal.obj)
+
+
 _COLOR = "|".join(COLORS)
 _TYPE = "|".join(OBJECT_TYPES)
 _LOC = "|".join(_LOC_TEXT.values())

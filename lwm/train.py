@@ -485,7 +485,8 @@ class _PolicyWorker:
         (Ape-X style: some episodes mostly exploit, some mostly explore); a random step samples
         the exploration policy. A `stepping_stones` share of episodes first pursue one or two
         random goals about objects in the scene (`TrainConfig.stepping_stones`)."""
-        from lwm.envs.language import goal_achieved, instr_goals, scene_goals
+        from lwm.envs.language import carried, goal_achieved, instr_goals, scene_goals
+        from lwm.goals import acting_goal
 
         seeds, rng_seed = item
         rng = np.random.default_rng(rng_seed)
@@ -516,15 +517,18 @@ class _PolicyWorker:
         state = model.init_state(b)
         prev = torch.full((b,), model.START)
         episodes: list = [None] * b
-        psi = None
+        psi, acting = None, None
         allowed = np.flatnonzero(EXPLORATION_PROBS > 0)
         while any(e is None for e in episodes):
             image = torch.from_numpy(np.stack([o["image"] for o in obs_list]))
             direction = torch.tensor([int(o["direction"]) for o in obs_list])
             carrying = torch.from_numpy(np.stack([np.asarray(o["carrying"]) for o in obs_list]))
             h, state = model.next(state, model.encode(image, direction, carrying), prev)
-            if psi is None:  # the goal stream changes only when a subgoal does
-                psi = model.goal_features(torch.stack([self.goal(p[0].text) for p in pending]))
+            # a put of an object not in hand is pursued as its pick-up first (`acting_goal`)
+            now = [acting_goal(p[0], carried(o)).text
+                   for p, o in zip(pending, obs_list, strict=True)]
+            if now != acting:  # the goal stream changes only when a goal does
+                psi, acting = model.goal_features(torch.stack([self.goal(t) for t in now])), now
             q = model.q(h, psi=psi["q"])  # (b, A)
             greedy = allowed[q[:, allowed].argmax(-1).numpy()]
             explore = rng.random(b) < eps
@@ -537,7 +541,6 @@ class _PolicyWorker:
                 obs_list[i], info = step[0], step[-1]
                 if len(pending[i]) > 1 and goal_achieved(pending[i][0], info):
                     pending[i] = pending[i][1:]  # on to the mission's next subgoal
-                    psi = None
                 episodes[i] = recs[i].step(actions[i], *step)
             prev = torch.tensor(actions)
         return episodes

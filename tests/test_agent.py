@@ -45,6 +45,27 @@ def test_runs_an_episode_and_the_instruction_wins_over_the_mission():
     assert result.timings["total_s"] >= result.timings["parse_s"]
 
 
+def test_a_put_is_planned_as_a_pick_up_until_the_object_is_carried():
+    env = make_env("BabyAI-PutNextLocal-v0")
+    env.reset(seed=0)
+    moved, fixed = env.unwrapped.instrs.desc_move, env.unwrapped.instrs.desc_fixed
+    put = f"put the {moved.color} {moved.type} next to the {fixed.color} {fixed.type}"
+    pick = f"pick up the {moved.color} {moved.type}"
+    held = []  # what the agent carries after each step
+
+    def on_step(_):
+        obj = env.unwrapped.carrying
+        held.append(None if obj is None else (obj.type, obj.color))
+
+    result = _agent().run(put, env, seed=0, max_steps=40, on_step=on_step)
+    assert result.subgoals == [put]
+    for record, before in zip(result.records, [None, *held[:-1]], strict=True):
+        assert record.acting == (put if before == (moved.type, moved.color) else pick)
+    plain = Agent(WorldModel(preset("debug")), make_planner("greedy"), BabyAIMissionParser(),
+                  pick_up_before_put=False).run(put, env, seed=0, max_steps=3)
+    assert [r.acting for r in plain.records] == [put] * 3
+
+
 def test_an_episode_depends_on_its_seed_not_on_the_episodes_before_it():
     env = make_env("BabyAI-GoToLocal-v0")
     agent = _agent()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lwm.goals import Goal, GoalTextError, ObjRef, all_concrete_goals, parse_goal
+from lwm.goals import Goal, GoalTextError, ObjRef, acting_goal, all_concrete_goals, parse_goal
 
 
 def test_every_concrete_goal_round_trips():
@@ -57,3 +57,16 @@ def test_bad_object_refs():
         ObjRef("ball", "pink")
     with pytest.raises(GoalTextError, match="takes a target"):
         Goal("go to", ObjRef("ball", "red"), ObjRef("key", "blue"))
+
+
+def test_a_put_of_an_object_not_in_hand_starts_with_picking_it_up():
+    put = parse_goal("put the red ball next to the blue box")
+    assert acting_goal(put, None).text == "pick up the red ball"
+    assert acting_goal(put, ObjRef("key", "red")).text == "pick up the red ball"
+    assert acting_goal(put, ObjRef("ball", "green")).text == "pick up the red ball"
+    assert acting_goal(put, ObjRef("ball", "red")) == put
+    any_ball = parse_goal("put the ball on your left next to the blue box")
+    assert acting_goal(any_ball, ObjRef("ball", "grey")) == any_ball  # the location can't be seen
+    assert acting_goal(any_ball, None).text == "pick up the ball on your left"
+    go = parse_goal("go to the red ball")
+    assert acting_goal(go, None) == go and acting_goal(go, ObjRef("key", "red")) == go

@@ -475,6 +475,16 @@ def test_grammar_first_deterministic_answers_on_the_parse_suite_are_right():
         ("go to the box, the one at the left side", ["go to the box on your left"],
          ["go to the box on your left"]),
         ("go to the red box", ["go to the box on your left"], ["go to the red box"]),
+        ("grab the key right in front of you", ["pick up the key"],
+         ["pick up the key in front of you"]),
+        # a put moves the object that is not the one named after "beside"
+        ("leave the red box beside the blue ball", ["put the blue ball next to the red box"],
+         ["put the red box next to the blue ball"]),
+        ("next to the blue ball, put the red box", ["put the red box next to the blue ball"],
+         ["put the red box next to the blue ball"]),
+        ("put the red box next to the blue ball and the grey key near the green door",
+         ["put the red box next to the blue ball", "put the grey key next to the green door"],
+         ["put the red box next to the blue ball", "put the grey key next to the green door"]),
     ],
 )
 def test_repair_parse(instruction, answer, repaired):

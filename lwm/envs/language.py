@@ -360,6 +360,15 @@ def goal_achieved(goal: Goal, info: dict[str, Any]) -> bool:
     return False
 
 
+def carried(obs: dict) -> ObjRef | None:
+    """The object an lwm observation says the agent carries, or None."""
+    kind, color = (int(x) for x in np.asarray(obs["carrying"]))
+    if (kind, color) == NOTHING_CARRIED:
+        return None
+    type_name = IDX_TO_OBJECT[kind]
+    return ObjRef(type_name, IDX_TO_COLOR[color]) if type_name in OBJECT_TYPES else None
+
+
 def scene_goals(env) -> list[Goal]:
     """Goals about the objects in `env`'s current grid (a minigrid env, wrapped or not), one per
     distinct (type, colour) and verb, in grid order: go to every object, pick up every portable

@@ -14,7 +14,10 @@ plainly. Each repair changes its answer only where the instruction's words allow
 - verbs: "open" becomes "go to" when no word of the instruction is about opening ("find the
   purple door"); "put X next to Y" becomes "go to X" when the instruction names no object of
   Y's type and no word of it is about putting: the model invented Y ("could you move next to
-  the green key?" is not "put the green key next to the green box").
+  the green key?" is not "put the green key next to the green box");
+- put arguments: a put whose moved object is the one the instruction names right after "next
+  to", "beside", "near", ... (and whose target is not) has them swapped back ("leave the red
+  box beside the blue ball" moves the red box).
 
 Words are read through typos as `lwm.language.vocabulary` reads them ("opne" is about opening).
 """
@@ -24,7 +27,7 @@ from __future__ import annotations
 import re
 
 from lwm.language.spec import GoalSpec, ObjectSpec, Subgoal
-from lwm.language.vocabulary import named_objects, read_word
+from lwm.language.vocabulary import named_objects, near_objects, read_word
 
 __all__ = ["GO_WORDS", "OPEN_WORDS", "PICK_WORDS", "PUT_WORDS", "repair_parse"]
 
@@ -79,6 +82,15 @@ def _described(obj: ObjectSpec, named: list[tuple[str, ObjectSpec | None]],
     return said
 
 
+def _swapped(obj: ObjectSpec, target: ObjectSpec, near: list[ObjectSpec]) -> bool:
+    """True when a put's object is the one the instruction says things go next to, and its
+    target is not: the model swapped them ("leave the red box beside the blue ball")."""
+    def said(o: ObjectSpec) -> bool:
+        return any(n.type == o.type and n.color == o.color for n in near)
+
+    return len(near) == 1 and said(obj) and not said(target)
+
+
 def _implied(step: Subgoal, put: Subgoal, words: set[str]) -> bool:
     """True when `step`, just before `put`, is part of it and not asked for in `words`."""
     if put.verb != "put next to":
@@ -98,14 +110,17 @@ def repair_parse(spec: GoalSpec, instruction: str) -> GoalSpec:
     named = named_objects(instruction)
     subgoals = []
     named_types = {t for t, _ in named}
+    near = near_objects(instruction)
     for s in spec.subgoals:
         verb = "go to" if s.verb == "open" and not _says(words, OPEN_WORDS) else s.verb
         target = _described(s.target, named, words) if s.target is not None else None
         if (verb == "put next to" and target.type not in named_types
                 and not _says(words, PUT_WORDS)):
             verb, target = "go to", None  # the model invented the second object
-        subgoals.append(Subgoal(verb=verb, object=_described(s.object, named, words),
-                                target=target, stage=s.stage))
+        obj = _described(s.object, named, words)
+        if verb == "put next to" and _swapped(obj, target, near):
+            obj, target = target, obj  # the thing it goes next to is the one it moves
+        subgoals.append(Subgoal(verb=verb, object=obj, target=target, stage=s.stage))
     kept = [s for before, s, after in zip([None, *subgoals[:-1]], subgoals,
                                           [*subgoals[1:], None], strict=True)
             if not (after is not None and _implied(s, after, words))

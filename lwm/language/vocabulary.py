@@ -202,7 +202,9 @@ LOCATION_WORDS = {
 _RELATIVES = (("that", "is"), ("which", "is"), ("that", "'", "s"), ("which", "'", "s"),
               ("thats",))
 """What may stand between a noun phrase and its location ("the box that's on your left")."""
-_AFTER_WORDS = max(map(len, _RELATIVES)) + max(map(len, LOCATION_WORDS))
+_INTENSIFIERS = ("right", "just", "directly", "straight")
+"""Words that may stress a location without changing it ("the key right in front of you")."""
+_AFTER_WORDS = max(map(len, _RELATIVES)) + 1 + max(map(len, LOCATION_WORDS))
 """Words kept after a noun phrase: "that's" and the longest location ("in front of you")."""
 
 
@@ -211,8 +213,26 @@ def _location(after: tuple[str, ...]) -> str | None:
         if after[:len(relative)] == relative:
             after = after[len(relative):]
             break
+    if after[:1] and after[0] in _INTENSIFIERS and any(
+            after[1:1 + len(words)] == words for words in LOCATION_WORDS):
+        after = after[1:]
     return next((loc for words, loc in LOCATION_WORDS.items() if after[:len(words)] == words),
                 None)
+
+
+def _phrase_object(phrase: _Phrase) -> tuple[str, ObjectSpec | None] | None:
+    """What one noun phrase names (see `named_objects`), or None when it names no type."""
+    type_word = phrase.head and read_word(phrase.head.text, TYPE_WORDS)
+    if phrase.head is None and all(read_word(m.text, COLOR_WORDS) for m in phrase.modifiers):
+        return ("", None)
+    if not type_word:
+        return None
+    colours = {COLOR_WORDS[c] for m in phrase.modifiers if (c := read_word(m.text, COLOR_WORDS))}
+    if len(colours) > 1 or any(m.text in OTHER_COLORS for m in phrase.modifiers):
+        return (TYPE_WORDS[type_word], None)
+    return (TYPE_WORDS[type_word],
+            ObjectSpec(type=TYPE_WORDS[type_word], color=next(iter(colours), None),
+                       location=_location(phrase.after)))
 
 
 def named_objects(text: str) -> list[tuple[str, ObjectSpec | None]]:
@@ -221,22 +241,28 @@ def named_objects(text: str) -> list[tuple[str, ObjectSpec | None]]:
     left), or None when its colour cannot be read (two colours, or one outside the
     vocabulary). Colours alone ("the red" in "the red or the blue ball") are ("", None): an
     object of a type said later."""
-    found: list[tuple[str, ObjectSpec | None]] = []
+    return [found for phrase in _noun_phrases(text)
+            if (found := _phrase_object(phrase)) is not None]
+
+
+NEAR_WORDS = (("next", "to"), ("close", "to"), ("beside",), ("near",), ("by",), ("alongside",))
+"""Words that say next to what something goes ("leave the box beside the ball")."""
+
+
+def near_objects(text: str) -> list[ObjectSpec]:
+    """The objects named right after a word of nearness ("next to the blue ball"): what a put
+    puts things next to."""
+    lowered = text.lower()
+    before = [m[0] for m in _TOKEN_RE.finditer(lowered)]
+    starts = [m.start() for m in _TOKEN_RE.finditer(lowered)]
+    found = []
     for phrase in _noun_phrases(text):
-        type_word = phrase.head and read_word(phrase.head.text, TYPE_WORDS)
-        if phrase.head is None and all(read_word(m.text, COLOR_WORDS) for m in phrase.modifiers):
-            found.append(("", None))
+        i = starts.index(phrase.determiner.span[0])
+        if not any(tuple(before[max(0, i - len(w)):i]) == w for w in NEAR_WORDS):
             continue
-        if not type_word:
-            continue
-        colours = {COLOR_WORDS[c] for m in phrase.modifiers
-                   if (c := read_word(m.text, COLOR_WORDS))}
-        if len(colours) > 1 or any(m.text in OTHER_COLORS for m in phrase.modifiers):
-            found.append((TYPE_WORDS[type_word], None))
-            continue
-        found.append((TYPE_WORDS[type_word],
-                      ObjectSpec(type=TYPE_WORDS[type_word], color=next(iter(colours), None),
-                                 location=_location(phrase.after))))
+        named = _phrase_object(phrase)
+        if named is not None and named[1] is not None:
+            found.append(named[1])
     return found
 
 
