@@ -141,6 +141,23 @@ def test_save_load_round_trip(tmp_path):
                                model.q_target.goal_mlp[0].weight)
 
 
+def test_half_precision_checkpoint_is_half_the_file_and_loads_into_fp32(tmp_path):
+    from safetensors.torch import load_file
+
+    model = WorldModel(preset("debug")).eval()
+    model.save_pretrained(tmp_path / "full")
+    model.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    full, half = (tmp_path / d / "model.safetensors" for d in ("full", "half"))
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    stored = load_file(str(half))
+    assert all(t.dtype in (torch.float16, torch.int64) for t in stored.values())
+    loaded = WorldModel.from_pretrained(tmp_path / "half")
+    for name, value in loaded.state_dict().items():
+        original = model.state_dict()[name]
+        assert value.dtype == original.dtype, name
+        torch.testing.assert_close(value, original, rtol=1e-3, atol=1e-4)
+
+
 def test_refuses_mismatched_corrupt_and_foreign_checkpoints(tmp_path):
     ckpt = tmp_path / "ckpt"
     WorldModel(preset("debug")).save_pretrained(ckpt)

@@ -508,15 +508,19 @@ class WorldModel(nn.Module):
 
     # ------------------------------------------------------------------ save / load
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write `config.json` and `model.safetensors` into directory `path` (atomically)."""
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write `config.json` and `model.safetensors` into directory `path` (atomically).
+        `dtype` (e.g. torch.float16: half the file, for shipping) stores floating-point weights
+        in that type; `from_pretrained` loads them back into the model's own dtype."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         config = {"format": FORMAT, "version": 1, "config": self.cfg.to_dict()}
         _atomic_write(path / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().to(dtype if dtype is not None and v.is_floating_point()
+                                    else v.dtype).contiguous().cpu()
+                   for k, v in self.state_dict().items()}
         _atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
         return path
 
