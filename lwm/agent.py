@@ -5,8 +5,10 @@
 
 For each subgoal of the spec (in stage order) the agent embeds its canonical text, plans in
 imagination from the current real observation (MPC: a new plan every step), acts, and moves on
-when the env reports the subgoal achieved. A put of an object not yet in hand is planned as a
-pick-up of it first (`lwm.goals.acting_goal`; `pick_up_before_put=False` plans the put alone).
+when the env reports the subgoal achieved. BabyAI's preconditions come first
+(`lwm.goals.acting_goal`; `preconditions=False` plans every subgoal as it is): a put of an object
+not yet in hand is planned as a pick-up of it, and opening a door seen locked as a pick-up of
+its key.
 When a subgoal takes longer than its share of the step budget, the critic reads the text trace
 and may revise the remaining subgoals (at most `max_critiques` times); at the end it judges the
 episode. The instruction wins over the env's own mission: the env's verifier is switched off and
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from lwm.envs import goal_achieved
-from lwm.envs.language import carried
+from lwm.envs.language import carried, locked_doors
 from lwm.goals import acting_goal
 from lwm.language.critic import Critic, Critique
 from lwm.language.embed import GoalEncoder
@@ -53,8 +55,8 @@ class StepRecord:
     """Predicted probabilities that the subgoal is achieved at each imagined step."""
     plan_ms: float
     acting: str = ""
-    """The goal planned for: the subgoal, or the pick-up that starts a put of an object not yet
-    carried (`lwm.goals.acting_goal`)."""
+    """The goal planned for: the subgoal, or the pick-up its precondition asks for first (the
+    object of a put, the key of a locked door: `lwm.goals.acting_goal`)."""
     imagined_image: np.ndarray | None = None
     """(H, 7, 7, 3) decoded imagined views of the chosen sequence, when asked for."""
     real_image: np.ndarray | None = None
@@ -114,7 +116,8 @@ def agent_settings(path: str | Path) -> dict[str, Any]:
 class Agent:
     """A world model, a planner, a goal parser, a goal encoder and (optionally) a critic.
 
-    `pick_up_before_put`: plan a put of an object not yet carried as a pick-up of it first.
+    `preconditions`: plan a put of an object not yet carried as a pick-up of it first, and the
+    opening of a door seen locked as a pick-up of its key (`lwm.goals.acting_goal`).
     """
 
     def __init__(
@@ -126,7 +129,7 @@ class Agent:
         critic: Critic | None = None,
         max_critiques: int = 1,
         seed: int = 0,
-        pick_up_before_put: bool = True,
+        preconditions: bool = True,
     ):
         self.model = model.eval()
         self.planner = planner
@@ -135,7 +138,7 @@ class Agent:
         self.critic = critic
         self.max_critiques = max_critiques
         self.seed = seed
-        self.pick_up_before_put = pick_up_before_put
+        self.preconditions = preconditions
         self.generator = torch.Generator().manual_seed(seed)
 
     @classmethod
@@ -227,6 +230,7 @@ class Agent:
         state = self.model.init_state(1)
         prev_action = torch.tensor([self.model.START])
         subgoal_started = 0
+        locked: set[str] = set()  # colours of the locked doors seen so far
         # Each subgoal's share of the budget; a critic's revisions need room of their own.
         rounds = len(pending) + (self.max_critiques if self.critic is not None else 0)
         share = max(budget // rounds, 1)
@@ -235,7 +239,8 @@ class Agent:
         while pending and step < budget and time.perf_counter() < deadline:
             stage = pending[0].stage
             current = pending[0]
-            acting = (acting_goal(current.goal, carried(obs)).text if self.pick_up_before_put
+            locked |= locked_doors(obs)
+            acting = (acting_goal(current.goal, carried(obs), locked).text if self.preconditions
                       else current.text)
             goal_vec = self.encoder.encode(acting, as_torch=True)[None]  # (1, 384)
             z = self.model.encode(*_obs_tensors(obs))  # (1, d)

@@ -21,6 +21,7 @@ reports each achieved goal's objects' start locations beside it.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 COLORS: tuple[str, ...] = ("red", "green", "blue", "purple", "yellow", "grey")
@@ -129,17 +130,28 @@ class Goal:
         return self.text
 
 
-def acting_goal(goal: Goal, carrying: ObjRef | None) -> Goal:
-    """The goal to pursue now for `goal`, given what the agent carries: a put of an object not
-    in hand starts by picking it up. A put is a pick-up, a walk and a drop; the pick-up is a
-    skill of its own that a world model learns early, so agents (and the Dyna loop's policy)
-    plan for it first, then for the put itself once the object is carried. A location in the
-    put's object cannot be checked on a carried object, so the type and colour decide."""
-    if goal.verb != "put next to":
-        return goal
-    if carrying is not None and ObjRef(goal.obj.type, goal.obj.color).matches(carrying):
-        return goal
-    return Goal("pick up", goal.obj)
+def acting_goal(goal: Goal, carrying: ObjRef | None, locked: Collection[str] = ()) -> Goal:
+    """The goal to pursue now for `goal`, by BabyAI's two preconditions: a put needs its object
+    in hand, and a locked door opens only for the key of its colour in hand.
+
+    carrying: what the agent holds; locked: colours of the locked doors it has seen. A put of
+    an object not in hand starts by picking it up (a location in the put's object cannot be
+    checked on a carried object, so type and colour decide); opening a door seen locked starts
+    by picking up its key ("open the door" when one colour of locked door was seen). The steps
+    are skills a world model learns early, so agents and the Dyna loop's policy plan for them
+    first, then for the goal itself.
+    """
+    if goal.verb == "put next to":
+        if carrying is not None and ObjRef(goal.obj.type, goal.obj.color).matches(carrying):
+            return goal
+        return Goal("pick up", goal.obj)
+    if goal.verb == "open":
+        colors = {goal.obj.color} & set(locked) if goal.obj.color else set(locked)
+        if len(colors) != 1:
+            return goal
+        key = ObjRef("key", colors.pop())
+        return goal if carrying == key else Goal("pick up", key)
+    return goal
 
 
 _COLOR = "|".join(COLORS)

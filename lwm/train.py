@@ -485,7 +485,13 @@ class _PolicyWorker:
         (Ape-X style: some episodes mostly exploit, some mostly explore); a random step samples
         the exploration policy. A `stepping_stones` share of episodes first pursue one or two
         random goals about objects in the scene (`TrainConfig.stepping_stones`)."""
-        from lwm.envs.language import carried, goal_achieved, instr_goals, scene_goals
+        from lwm.envs.language import (
+            carried,
+            goal_achieved,
+            instr_goals,
+            locked_doors,
+            scene_goals,
+        )
         from lwm.goals import acting_goal
 
         seeds, rng_seed = item
@@ -518,15 +524,18 @@ class _PolicyWorker:
         prev = torch.full((b,), model.START)
         episodes: list = [None] * b
         psi, acting = None, None
+        locked: list[set[str]] = [set() for _ in range(b)]  # locked doors seen, per env
         allowed = np.flatnonzero(EXPLORATION_PROBS > 0)
         while any(e is None for e in episodes):
             image = torch.from_numpy(np.stack([o["image"] for o in obs_list]))
             direction = torch.tensor([int(o["direction"]) for o in obs_list])
             carrying = torch.from_numpy(np.stack([np.asarray(o["carrying"]) for o in obs_list]))
             h, state = model.next(state, model.encode(image, direction, carrying), prev)
-            # a put of an object not in hand is pursued as its pick-up first (`acting_goal`)
-            now = [acting_goal(p[0], carried(o)).text
-                   for p, o in zip(pending, obs_list, strict=True)]
+            # preconditions first: the object of a put, the key of a locked door (`acting_goal`)
+            for seen, o in zip(locked, obs_list, strict=True):
+                seen |= locked_doors(o)
+            now = [acting_goal(p[0], carried(o), seen).text
+                   for p, o, seen in zip(pending, obs_list, locked, strict=True)]
             if now != acting:  # the goal stream changes only when a goal does
                 psi, acting = model.goal_features(torch.stack([self.goal(t) for t in now])), now
             q = model.q(h, psi=psi["q"])  # (b, A)

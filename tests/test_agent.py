@@ -62,8 +62,40 @@ def test_a_put_is_planned_as_a_pick_up_until_the_object_is_carried():
     for record, before in zip(result.records, [None, *held[:-1]], strict=True):
         assert record.acting == (put if before == (moved.type, moved.color) else pick)
     plain = Agent(WorldModel(preset("debug")), make_planner("greedy"), BabyAIMissionParser(),
-                  pick_up_before_put=False).run(put, env, seed=0, max_steps=3)
+                  preconditions=False).run(put, env, seed=0, max_steps=3)
     assert [r.acting for r in plain.records] == [put] * 3
+
+
+def test_opening_a_door_seen_locked_is_planned_as_a_pick_up_of_its_key():
+    from lwm.envs.language import carried, locked_doors
+    from lwm.goals import ObjRef
+
+    env = make_env("lwm/BabyAI-MixedLocal-v0")
+    seed = next(s for s in range(100) if env.reset(seed=s)[0]["mission"].startswith("open the ")
+                and env.reset(seed=s)[0]["mission"] != "open the door")
+    obs, _ = env.reset(seed=seed)
+    door = env.unwrapped.instrs.desc.color
+    seen = [obs]
+
+    def on_step(_):
+        seen.append(env.unwrapped.gen_obs() | {"carrying": _carrying(env)})
+
+    result = _agent().run(f"open the {door} door", env, seed=seed, max_steps=30, on_step=on_step)
+    locked: set[str] = set()
+    for record, before in zip(result.records, seen, strict=False):
+        locked |= locked_doors(before)
+        key = door in locked and carried(before) != ObjRef("key", door)
+        assert record.acting == (f"pick up the {door} key" if key else f"open the {door} door")
+    assert any(r.acting.startswith("pick up") for r in result.records)
+
+
+def _carrying(env):
+    from lwm.envs.language import NOTHING_CARRIED, OBJECT_TO_IDX
+    from lwm.goals import COLORS
+
+    obj = env.unwrapped.carrying
+    return (NOTHING_CARRIED if obj is None
+            else (OBJECT_TO_IDX[obj.type], COLORS.index(obj.color)))
 
 
 def test_an_episode_depends_on_its_seed_not_on_the_episodes_before_it():

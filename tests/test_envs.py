@@ -221,3 +221,30 @@ def test_affordance_exploration_acts_on_the_cell_in_front():
     assert toggle[1] > 0.3 and toggle[[0, 2, 3]].max() == 0
     assert drop[3] > 0 and drop[:3].max() == 0
     assert np.allclose(p[2, :3] / p[2, :3].sum(), np.array([0.2, 0.2, 0.4]) / 0.8)
+
+
+def test_locked_doors_in_view():
+    from lwm.envs.language import locked_doors
+    from lwm.goals import COLORS
+
+    image = np.zeros((7, 7, 3), np.uint8)
+    image[..., 0] = OBJECT_TO_IDX["empty"]
+    image[1, 2] = (OBJECT_TO_IDX["door"], COLORS.index("red"), 2)  # locked
+    image[4, 0] = (OBJECT_TO_IDX["door"], COLORS.index("blue"), 1)  # closed
+    image[5, 5] = (OBJECT_TO_IDX["key"], COLORS.index("green"), 2)  # a key is never a door
+    assert locked_doors({"image": image}) == {"red"}
+
+
+def test_a_locked_door_says_so_when_faced_and_when_toggled_without_its_key():
+    env = make_env("lwm/BabyAI-MixedLocal-v0")
+    seed = next(s for s in range(100) if env.reset(seed=s)[0]["mission"].startswith("open"))
+    env.reset(seed=seed)
+    base = env.unwrapped
+    door = next(o for o in base.grid.grid if o is not None and o.type == "door" and o.is_locked)
+    # stand the agent in front of the door, facing it, from the cell beside it in the agent's room
+    x, y = door.cur_pos
+    base.agent_pos, base.agent_dir = np.array((x - 1, y)), 0
+    events = env.step(base.actions.left)[-1]["events"] + env.step(base.actions.right)[-1]["events"]
+    assert f"the {door.color} door is locked" in events
+    toggled = env.step(base.actions.toggle)[-1]["events"]
+    assert toggled == [f"the {door.color} door is locked"] and door.is_locked

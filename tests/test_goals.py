@@ -70,3 +70,15 @@ def test_a_put_of_an_object_not_in_hand_starts_with_picking_it_up():
     assert acting_goal(any_ball, None).text == "pick up the ball on your left"
     go = parse_goal("go to the red ball")
     assert acting_goal(go, None) == go and acting_goal(go, ObjRef("key", "red")) == go
+
+
+def test_opening_a_door_seen_locked_starts_with_picking_up_its_key():
+    red_door = parse_goal("open the red door")
+    assert acting_goal(red_door, None) == red_door  # not seen locked: just open it
+    assert acting_goal(red_door, None, {"blue"}) == red_door
+    assert acting_goal(red_door, None, {"red"}).text == "pick up the red key"
+    assert acting_goal(red_door, ObjRef("key", "blue"), {"red"}).text == "pick up the red key"
+    assert acting_goal(red_door, ObjRef("key", "red"), {"red"}) == red_door
+    any_door = parse_goal("open the door")
+    assert acting_goal(any_door, None, {"grey"}).text == "pick up the grey key"
+    assert acting_goal(any_door, None, {"grey", "red"}) == any_door  # which one: unknown

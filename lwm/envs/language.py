@@ -12,7 +12,8 @@ Observations (`LanguageWrapper.observation_space`):
 
     events        short canonical English sentences of what just happened ("you picked up the red
                   ball", "the blue door is open", "you are in front of the green key", "the red
-                  ball is next to the yellow box")
+                  ball is next to the yellow box", "the grey door is locked" on arriving in front
+                  of a locked door or toggling it without its key)
     achieved      canonical goal texts (lwm.goals grammar) that became true this step; the state at
                   reset counts as nothing achieved, so a goal already true then is reported at the
                   first step if it still holds
@@ -196,6 +197,10 @@ class LanguageWrapper(gym.Wrapper):
             achieved.append((Goal("go to", _ref(front_after)), front_after, None))
         if front_after is not front_before and _ref(front_after) is not None:
             events.append(f"you are in front of {_name(front_after)}")
+            if front_after.type == "door" and front_after.is_locked:
+                events.append(f"{_name(front_after)} is locked")
+        elif is_door and action == env.actions.toggle and front_before.is_locked:
+            events.append(f"{_name(front_before)} is locked")  # toggled without its key
         self._first_step = False
 
         info = dict(
@@ -367,6 +372,14 @@ def carried(obs: dict) -> ObjRef | None:
         return None
     type_name = IDX_TO_OBJECT[kind]
     return ObjRef(type_name, IDX_TO_COLOR[color]) if type_name in OBJECT_TYPES else None
+
+
+def locked_doors(obs: dict) -> set[str]:
+    """Colours of the locked doors in an lwm observation's view."""
+    image = np.asarray(obs["image"])
+    locked = (image[..., 0] == OBJECT_TO_IDX["door"]) & (image[..., 2] == _DOOR_STATE.index(
+        "locked"))
+    return {IDX_TO_COLOR[int(c)] for c in image[..., 1][locked]}
 
 
 def scene_goals(env) -> list[Goal]:
