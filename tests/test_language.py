@@ -475,6 +475,11 @@ def test_grammar_first_deterministic_answers_on_the_parse_suite_are_right():
         ("go to the box, the one at the left side", ["go to the box on your left"],
          ["go to the box on your left"]),
         ("go to the red box", ["go to the box on your left"], ["go to the red box"]),
+        ("i want you standing next to the yellow key",
+         ["put the yellow key next to the yellow key"], ["go to the yellow key"]),
+        ("carry the grey key over to the purple box and leave it there",
+         ["pick up the grey key", "put the grey key next to the purple box"],
+         ["put the grey key next to the purple box"]),
         ("grab the key right in front of you", ["pick up the key"],
          ["pick up the key in front of you"]),
         # a put moves the object that is not the one named after "beside"

@@ -14,7 +14,8 @@ plainly. Each repair changes its answer only where the instruction's words allow
 - verbs: "open" becomes "go to" when no word of the instruction is about opening ("find the
   purple door"); "put X next to Y" becomes "go to X" when the instruction names no object of
   Y's type and no word of it is about putting: the model invented Y ("could you move next to
-  the green key?" is not "put the green key next to the green box");
+  the green key?" is not "put the green key next to the green box"), and so does a put of an
+  object next to itself ("i want you standing next to the yellow key");
 - put arguments: a put whose moved object is the one the instruction names right after "next
   to", "beside", "near", ... (and whose target is not) has them swapped back ("leave the red
   box beside the blue ball" moves the red box).
@@ -33,10 +34,10 @@ __all__ = ["GO_WORDS", "OPEN_WORDS", "PICK_WORDS", "PUT_WORDS", "repair_parse"]
 
 PICK_WORDS = frozenset(
     ["pick", "picks", "picking", "picked", "grab", "grabbing", "take", "taking", "get", "getting",
-     "fetch", "fetching", "collect", "collecting", "lift", "lifting", "snatch", "hold", "have",
-     "carry", "carrying"]
+     "fetch", "fetching", "collect", "collecting", "lift", "lifting", "snatch", "hold", "have"]
 )
-"""Words that ask for a pick-up as a step of its own."""
+"""Words that ask for a pick-up as a step of its own ("carry" is left out: carrying something
+somewhere is a put)."""
 GO_WORDS = frozenset(
     ["go", "goes", "going", "walk", "walking", "head", "heading", "approach", "reach", "find",
      "visit", "navigate", "travel", "come"]
@@ -117,6 +118,8 @@ def repair_parse(spec: GoalSpec, instruction: str) -> GoalSpec:
         if (verb == "put next to" and target.type not in named_types
                 and not _says(words, PUT_WORDS)):
             verb, target = "go to", None  # the model invented the second object
+        if verb == "put next to" and target == s.object:
+            verb, target = "go to", None  # nothing goes next to itself: "standing next to" X
         obj = _described(s.object, named, words)
         if verb == "put next to" and _swapped(obj, target, near):
             obj, target = target, obj  # the thing it goes next to is the one it moves
