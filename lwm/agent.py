@@ -7,8 +7,8 @@ For each subgoal of the spec (in stage order) the agent embeds its canonical tex
 imagination from the current real observation (MPC: a new plan every step), acts, and moves on
 when the env reports the subgoal achieved. BabyAI's preconditions come first
 (`lwm.goals.acting_goal`; `preconditions=False` plans every subgoal as it is): a put of an object
-not yet in hand is planned as a pick-up of it, and opening a door seen locked as a pick-up of
-its key.
+not yet in hand is planned as a pick-up of it, and opening a door as going to it (first picking
+up its key when it was seen locked).
 When a subgoal takes longer than its share of the step budget, the critic reads the text trace
 and may revise the remaining subgoals (at most `max_critiques` times); at the end it judges the
 episode. The instruction wins over the env's own mission: the env's verifier is switched off and
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from lwm.envs import goal_achieved
-from lwm.envs.language import carried, locked_doors
+from lwm.envs.language import carried, facing, locked_doors
 from lwm.goals import acting_goal
 from lwm.language.critic import Critic, Critique
 from lwm.language.embed import GoalEncoder
@@ -117,7 +117,8 @@ class Agent:
     """A world model, a planner, a goal parser, a goal encoder and (optionally) a critic.
 
     `preconditions`: plan a put of an object not yet carried as a pick-up of it first, and the
-    opening of a door seen locked as a pick-up of its key (`lwm.goals.acting_goal`).
+    opening of a door as going to it (after picking up its key, when seen locked):
+    `lwm.goals.acting_goal`.
     """
 
     def __init__(
@@ -240,8 +241,8 @@ class Agent:
             stage = pending[0].stage
             current = pending[0]
             locked |= locked_doors(obs)
-            acting = (acting_goal(current.goal, carried(obs), locked).text if self.preconditions
-                      else current.text)
+            acting = (acting_goal(current.goal, carried(obs), locked, facing(obs)).text
+                      if self.preconditions else current.text)
             goal_vec = self.encoder.encode(acting, as_torch=True)[None]  # (1, 384)
             z = self.model.encode(*_obs_tensors(obs))  # (1, d)
             h, state = self.model.next(state, z, prev_action)  # history through o_t

@@ -130,16 +130,18 @@ class Goal:
         return self.text
 
 
-def acting_goal(goal: Goal, carrying: ObjRef | None, locked: Collection[str] = ()) -> Goal:
-    """The goal to pursue now for `goal`, by BabyAI's two preconditions: a put needs its object
-    in hand, and a locked door opens only for the key of its colour in hand.
+def acting_goal(goal: Goal, carrying: ObjRef | None, locked: Collection[str] = (),
+                facing: ObjRef | None = None) -> Goal:
+    """The goal to pursue now for `goal`, by BabyAI's preconditions: a put needs its object in
+    hand; a door opens only when faced, and a locked one only for the key of its colour in hand.
 
-    carrying: what the agent holds; locked: colours of the locked doors it has seen. A put of
-    an object not in hand starts by picking it up (a location in the put's object cannot be
-    checked on a carried object, so type and colour decide); opening a door seen locked starts
-    by picking up its key ("open the door" when one colour of locked door was seen). The steps
-    are skills a world model learns early, so agents and the Dyna loop's policy plan for them
-    first, then for the goal itself.
+    carrying: what the agent holds; locked: colours of the locked doors it has seen; facing:
+    the object in the cell in front of it. A put of an object not in hand starts by picking it
+    up (a location in the put's object cannot be checked on a carried object, so type and colour
+    decide). Opening a door seen locked starts by picking up its key ("open the door" when one
+    colour of locked door was seen), then, as for any door, by going to it. The steps are skills
+    a world model learns early, so agents and the Dyna loop's policy plan for them first, then
+    for the goal itself, whose last step is then a single action.
     """
     if goal.verb == "put next to":
         if carrying is not None and ObjRef(goal.obj.type, goal.obj.color).matches(carrying):
@@ -147,10 +149,10 @@ def acting_goal(goal: Goal, carrying: ObjRef | None, locked: Collection[str] = (
         return Goal("pick up", goal.obj)
     if goal.verb == "open":
         colors = {goal.obj.color} & set(locked) if goal.obj.color else set(locked)
-        if len(colors) != 1:
-            return goal
-        key = ObjRef("key", colors.pop())
-        return goal if carrying == key else Goal("pick up", key)
+        if len(colors) == 1 and carrying != (key := ObjRef("key", colors.pop())):
+            return Goal("pick up", key)
+        if facing is None or not ObjRef("door", goal.obj.color).matches(facing):
+            return Goal("go to", goal.obj)
     return goal
 
 

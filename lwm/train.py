@@ -487,6 +487,7 @@ class _PolicyWorker:
         random goals about objects in the scene (`TrainConfig.stepping_stones`)."""
         from lwm.envs.language import (
             carried,
+            facing,
             goal_achieved,
             instr_goals,
             locked_doors,
@@ -534,7 +535,7 @@ class _PolicyWorker:
             # preconditions first: the object of a put, the key of a locked door (`acting_goal`)
             for seen, o in zip(locked, obs_list, strict=True):
                 seen |= locked_doors(o)
-            now = [acting_goal(p[0], carried(o), seen).text
+            now = [acting_goal(p[0], carried(o), seen, facing(o)).text
                    for p, o, seen in zip(pending, obs_list, locked, strict=True)]
             if now != acting:  # the goal stream changes only when a goal does
                 psi, acting = model.goal_features(torch.stack([self.goal(t) for t in now])), now

@@ -66,8 +66,8 @@ def test_a_put_is_planned_as_a_pick_up_until_the_object_is_carried():
     assert [r.acting for r in plain.records] == [put] * 3
 
 
-def test_opening_a_door_seen_locked_is_planned_as_a_pick_up_of_its_key():
-    from lwm.envs.language import carried, locked_doors
+def test_opening_a_door_is_planned_as_its_key_then_going_to_it():
+    from lwm.envs.language import carried, facing, locked_doors
     from lwm.goals import ObjRef
 
     env = make_env("lwm/BabyAI-MixedLocal-v0")
@@ -84,8 +84,12 @@ def test_opening_a_door_seen_locked_is_planned_as_a_pick_up_of_its_key():
     locked: set[str] = set()
     for record, before in zip(result.records, seen, strict=False):
         locked |= locked_doors(before)
-        key = door in locked and carried(before) != ObjRef("key", door)
-        assert record.acting == (f"pick up the {door} key" if key else f"open the {door} door")
+        if door in locked and carried(before) != ObjRef("key", door):
+            assert record.acting == f"pick up the {door} key"
+        elif facing(before) != ObjRef("door", door):
+            assert record.acting == f"go to the {door} door"
+        else:
+            assert record.acting == f"open the {door} door"
     assert any(r.acting.startswith("pick up") for r in result.records)
 
 

@@ -233,6 +233,12 @@ def test_locked_doors_in_view():
     image[4, 0] = (OBJECT_TO_IDX["door"], COLORS.index("blue"), 1)  # closed
     image[5, 5] = (OBJECT_TO_IDX["key"], COLORS.index("green"), 2)  # a key is never a door
     assert locked_doors({"image": image}) == {"red"}
+    from lwm.envs.language import facing
+    from lwm.goals import ObjRef
+
+    assert facing({"image": image}) is None
+    image[3, 5] = (OBJECT_TO_IDX["ball"], COLORS.index("grey"), 0)
+    assert facing({"image": image}) == ObjRef("ball", "grey")
 
 
 def test_a_locked_door_says_so_when_faced_and_when_toggled_without_its_key():

@@ -72,13 +72,19 @@ def test_a_put_of_an_object_not_in_hand_starts_with_picking_it_up():
     assert acting_goal(go, None) == go and acting_goal(go, ObjRef("key", "red")) == go
 
 
-def test_opening_a_door_seen_locked_starts_with_picking_up_its_key():
-    red_door = parse_goal("open the red door")
-    assert acting_goal(red_door, None) == red_door  # not seen locked: just open it
-    assert acting_goal(red_door, None, {"blue"}) == red_door
-    assert acting_goal(red_door, None, {"red"}).text == "pick up the red key"
+def test_opening_a_door_starts_with_its_key_when_locked_then_going_to_it():
+    red_door, door = parse_goal("open the red door"), ObjRef("door", "red")
+    assert acting_goal(red_door, None, facing=door) == red_door  # faced, not seen locked
+    assert acting_goal(red_door, None).text == "go to the red door"
+    assert acting_goal(red_door, None, facing=ObjRef("door", "blue")).text == "go to the red door"
+    assert acting_goal(red_door, None, {"blue"}, door) == red_door
+    assert acting_goal(red_door, None, {"red"}, door).text == "pick up the red key"
     assert acting_goal(red_door, ObjRef("key", "blue"), {"red"}).text == "pick up the red key"
-    assert acting_goal(red_door, ObjRef("key", "red"), {"red"}) == red_door
+    assert acting_goal(red_door, ObjRef("key", "red"), {"red"}).text == "go to the red door"
+    assert acting_goal(red_door, ObjRef("key", "red"), {"red"}, door) == red_door
     any_door = parse_goal("open the door")
     assert acting_goal(any_door, None, {"grey"}).text == "pick up the grey key"
-    assert acting_goal(any_door, None, {"grey", "red"}) == any_door  # which one: unknown
+    assert acting_goal(any_door, None, {"grey", "red"}).text == "go to the door"
+    assert acting_goal(any_door, None, {"grey", "red"}, door) == any_door  # which key: unknown
+    left = parse_goal("open the door on your left")
+    assert acting_goal(left, None).text == "go to the door on your left"

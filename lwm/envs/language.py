@@ -374,6 +374,13 @@ def carried(obs: dict) -> ObjRef | None:
     return ObjRef(type_name, IDX_TO_COLOR[color]) if type_name in OBJECT_TYPES else None
 
 
+def facing(obs: dict) -> ObjRef | None:
+    """The object in the cell in front of the agent in an lwm observation, or None."""
+    kind, color, _ = (int(v) for v in np.asarray(obs["image"])[3, 5])
+    type_name = IDX_TO_OBJECT[kind]
+    return ObjRef(type_name, IDX_TO_COLOR[color]) if type_name in OBJECT_TYPES else None
+
+
 def locked_doors(obs: dict) -> set[str]:
     """Colours of the locked doors in an lwm observation's view."""
     image = np.asarray(obs["image"])
