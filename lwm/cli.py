@@ -302,6 +302,9 @@ def evaluate(
         0.5, min=0.0, max=1.0, help="share of episodes that get a paraphrase of the mission"),
     max_steps: int | None = typer.Option(
         None, min=1, help="cap every episode's step limit (default: BabyAI's for the mission)"),
+    preconditions: bool = typer.Option(
+        True, help="lwm agents act on BabyAI's preconditions first (a put's object in hand, a "
+        "door faced, a locked door's key); --no-preconditions: the ablation"),
     json_path: Path | None = typer.Option(None, "--json", help="also write report.json here"),
 ) -> None:
     """Run agents on the same evaluation episodes of a task suite and write a report: summary.md,
@@ -334,7 +337,8 @@ def evaluate(
     if "llm-only" in names and llm == "grammar":
         fail("the llm-only agent needs an LLM: pass --llm local (or a provider string)")
 
-    shared: dict[str, Any] = {"llm": llm, "seed": seed, "planner": planner}
+    shared: dict[str, Any] = {"llm": llm, "seed": seed, "planner": planner,
+                              "preconditions": preconditions}
     overrides = {k: v for k, v in (("candidates", candidates), ("iterations", iterations),
                                    ("horizon", horizon), ("epsilon", epsilon)) if v is not None}
     if overrides:
@@ -387,7 +391,8 @@ def evaluate(
     meta = {"suite": s.name, "env_id": s.env_id, "agents": names, "episodes": len(items),
             "first_seed": items[0].seed, "seed": seed, "paraphrase_share": paraphrase_share,
             "max_steps": max_steps, "checkpoint": shared.get("checkpoint"), "llm": llm,
-            "planner": planner, "planner_cfg": overrides, "workers": workers,
+            "planner": planner, "planner_cfg": overrides, "preconditions": preconditions,
+            "workers": workers,
             "ray_address": ray_address, "wall_s": time.perf_counter() - t0}
     paths = write_report(out, summary, outcomes, meta)
     if json_path is not None:

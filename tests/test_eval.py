@@ -195,6 +195,10 @@ def test_lwm_runner_with_the_grammar_parser_on_the_shipped_checkpoint():
     out = worker(paraphrase)
     assert not out.success and out.steps == 0
     assert out.error.startswith("NotAMissionError: 'please go over")  # an InstructionError
+    assert worker.agent.preconditions
+    ablation = make_runner("lwm-grammar", checkpoint=str(path), planner="greedy",
+                           preconditions=False)()
+    assert not ablation.agent.preconditions and "preconditions" in runner_options("lwm")
 
 
 # ---------------------------------------------------------------------- LLM only

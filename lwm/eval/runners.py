@@ -188,6 +188,8 @@ class LwmRunner:
     """Overrides of the planner's config ({"candidates": 256, "horizon": 6}, ...)."""
     seed: int = 0
     """Mixed with each episode's seed for the planner's sampling."""
+    preconditions: bool = True
+    """Act on BabyAI's preconditions first (`lwm.goals.acting_goal`); False: the ablation."""
     name: str = "lwm"
 
     def __call__(self) -> Worker:
@@ -201,7 +203,7 @@ class _LwmWorker(_Worker):
         super().__init__(cfg.name)
         llm = None if cfg.llm == "grammar" else cfg.llm
         self.agent = Agent.from_pretrained(cfg.checkpoint, llm=llm, planner=cfg.planner,
-                                           critic=cfg.critic)
+                                           critic=cfg.critic, preconditions=cfg.preconditions)
         planner_cfg = self.agent.planner.cfg
         for key, value in cfg.planner_cfg.items():
             if not hasattr(planner_cfg, key):
