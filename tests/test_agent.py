@@ -94,12 +94,14 @@ def test_opening_a_door_is_planned_as_its_key_then_going_to_it():
 
 
 def _carrying(env):
+    """The `carrying` observation of the env's current state."""
+    from minigrid.core.constants import COLOR_NAMES
+
     from lwm.envs.language import NOTHING_CARRIED, OBJECT_TO_IDX
-    from lwm.goals import COLORS
 
     obj = env.unwrapped.carrying
     return (NOTHING_CARRIED if obj is None
-            else (OBJECT_TO_IDX[obj.type], COLORS.index(obj.color)))
+            else (OBJECT_TO_IDX[obj.type], COLOR_NAMES.index(obj.color)))
 
 
 def test_an_episode_depends_on_its_seed_not_on_the_episodes_before_it():

@@ -254,3 +254,24 @@ def test_a_locked_door_says_so_when_faced_and_when_toggled_without_its_key():
     assert f"the {door.color} door is locked" in events
     toggled = env.step(base.actions.toggle)[-1]["events"]
     assert toggled == [f"the {door.color} door is locked"] and door.is_locked
+
+
+def test_carried_reads_what_the_agent_really_holds():
+    from lwm.envs.language import carried
+    from lwm.goals import ObjRef
+
+    env = make_env("BabyAI-PickupLoc-v0")
+    colours = set()
+    for seed in range(12):
+        obs, _ = env.reset(seed=seed)
+        assert carried(obs) is None
+        bot = BabyAIBot(env.unwrapped)
+        for _ in range(64):
+            obs, _, term, trunc, _ = env.step(bot.replan())
+            if term or trunc:
+                break
+        held = env.unwrapped.carrying
+        assert held is not None
+        assert carried(obs) == ObjRef(held.type, held.color)
+        colours.add(held.color)
+    assert len(colours) >= 3  # not only colours whose index agrees in both orders

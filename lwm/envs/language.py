@@ -371,7 +371,9 @@ def carried(obs: dict) -> ObjRef | None:
     if (kind, color) == NOTHING_CARRIED:
         return None
     type_name = IDX_TO_OBJECT[kind]
-    return ObjRef(type_name, IDX_TO_COLOR[color]) if type_name in OBJECT_TYPES else None
+    # `carrying` numbers colours in minigrid's COLOR_NAMES order (alphabetical), not the
+    # image's COLOR_TO_IDX order
+    return ObjRef(type_name, COLOR_NAMES[color]) if type_name in OBJECT_TYPES else None
 
 
 def facing(obs: dict) -> ObjRef | None:
