@@ -139,20 +139,24 @@ def acting_goal(goal: Goal, carrying: ObjRef | None, locked: Collection[str] = (
     the object in the cell in front of it. A put of an object not in hand starts by picking it
     up (a location in the put's object cannot be checked on a carried object, so type and colour
     decide). Opening a door seen locked starts by picking up its key ("open the door" when one
-    colour of locked door was seen), then, as for any door, by going to it. The steps are skills
-    a world model learns early, so agents and the Dyna loop's policy plan for them first, then
-    for the goal itself, whose last step is then a single action.
+    colour of locked door was seen: that door), then, as for any door, by going to it. The steps
+    are skills a world model learns early, so agents and the Dyna loop's policy plan for them
+    first, then for the goal itself, whose last step is then a single action.
     """
     if goal.verb == "put next to":
         if carrying is not None and ObjRef(goal.obj.type, goal.obj.color).matches(carrying):
             return goal
         return Goal("pick up", goal.obj)
     if goal.verb == "open":
-        colors = {goal.obj.color} & set(locked) if goal.obj.color else set(locked)
-        if len(colors) == 1 and carrying != (key := ObjRef("key", colors.pop())):
-            return Goal("pick up", key)
-        if facing is None or not ObjRef("door", goal.obj.color).matches(facing):
-            return Goal("go to", goal.obj)
+        door = goal.obj
+        colors = {door.color} & set(locked) if door.color else set(locked)
+        if len(colors) == 1:
+            color = colors.pop()
+            if carrying != (key := ObjRef("key", color)):
+                return Goal("pick up", key)
+            door = ObjRef("door", color, door.loc)  # "the door" is the one its key opens
+        if facing is None or not ObjRef("door", door.color).matches(facing):
+            return Goal("go to", door)
     return goal
 
 

@@ -84,6 +84,9 @@ def test_opening_a_door_starts_with_its_key_when_locked_then_going_to_it():
     assert acting_goal(red_door, ObjRef("key", "red"), {"red"}, door) == red_door
     any_door = parse_goal("open the door")
     assert acting_goal(any_door, None, {"grey"}).text == "pick up the grey key"
+    grey_key = ObjRef("key", "grey")
+    assert acting_goal(any_door, grey_key, {"grey"}).text == "go to the grey door"
+    assert acting_goal(any_door, grey_key, {"grey"}, ObjRef("door", "grey")) == any_door
     assert acting_goal(any_door, None, {"grey", "red"}).text == "go to the door"
     assert acting_goal(any_door, None, {"grey", "red"}, door) == any_door  # which key: unknown
     left = parse_goal("open the door on your left")
