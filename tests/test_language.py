@@ -480,6 +480,16 @@ def test_grammar_first_deterministic_answers_on_the_parse_suite_are_right():
         ("carry the grey key over to the purple box and leave it there",
          ["pick up the grey key", "put the grey key next to the purple box"],
          ["put the grey key next to the purple box"]),
+        # what a "once" clause names is done first
+        ("go to the yellow ball once you are holding the green key",
+         ["go to the yellow ball", "pick up the green key"],
+         ["pick up the green key", "go to the yellow ball"]),
+        ("once you have the blue key, walk to the yellow box",
+         ["go to the yellow box", "pick up the blue key"],
+         ["pick up the blue key", "go to the yellow box"]),
+        ("once you have the blue key, walk to the yellow box",
+         ["pick up the blue key", "go to the yellow box"],
+         ["pick up the blue key", "go to the yellow box"]),
         ("grab the key right in front of you", ["pick up the key"],
          ["pick up the key in front of you"]),
         # a put moves the object that is not the one named after "beside"

@@ -18,7 +18,9 @@ plainly. Each repair changes its answer only where the instruction's words allow
   object next to itself ("i want you standing next to the yellow key");
 - put arguments: a put whose moved object is the one the instruction names right after "next
   to", "beside", "near", ... (and whose target is not) has them swapped back ("leave the red
-  box beside the blue ball" moves the red box).
+  box beside the blue ball" moves the red box);
+- order: the subgoal whose object a "once ..." clause names comes first ("go to the yellow ball
+  once you are holding the green key").
 
 Words are read through typos as `lwm.language.vocabulary` reads them ("opne" is about opening).
 """
@@ -128,6 +130,22 @@ def repair_parse(spec: GoalSpec, instruction: str) -> GoalSpec:
                                           [*subgoals[1:], None], strict=True)
             if not (after is not None and _implied(s, after, words))
             and not (before is not None and s.verb == "drop" and _implied(s, before, words))]
+    kept = _once_first(kept, instruction)
     stages = {stage: i for i, stage in enumerate(sorted({s.stage for s in kept}))}
     return spec.model_copy(update={"subgoals": tuple(
         s.model_copy(update={"stage": stages[s.stage]}) for s in kept)})
+
+
+def _once_first(subgoals: list[Subgoal], instruction: str) -> list[Subgoal]:
+    """`subgoals` with the one whose object the "once ..." clause names moved first, when
+    exactly one does ("go to the red ball once you are holding the key": the key first)."""
+    clause = re.search(r"\bonce\b([^,.;]*)", instruction.lower())
+    if clause is None or len({s.stage for s in subgoals}) != len(subgoals) or len(subgoals) < 2:
+        return subgoals
+    named = [o for _, o in named_objects(clause.group(1)) if o is not None]
+    first = [s for s in subgoals
+             if any((o.type, o.color) == (s.object.type, s.object.color) for o in named)]
+    if len(first) != 1 or first[0] is subgoals[0]:
+        return subgoals
+    order = [first[0], *(s for s in subgoals if s is not first[0])]
+    return [s.model_copy(update={"stage": i}) for i, s in enumerate(order)]
