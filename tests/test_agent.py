@@ -78,7 +78,7 @@ def test_opening_a_door_is_planned_as_its_key_then_going_to_it():
     seen = [obs]
 
     def on_step(_):
-        seen.append(env.unwrapped.gen_obs() | {"carrying": _carrying(env)})
+        seen.append(env._observation(env.unwrapped.gen_obs()))  # what the agent observes
 
     result = _agent().run(f"open the {door} door", env, seed=seed, max_steps=30, on_step=on_step)
     locked: set[str] = set()
@@ -91,17 +91,6 @@ def test_opening_a_door_is_planned_as_its_key_then_going_to_it():
         else:
             assert record.acting == f"open the {door} door"
     assert any(r.acting.startswith("pick up") for r in result.records)
-
-
-def _carrying(env):
-    """The `carrying` observation of the env's current state."""
-    from minigrid.core.constants import COLOR_NAMES
-
-    from lwm.envs.language import NOTHING_CARRIED, OBJECT_TO_IDX
-
-    obj = env.unwrapped.carrying
-    return (NOTHING_CARRIED if obj is None
-            else (OBJECT_TO_IDX[obj.type], COLOR_NAMES.index(obj.color)))
 
 
 def test_an_episode_depends_on_its_seed_not_on_the_episodes_before_it():

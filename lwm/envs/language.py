@@ -67,7 +67,7 @@ def affordance_probs(image: np.ndarray, carrying: np.ndarray) -> np.ndarray:
     kind, state = front[:, 0], front[:, 2]
     holding = np.asarray(carrying)[:, 0] != NOTHING_CARRIED[0]
     portable = np.isin(kind, [OBJECT_TO_IDX[t] for t in PORTABLE_TYPES])
-    shut_door = (kind == OBJECT_TO_IDX["door"]) & (state != 0)  # 0 open, 1 closed, 2 locked
+    shut_door = (kind == OBJECT_TO_IDX["door"]) & (state != _DOOR_STATE.index("open"))
     probs = np.tile(np.asarray(EXPLORATION_PROBS, dtype=np.float64), (len(front), 1))
     probs[:, _PICKUP] = np.where(portable & ~holding, 0.5, 0.0)
     probs[:, _TOGGLE] = np.where(shut_door, 0.5, 0.0)

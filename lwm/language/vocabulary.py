@@ -252,13 +252,13 @@ NEAR_WORDS = (("next", "to"), ("close", "to"), ("beside",), ("near",), ("by",), 
 def near_objects(text: str) -> list[ObjectSpec]:
     """The objects named right after a word of nearness ("next to the blue ball"): what a put
     puts things next to."""
-    lowered = text.lower()
-    before = [m[0] for m in _TOKEN_RE.finditer(lowered)]
-    starts = [m.start() for m in _TOKEN_RE.finditer(lowered)]
+    tokens = list(_TOKEN_RE.finditer(text.lower()))
+    words = [m[0] for m in tokens]
+    index = {m.start(): i for i, m in enumerate(tokens)}  # token position by start offset
     found = []
     for phrase in _noun_phrases(text):
-        i = starts.index(phrase.determiner.span[0])
-        if not any(tuple(before[max(0, i - len(w)):i]) == w for w in NEAR_WORDS):
+        i = index[phrase.determiner.span[0]]
+        if not any(tuple(words[max(0, i - len(w)):i]) == w for w in NEAR_WORDS):
             continue
         named = _phrase_object(phrase)
         if named is not None and named[1] is not None:
