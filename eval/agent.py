@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--horizon", type=int, default=None)
     parser.add_argument("--epsilon", type=float, default=None,
                         help="greedy planner: chance of a random (move-biased) action")
+    parser.add_argument("--reward-floor", default=None, action=argparse.BooleanOptionalAction,
+                        help="greedy planner: score by max(Q, reward head) (default) or Q alone")
     parser.add_argument("--llm", default="grammar", help="grammar, local, or a provider string")
     parser.add_argument("--paraphrase", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -53,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
                                   planner=args.planner, seed=args.seed)
     cfg = agent.planner.cfg
     planner = next(name for name, (cls, _) in PLANNERS.items() if isinstance(agent.planner, cls))
-    for name in ("candidates", "iterations", "horizon", "epsilon"):
+    for name in ("candidates", "iterations", "horizon", "epsilon", "reward_floor"):
         if getattr(args, name) is not None:
             if not hasattr(cfg, name):
-                parser.error(f"--{name} does not apply to the {planner} planner")
+                parser.error(f"--{name.replace('_', '-')} does not apply to the {planner} planner")
             setattr(cfg, name, getattr(args, name))
     suite = load_suite(args.suite)
     env = suite.make_env()

@@ -295,6 +295,9 @@ def evaluate(
     horizon: int | None = typer.Option(None, min=1, help="override the planner's H"),
     epsilon: float | None = typer.Option(
         None, min=0.0, max=1.0, help="greedy planner: chance of a random (move-biased) action"),
+    reward_floor: bool | None = typer.Option(
+        None, help="greedy planner: score actions by max(Q, reward head) (the default) or by Q "
+        "alone (--no-reward-floor)"),
     workers: int = typer.Option(1, min=1, help="parallel workers (more than 1: Ray)"),
     ray_address: str | None = typer.Option(None, help="Ray cluster to run on ('auto', ...)"),
     seed: int = typer.Option(0, help="seed of the agents' own randomness"),
@@ -340,7 +343,8 @@ def evaluate(
     shared: dict[str, Any] = {"llm": llm, "seed": seed, "planner": planner,
                               "preconditions": preconditions}
     overrides = {k: v for k, v in (("candidates", candidates), ("iterations", iterations),
-                                   ("horizon", horizon), ("epsilon", epsilon)) if v is not None}
+                                   ("horizon", horizon), ("epsilon", epsilon),
+                                   ("reward_floor", reward_floor)) if v is not None}
     if overrides:
         shared["planner_cfg"] = overrides
     if "dqn" in names and dqn_checkpoint is None:

@@ -157,7 +157,21 @@ def acting_goal(goal: Goal, carrying: ObjRef | None, locked: Collection[str] = (
             door = ObjRef("door", color, door.loc)  # "the door" is the one its key opens
         if facing is None or not ObjRef("door", door.color).matches(facing):
             return Goal("go to", door)
+        return Goal("open", door)
     return goal
+
+
+def keeps_carried(goal: Goal, carrying: ObjRef | None, locked: Collection[str] = ()) -> bool:
+    """Whether what the agent carries must stay in hand for `goal`: the key of the door to open
+    (of the door's colour, or of the one colour of locked door seen when the goal names none).
+
+    Dropping it can only undo progress (the door then needs the key picked up again), so agents
+    rule the drop action out while this holds, instead of relying on the learned values to know.
+    """
+    if goal.verb != "open" or carrying is None or carrying.type != "key":
+        return False
+    colors = {goal.obj.color} if goal.obj.color else set(locked)
+    return colors == {carrying.color}
 
 
 _COLOR = "|".join(COLORS)

@@ -93,6 +93,57 @@ def test_opening_a_door_is_planned_as_its_key_then_going_to_it():
     assert any(r.acting.startswith("pick up") for r in result.records)
 
 
+class _BotPlanner:
+    """Plays BabyAI's bot (orchestration test: what the agent asks of its planner) and records
+    the actions the agent forbade at each step."""
+
+    def __init__(self, env, seed):
+        from lwm.envs.bot import BotPolicy
+
+        env.reset(seed=seed)  # the bot reads the level's own mission; the agent resets the same
+        self.bot, self.forbidden = BotPolicy(env), []
+
+    def reset(self):
+        pass
+
+    def plan(self, model, state, h, goal, decode=False, generator=None, forbid=None):
+        from lwm.envs.language import ACTION_NAMES
+        from lwm.planning import PlanResult
+
+        self.forbidden.append(set() if forbid is None
+                              else {ACTION_NAMES[a] for a in forbid[0].nonzero()[:, 0].tolist()})
+        action = torch.tensor([self.bot.act()])
+        zero = torch.zeros(1)
+        return PlanResult(action=action, actions=action[:, None], reward=zero[:, None],
+                          cont=zero[:, None] + 1, value=zero, objective=zero,
+                          probs=torch.nn.functional.one_hot(action, 7).float()[:, None])
+
+
+def test_the_key_of_the_door_to_open_is_never_dropped():
+    from lwm.envs.language import carried
+    from lwm.goals import ObjRef
+
+    env = make_env("lwm/BabyAI-MixedLocal-v0")
+    seed = next(s for s in range(200) if (m := env.reset(seed=s)[0]["mission"]).startswith(
+        "open the ") and m != "open the door" and env.unwrapped.instrs.desc.obj_set[0].is_locked)
+    door = env.unwrapped.instrs.desc.color
+    obs, _ = env.reset(seed=seed)
+    seen = [obs]
+    planner = _BotPlanner(env, seed)
+    agent = Agent(WorldModel(preset("debug")), planner, BabyAIMissionParser())
+    result = agent.run(f"open the {door} door", env, seed=seed, max_steps=60,
+                       on_step=lambda _: seen.append(env._observation(env.unwrapped.gen_obs())))
+    assert result.success
+    holding = [carried(o) == ObjRef("key", door) for o in seen[:len(planner.forbidden)]]
+    assert any(holding) and not all(holding)
+    assert planner.forbidden == [{"drop"} if h else set() for h in holding]
+    planner = _BotPlanner(env, seed)
+    free = Agent(WorldModel(preset("debug")), planner, BabyAIMissionParser(),
+                 preconditions=False)
+    free.run(f"open the {door} door", env, seed=seed, max_steps=60)
+    assert planner.forbidden and all(f == set() for f in planner.forbidden)
+
+
 def test_an_episode_depends_on_its_seed_not_on_the_episodes_before_it():
     env = make_env("BabyAI-GoToLocal-v0")
     agent = _agent()

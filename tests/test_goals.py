@@ -2,7 +2,15 @@
 
 import pytest
 
-from lwm.goals import Goal, GoalTextError, ObjRef, acting_goal, all_concrete_goals, parse_goal
+from lwm.goals import (
+    Goal,
+    GoalTextError,
+    ObjRef,
+    acting_goal,
+    all_concrete_goals,
+    keeps_carried,
+    parse_goal,
+)
 
 
 def test_every_concrete_goal_round_trips():
@@ -86,8 +94,23 @@ def test_opening_a_door_starts_with_its_key_when_locked_then_going_to_it():
     assert acting_goal(any_door, None, {"grey"}).text == "pick up the grey key"
     grey_key = ObjRef("key", "grey")
     assert acting_goal(any_door, grey_key, {"grey"}).text == "go to the grey door"
-    assert acting_goal(any_door, grey_key, {"grey"}, ObjRef("door", "grey")) == any_door
+    # Faced with its key in hand, "the door" is planned as the door that key opens.
+    assert acting_goal(any_door, grey_key, {"grey"}, ObjRef("door", "grey")).text == \
+        "open the grey door"
     assert acting_goal(any_door, None, {"grey", "red"}).text == "go to the door"
     assert acting_goal(any_door, None, {"grey", "red"}, door) == any_door  # which key: unknown
     left = parse_goal("open the door on your left")
     assert acting_goal(left, None).text == "go to the door on your left"
+
+
+def test_the_key_of_the_door_to_open_is_kept_in_hand():
+    red_door, any_door = parse_goal("open the red door"), parse_goal("open the door")
+    red_key, blue_key = ObjRef("key", "red"), ObjRef("key", "blue")
+    assert keeps_carried(red_door, red_key)
+    assert not keeps_carried(red_door, blue_key)  # the wrong key may go
+    assert not keeps_carried(red_door, ObjRef("ball", "red")) and not keeps_carried(red_door, None)
+    assert keeps_carried(any_door, red_key, {"red"})  # the one locked door seen is red
+    assert not keeps_carried(any_door, red_key)  # no locked door seen: which door is unknown
+    assert not keeps_carried(any_door, red_key, {"red", "blue"})
+    assert not keeps_carried(parse_goal("pick up the red key"), red_key)
+    assert not keeps_carried(parse_goal("put the red key next to the blue ball"), red_key)

@@ -299,11 +299,51 @@ def test_mppi_default_prior_is_the_q_head():
 def test_greedy_q_takes_the_best_q_action(model):
     state, h, goal = history(model, 3)
     result = make_planner("greedy").plan(model, state, h, goal, decode=True)
-    q = model.q(h, goal)
+    now = torch.stack([model.reward(h, torch.full((3,), a), goal) for a in range(7)], -1)
+    q = torch.maximum(model.q(h, goal), now)  # floored at the reward head
     q[:, 6] = float("-inf")
     assert torch.equal(result.action, q.argmax(-1))
     assert result.actions.shape == (3, 1) and result.image.shape == (3, 1, 7, 7, 3)
     torch.testing.assert_close(result.value, torch.sigmoid(q.amax(-1)))
+
+
+def test_greedy_q_is_floored_at_the_reward_heads_one_step_success():
+    """Q flat, the reward head sure that toggle achieves the goal now: toggle is taken (a
+    locked door faced with its key, before TD has carried the reward into Q)."""
+    from lwm.planning import GreedyQConfig
+
+    model = TargetSequenceModel([5]).eval()
+    state, h = model.start(4)
+    goal = torch.zeros(4, 384)
+    floored = make_planner("greedy").plan(model, state, h, goal)
+    assert (floored.action == 5).all()
+    assert (floored.value > 0.99).all()
+    flat = make_planner("greedy", GreedyQConfig(reward_floor=False)).plan(model, state, h, goal)
+    assert (flat.action == 0).all()  # argmax of a flat Q: the first action
+
+
+@pytest.mark.parametrize("name", ["greedy", *SEARCH_PLANNERS])
+def test_forbidden_actions_are_never_taken_now(name):
+    """forbid (B, A) rules actions out of the first step: the rewarded action when it is
+    forbidden, and all but one action in another env, which must then take that one."""
+    from lwm.planning import GreedyQConfig
+
+    model = TargetSequenceModel([5]).eval()
+    state, h = model.start(3)
+    goal = torch.zeros(3, 384)
+    forbid = torch.zeros(3, 7, dtype=torch.bool)
+    forbid[0, 5] = True  # the only rewarded action
+    forbid[1, [0, 1, 2, 3, 5]] = True  # leaves drop (4); done (6) is excluded anyway
+    cfg = (GreedyQConfig(epsilon=1.0) if name == "greedy"
+           else PLANNERS[name][1](**{**SMALL, "horizon": 2}))
+    for seed in range(5):
+        result = make_planner(name, cfg).plan(
+            model, state, h, goal, generator=torch.Generator().manual_seed(seed), forbid=forbid)
+        assert result.action[0] != 5 and result.action[1] == 4, result.action
+        assert result.action[2] == 5 or name == "greedy"  # greedy here acts at random
+    with pytest.raises(ValueError, match="rules out every action"):
+        make_planner(name, cfg).plan(model, state, h, goal,
+                                     forbid=torch.ones(3, 7, dtype=torch.bool))
 
 
 def test_epsilon_greedy_q_mixes_in_the_exploration_distribution(model):

@@ -111,17 +111,20 @@ class Planner(ABC):
         goal: Tensor,
         decode: bool = False,
         generator: torch.Generator | None = None,
+        forbid: Tensor | None = None,
     ) -> PlanResult:
         """Choose the next action of B environments.
 
         state: the backbone state after the current real observation (not modified);
         h: (B, d) the history through it, as returned with that state by `model.next`;
         goal: (B, goal_dim) goal embeddings; decode: also return the imagined views of the best
-        sequence; generator: the source of randomness (None: torch's global one).
+        sequence; generator: the source of randomness (None: torch's global one); forbid:
+        (B, A) bool, actions not to take now (later imagined steps may still use them), e.g. the
+        drop of a key still needed (`lwm.goals.keeps_carried`).
         """
         raise NotImplementedError(
-            "plan(model, state, h: (B, d), goal: (B, goal_dim), decode=False, generator=None)"
-            " -> PlanResult"
+            "plan(model, state, h: (B, d), goal: (B, goal_dim), decode=False, generator=None,"
+            " forbid=None) -> PlanResult"
         )
 
     def reset(self) -> None:  # noqa: B027 - a planner without memory needs no reset
@@ -281,15 +284,31 @@ def score_sequences(
 def sample_prior(
     model: WorldModel, state: BatchState, h: Tensor, goal: Tensor, prior: PolicyPrior, k: int,
     horizon: int, discount: float, generator: torch.Generator | None = None,
+    forbid: Tensor | None = None,
 ) -> Candidates:
-    """K sequences per environment drawn step by step from `prior` in imagination, scored."""
+    """K sequences per environment drawn step by step from `prior` in imagination, scored;
+    `forbid` (B, A) rules actions out of the first step."""
     goal_k = goal.repeat_interleave(k, dim=0)  # (B*K, goal_dim)
+    forbid_k = None if forbid is None else forbid.repeat_interleave(k, dim=0)  # (B*K, A)
 
     def act(t: int, h: Tensor) -> Tensor:
-        probs = prior(h, goal_k).softmax(-1)  # (B*K, A)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        logits = prior(h, goal_k)  # (B*K, A)
+        if t == 0 and forbid_k is not None:
+            logits = logits.masked_fill(forbid_k, float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
     return imagine_candidates(model, state, h, goal, k, horizon, discount, act)
+
+
+def forbid_first(probs: Tensor, forbid: Tensor | None) -> Tensor:
+    """Per-step distributions (B, H, A) with the `forbid` (B, A) actions ruled out of step 0."""
+    if forbid is None:
+        return probs
+    first = probs[:, 0].masked_fill(forbid, 0.0)
+    total = first.sum(-1, keepdim=True)
+    if bool((total <= 0).any()):
+        raise ValueError("forbid rules out every action an environment's plan could start with")
+    return torch.cat([(first / total)[:, None], probs[:, 1:]], dim=1)
 
 
 def sample_sequences(probs: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:

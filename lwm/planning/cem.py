@@ -24,6 +24,7 @@ from lwm.planning.base import (
     SearchConfig,
     WarmStart,
     action_frequencies,
+    forbid_first,
     plan_result,
     sample_sequences,
     score_sequences,
@@ -56,18 +57,19 @@ class CEM(Planner):
         goal: Tensor,
         decode: bool = False,
         generator: torch.Generator | None = None,
+        forbid: Tensor | None = None,
     ) -> PlanResult:
         """See `Planner.plan`."""
         cfg, A = self.cfg, model.cfg.n_actions
-        probs = self.warm.start(h.shape[0], A, h.device)  # (B, H, A)
+        probs = forbid_first(self.warm.start(h.shape[0], A, h.device), forbid)  # (B, H, A)
         best = None
         for _ in range(cfg.iterations):
             actions = sample_sequences(probs, cfg.candidates, generator)  # (B, K, H)
             scored = score_sequences(model, state, h, goal, actions, cfg.discount)
             elites = scored.top(cfg.elites)  # (B, E, ...)
-            probs = cfg.momentum * probs + (1 - cfg.momentum) * action_frequencies(
+            probs = forbid_first(cfg.momentum * probs + (1 - cfg.momentum) * action_frequencies(
                 elites.actions, A
-            )
+            ), forbid)
             best = elites.top(1) if best is None else best.cat(elites).top(1)
         if cfg.warm_start:
             self.warm.remember(probs)

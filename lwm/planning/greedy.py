@@ -38,6 +38,11 @@ class GreedyQConfig:
     """Chance of a random action (drawn from `explore_probs`) instead of the argmax."""
     explore_probs: tuple[float, ...] = EXPLORATION_PROBS
     """Distribution of the random actions, over all actions (excluded ones get none)."""
+    reward_floor: bool = True
+    """Score each action by max(Q, reward): the discounted chance of achieving the goal is at
+    least the chance that this action achieves it now, and the reward head, trained on every
+    step's outcome, learns that one-step fact before TD has carried it into Q (a locked door
+    faced with its key: reward says toggle, Q is still flat)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.epsilon <= 1.0:
@@ -59,21 +64,34 @@ class GreedyQ(Planner):
         goal: Tensor,
         decode: bool = False,
         generator: torch.Generator | None = None,
+        forbid: Tensor | None = None,
     ) -> PlanResult:
         """See `Planner.plan`; `state` is unused (no imagination); `generator` draws the random
-        actions of epsilon-greedy."""
+        actions of epsilon-greedy; `forbid` rules actions out of both the argmax and the random
+        draws."""
         psi = model.goal_features(goal)
-        q = model.q(h, psi=psi["q"])  # (B, A)
+        q = model.q(h, psi=psi["q"])  # (B, A) logits
+        b, n_actions = q.shape
+        if self.cfg.reward_floor:
+            every = torch.arange(n_actions, device=h.device).expand(b, -1)  # (B, A)
+            now = model.reward(h[:, None].expand(-1, n_actions, -1), every,
+                               psi=psi["reward"][:, None].expand(-1, n_actions, -1))
+            q = torch.maximum(q, now)  # sigmoid is monotonic: the max of the probabilities
+        allowed = torch.ones_like(q, dtype=torch.bool)
         if self.cfg.excluded:
-            q[:, list(self.cfg.excluded)] = float("-inf")
-        action = q.argmax(-1)  # (B,)
+            allowed[:, list(self.cfg.excluded)] = False
+        if forbid is not None:
+            allowed &= ~forbid
+        if not bool(allowed.any(-1).all()):
+            raise ValueError("forbid rules out every action an environment could take")
+        action = q.masked_fill(~allowed, float("-inf")).argmax(-1)  # (B,)
         if self.cfg.epsilon > 0:
             probs = torch.tensor(self.cfg.explore_probs, dtype=torch.float, device=h.device)
-            if self.cfg.excluded:
-                probs[list(self.cfg.excluded)] = 0.0
-            b = h.shape[0]
+            probs = probs.expand(b, -1) * allowed  # (B, A)
+            # A row whose random actions are all ruled out draws uniformly from what is allowed.
+            probs = torch.where(probs.sum(-1, keepdim=True) > 0, probs, allowed.float())
             explore = torch.rand(b, generator=generator, device=h.device) < self.cfg.epsilon
-            random = torch.multinomial(probs.expand(b, -1), 1, generator=generator)[:, 0]
+            random = torch.multinomial(probs, 1, generator=generator)[:, 0]
             action = torch.where(explore, random, action)
         reward = torch.sigmoid(model.reward(h, action, psi=psi["reward"]))[:, None]  # (B, 1)
         cont = torch.sigmoid(model.cont(h, action))[:, None]

@@ -28,6 +28,7 @@ from lwm.planning.base import (
     SearchConfig,
     WarmStart,
     action_frequencies,
+    forbid_first,
     plan_result,
     sample_prior,
     sample_sequences,
@@ -95,16 +96,17 @@ class MPPI(Planner):
         goal: Tensor,
         decode: bool = False,
         generator: torch.Generator | None = None,
+        forbid: Tensor | None = None,
     ) -> PlanResult:
         """See `Planner.plan`."""
         cfg, A = self.cfg, model.cfg.n_actions
-        probs = self.warm.start(h.shape[0], A, h.device)  # (B, H, A)
+        probs = forbid_first(self.warm.start(h.shape[0], A, h.device), forbid)  # (B, H, A)
         prior = self.proposal(model)
         n_prior = 0 if prior is None else round(cfg.prior_share * cfg.candidates)
         pool: Candidates | None = None  # the prior's rollouts, scored once, in every pool
         if n_prior:
             pool = sample_prior(
-                model, state, h, goal, prior, n_prior, cfg.horizon, cfg.discount, generator
+                model, state, h, goal, prior, n_prior, cfg.horizon, cfg.discount, generator, forbid
             )
         best = None
         for _ in range(cfg.iterations):
@@ -114,9 +116,9 @@ class MPPI(Planner):
             # refit to the same prior rollouts every iteration.
             elites = (scored if pool is None else scored.cat(pool)).top(cfg.elites)  # (B, E, ...)
             weights = self.weights(elites.objective)  # (B, E)
-            probs = cfg.momentum * probs + (1 - cfg.momentum) * action_frequencies(
+            probs = forbid_first(cfg.momentum * probs + (1 - cfg.momentum) * action_frequencies(
                 elites.actions, A, weights
-            )
+            ), forbid)
             best = elites.top(1) if best is None else best.cat(elites).top(1)
         if not cfg.greedy:
             pick = torch.multinomial(weights, 1, generator=generator)  # (B, 1)
