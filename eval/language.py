@@ -3,6 +3,7 @@
     python eval/language.py --json eval/results/language.json
     python eval/language.py --models grammar,local --kinds paraphrase,ungroundable --limit 20
     python eval/language.py --models local --wire text,fields --parsers llm --no-critic
+    python eval/language.py --models local --kinds grammar --limit 1 --critics evidence-first
 
 Parsers: `grammar` (BabyAI's mission grammar, deterministic, no LLM) and chat models by
 `get_chat_model` spec ("local" = Qwen2.5-Coder-1.5B, "local:qwen2.5-coder-0.5b", or a provider
@@ -13,7 +14,10 @@ report counts the chat-model calls each made and which stage answered.
 
 Suites: `tasks/parse_suite.yaml` (exact match of the ordered canonical subgoal texts; an
 ungroundable instruction is right when it raises an `InstructionError` naming the expected word)
-and `tasks/critic_suite.yaml` (verdict = label), the latter for chat models only. Chat
+and `tasks/critic_suite.yaml` (verdict = label; on failed episodes, whether the revision is what
+is left to do), the latter for chat models only, asked in two ways (`--critics`): `llm`, the whole
+verdict from the model (`LLMCritic`), and `evidence-first`, lwm's default (`EvidenceFirstCritic`:
+the verdict read from the trace, the model asked only what is left after a failure). Chat
 models parse in each `--wire` format (`lwm.language.parse.WIRE_FORMATS`: canonical goal texts,
 or enum fields per subgoal); each format's system prompt is evaluated once before timing, as it
 is in a long-running agent, so latency is per instruction with the prompt prefix cached. The
@@ -40,6 +44,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lwm.language import (  # noqa: E402
+    EvidenceFirstCritic,
     GrammarFirstParser,
     InstructionError,
     LLMCritic,
@@ -49,6 +54,7 @@ from lwm.language import (  # noqa: E402
     get_chat_model,
     parse_babyai_mission,
 )
+from lwm.language.critic import check_trace, remaining_subgoals  # noqa: E402
 from lwm.report import machine_info, write_json  # noqa: E402
 from lwm.resources import files  # noqa: E402
 
@@ -130,38 +136,78 @@ def run_parse(parse, items: list[dict[str, Any]],
     return result
 
 
-def run_critic(critic: LLMCritic, items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Verdict accuracy of `critic` over labelled traces, per category."""
+def expected_remaining(item: dict[str, Any]) -> list[str] | None:
+    """What a failed episode still has to do: the item's label ('misread' items), else the
+    spec's subgoals the real trace does not achieve in order (`remaining_subgoals`)."""
+    if item["success"]:
+        return None
+    if "expected_remaining" in item:
+        return list(item["expected_remaining"])
+    spec = parse_babyai_mission(item["spec"])
+    return remaining_subgoals(spec, check_trace(spec, item["trace"]), item["instruction"]).texts
+
+
+def run_critic(critic, items: list[dict[str, Any]],
+               llm_calls: _LLMCalls | None = None) -> dict[str, Any]:
+    """Verdict accuracy of `critic` over labelled traces, per category; on failed episodes, how
+    often its revision is what is left to do (`expected_remaining`); latency per item and on
+    the items that made a chat-model call."""
     per_cat: dict[str, list[bool]] = {}
+    revisions: dict[str, list[bool]] = {}
     times: list[float] = []
+    llm_times: list[float] = []
+    calls = 0
     misses = []
     load_start = os.getloadavg()[0]
     for item in items:
         spec = parse_babyai_mission(item["spec"])
+        before = llm_calls.calls if llm_calls is not None else 0
         start = time.perf_counter()
+        revised = None
         try:
             verdict = critic.critique(item["instruction"], spec, item["trace"],
                                       item.get("imagined"))
             got, reason = verdict.success, verdict.reason
+            revised = verdict.revised_subgoals.texts if verdict.revised_subgoals else None
         except StructuredOutputError as e:
             got, reason = None, str(e)
         times.append(time.perf_counter() - start)
+        made = (llm_calls.calls - before) if llm_calls is not None else 0
+        calls += made
+        if made:
+            llm_times.append(times[-1])
         ok = got == item["success"]
         per_cat.setdefault(item["category"], []).append(ok)
-        if not ok:
+        want = expected_remaining(item)
+        if want is not None:
+            revisions.setdefault(item["category"], []).append(revised == want)
+        if not ok or (want is not None and revised != want):
             misses.append({"instruction": item["instruction"], "trace": item["trace"],
-                           "expected": item["success"], "got": got, "reason": reason})
+                           "expected": item["success"], "got": got, "reason": reason,
+                           "expected_remaining": want, "revised": revised})
         print(f"  critic {'ok  ' if ok else 'MISS'} {times[-1]:6.2f}s {item['category']}: "
-              f"{got} ({reason})", file=sys.stderr)
+              f"{got} ({reason})" + ("" if want is None else
+                                     f" revised {'ok' if revised == want else 'MISS'} {revised}"),
+              file=sys.stderr)
     every = [ok for v in per_cat.values() for ok in v]
+    every_rev = [ok for v in revisions.values() for ok in v]
     return {
         "accuracy": sum(every) / len(every) if every else None,
         "per_category": {k: sum(v) / len(v) for k, v in per_cat.items()},
         "counts": {k: len(v) for k, v in per_cat.items()},
+        "revision_accuracy": sum(every_rev) / len(every_rev) if every_rev else None,
+        "revision_per_category": {k: sum(v) / len(v) for k, v in revisions.items()},
         "latency": _latency(times),
+        "llm_calls": calls,
+        "latency_with_llm": _latency(llm_times),
         "loadavg_1min": [load_start, os.getloadavg()[0]],
         "misses": misses,
     }
+
+
+CRITICS = {"llm": LLMCritic, "evidence-first": EvidenceFirstCritic}
+"""How the critic suite asks each chat model: the whole verdict, or only what is left after a
+failure the trace shows (lwm's default)."""
 
 
 def main() -> None:
@@ -176,6 +222,9 @@ def main() -> None:
                     help="comma-separated answer formats to parse in: text and/or fields")
     ap.add_argument("--parsers", default="llm,grammar-first",
                     help=f"comma-separated, how to ask each chat model: {', '.join(PARSERS)}")
+    ap.add_argument("--critics", default="llm,evidence-first",
+                    help=f"comma-separated, how to ask each chat model to judge: "
+                    f"{', '.join(CRITICS)}")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
     ap.add_argument("--json", type=Path, help="write all figures here")
     args = ap.parse_args()
@@ -224,7 +273,11 @@ def main() -> None:
                         parsed["answered_by"] = dict(parser.answered_by)
                     result["parse"][wire][how] = parsed
             if not args.no_critic:
-                result["critic"] = run_critic(LLMCritic(llm), pick(critic_items, "category"))
+                result["critic"] = {}
+                for how in args.critics.split(","):
+                    print(f"-- {name} critic={how}", file=sys.stderr)
+                    result["critic"][how] = run_critic(CRITICS[how](llm),
+                                                       pick(critic_items, "category"), llm_calls)
             report["results"][name] = result
         if args.json:
             write_json(args.json, report)
@@ -240,9 +293,12 @@ def main() -> None:
                 line += (f"; {sum(parse['llm_calls'].values())} LLM calls, median "
                          f"{parse['latency_with_llm'].get('median_s', 0):.2f}s on items with one")
             print(line)
-        if "critic" in result:
-            print(f"{name:28s} critic {result['critic']['accuracy']:.0%}"
-                  f" median {result['critic']['latency']['median_s']:.2f}s/call")
+        for how, crit in result.get("critic", {}).items():
+            rev = crit["revision_accuracy"]
+            print(f"{name:28s} critic {how:14s} verdicts {crit['accuracy']:.0%}, revisions "
+                  f"{'-' if rev is None else format(rev, '.0%')}; median "
+                  f"{crit['latency']['median_s']:.2f}s per trace; {crit['llm_calls']} LLM calls, "
+                  f"median {crit['latency_with_llm'].get('median_s', 0):.2f}s on traces with one")
 
 
 if __name__ == "__main__":

@@ -181,11 +181,11 @@ class Agent:
 
             parser, judge = BabyAIMissionParser(), None
         else:
-            from lwm.language.critic import LLMCritic
+            from lwm.language.critic import EvidenceFirstCritic
             from lwm.language.parse import GrammarFirstParser
 
             parser = GrammarFirstParser(llm)
-            judge = LLMCritic(parser.llm) if critic else None
+            judge = EvidenceFirstCritic(parser.llm) if critic else None
         return cls(model, make_planner(planner, planner_cfg), parser, critic=judge, **kwargs)
 
     # ------------------------------------------------------------------ acting

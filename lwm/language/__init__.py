@@ -6,7 +6,9 @@
   `LLMGoalParser`: the chat model alone;
   `parse_babyai_mission` / `BabyAIMissionParser`: BabyAI's own grammar, deterministic, no LLM.
 - `GoalEncoder`: goal texts → 384-d normalized embeddings (all-MiniLM-L6-v2, offline).
-- `critique` / `LLMCritic`: did the episode do what was asked, and what is left?
+- `EvidenceFirstCritic` (the agents' default) / `LLMCritic` / `critique`: did the episode do
+  what was asked, and what is left? The first reads the verdict from the trace's event sentences
+  and asks the chat model only what is left after a failure.
 
 Names load on first access (PEP 562), so `import lwm.language` costs nothing until a name is
 used, and llama-cpp and sentence-transformers load only when a model first runs.
@@ -18,7 +20,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "Critic": "critic", "Critique": "critic", "LLMCritic": "critic", "critique": "critic",
+    "Critic": "critic", "Critique": "critic", "EvidenceFirstCritic": "critic",
+    "LLMCritic": "critic", "critique": "critic",
     "format_trace": "critic",
     "EMBED_DIM": "embed", "GoalEncoder": "embed",
     "GGUFError": "llm", "LocalChatModel": "llm", "StructuredOutputError": "llm",
@@ -35,6 +38,7 @@ __all__ = [
     "Critic",
     "Critique",
     "EMBED_DIM",
+    "EvidenceFirstCritic",
     "GGUFError",
     "GoalEncoder",
     "GoalParser",
@@ -56,7 +60,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from lwm.language.critic import Critic, Critique, LLMCritic, critique, format_trace
+    from lwm.language.critic import (
+        Critic,
+        Critique,
+        EvidenceFirstCritic,
+        LLMCritic,
+        critique,
+        format_trace,
+    )
     from lwm.language.embed import EMBED_DIM, GoalEncoder
     from lwm.language.llm import GGUFError, LocalChatModel, StructuredOutputError, get_chat_model
     from lwm.language.mission import BabyAIMissionParser, parse_babyai_mission

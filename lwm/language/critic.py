@@ -1,5 +1,14 @@
 """The critic: did an episode do what the instruction asked, and if not, what is left to do?
 
+`EvidenceFirstCritic` (the agents' default) reads the verdict from the real trace itself: the
+env layer reports achievements in fixed sentences ("you picked up the red ball"), so whether each
+subgoal was achieved, and in the required order, is exact lookup (`check_trace`), with no model
+call and nothing an instruction's text can talk into success. Only an episode that fell short
+goes to the chat model, which answers what is still to be done (`WireRevision`: a few canonical
+goal texts, so one short answer), correcting the subgoals where they misread the instruction.
+Long traces are compacted first (`compact_trace`: repeats collapsed, the last events kept).
+
+`LLMCritic` asks the model for the whole verdict, as follows.
 The verdict comes from a chat model by structured output (`WireCritique`): for each subgoal, the
 real event that achieves it (copied), then a reason and the subgoals left. The verdict is
 computed from those checks rather than taken from a separate yes/no, which small models answer
@@ -28,9 +37,20 @@ from lwm.goals import Goal, GoalTextError, ObjRef, parse_goal
 from lwm.language.llm import get_chat_model, invoke_structured
 from lwm.language.prompts import load_prompt, render_prompt
 from lwm.language.spec import GoalSpec, ObjectSpec, Subgoal
-from lwm.language.wire import WireCritique
+from lwm.language.vocabulary import named_objects
+from lwm.language.wire import WireCritique, WireRevision
 
-__all__ = ["Critic", "Critique", "LLMCritic", "critique", "format_trace"]
+__all__ = [
+    "Critic",
+    "Critique",
+    "EvidenceFirstCritic",
+    "LLMCritic",
+    "check_trace",
+    "compact_trace",
+    "critique",
+    "format_trace",
+    "remaining_subgoals",
+]
 
 
 class Critique(BaseModel):
@@ -198,6 +218,114 @@ def _revised(answer: WireCritique, spec: GoalSpec, done: dict[int, int],
             return GoalSpec(instruction=instruction, subgoals=subgoals)
         except ValidationError:
             pass
+    return _what_is_left(spec, done, instruction)
+
+
+def check_trace(spec: GoalSpec, trace: Sequence[str]) -> dict[int, int]:
+    """Subgoal index (0-based) -> position (1-based) of the real event that achieves it, stage
+    by stage: each stage's subgoals are matched to their first achieving events after the last
+    event of the stage before (earliest first leaves the most room for later stages). A subgoal
+    missing from the result was not achieved in order; all present: the instruction is done."""
+    events = [_norm_event(e) for e in trace]
+    done: dict[int, int] = {}
+    boundary = 0  # events up to here belong to earlier stages
+    for stage in sorted({s.stage for s in spec.subgoals}):
+        members = [i for i, s in enumerate(spec.subgoals) if s.stage == stage]
+        found = {}
+        for i in members:
+            pos = next((p for p in range(boundary + 1, len(events) + 1)
+                        if _supports(spec.subgoals[i], events[p - 1])), None)
+            if pos is not None:
+                found[i] = pos
+        done.update(found)
+        if len(found) < len(members):
+            break  # later stages cannot count before this one is complete
+        boundary = max(found.values())
+    return done
+
+
+def compact_trace(events: Sequence[str] | None, keep: int = 16) -> list[str]:
+    """Events with runs of the same event collapsed ("the red door is locked (x12)") and only
+    the last `keep` kept, after a line counting the earlier ones: a failed episode's trace is
+    mostly repeats, and every line is prompt time for a CPU model."""
+    runs: list[list] = []
+    for event in events or []:
+        if runs and runs[-1][0] == event:
+            runs[-1][1] += 1
+        else:
+            runs.append([event, 1])
+    lines = [e if n == 1 else f"{e} (x{n})" for e, n in runs]
+    if len(lines) > keep:
+        return [f"({len(lines) - keep} earlier events left out)", *lines[-keep:]]
+    return lines
+
+
+class EvidenceFirstCritic:
+    """`Critic` that judges from the real trace and asks `llm` only what is left to do after a
+    failure (module docstring); `retries` is how often to re-ask on invalid output."""
+
+    def __init__(self, llm: BaseChatModel | str = "local", retries: int = 2,
+                 keep_events: int = 16) -> None:
+        self.llm = get_chat_model(llm)
+        self.retries = retries
+        self.keep_events = keep_events
+
+    def critique(self, instruction: str, goal_spec: GoalSpec, trace: Sequence[str],
+                 imagined: Sequence[str] | None = None) -> Critique:
+        """Judge the episode (`imagined` events never count, so they are not read); raises
+        `StructuredOutputError` if the model keeps failing on a failed episode's revision."""
+        done = check_trace(goal_spec, trace)
+        subgoals = goal_spec.subgoals
+        if len(done) == len(subgoals):
+            shown = "; ".join(f"'{trace[p - 1]}' ({p})" for _, p in sorted(done.items()))
+            return Critique(success=True, reason=f"the real trace shows every subgoal: {shown}")
+        missing = [s for i, s in enumerate(subgoals) if i not in done]
+        early = [s.text for s in missing if any(_supports(s, _norm_event(e)) for e in trace)]
+        reason = "no real event shows " + ", ".join(s.text for s in missing) + (
+            " in order (" + ", ".join(early) + " came too early)" if early else "")
+        listed = "\n".join(f"{i}. {s.text} ({'done' if i - 1 in done else 'not done'})"
+                           for i, s in enumerate(subgoals, 1))
+        user = render_prompt("critic_revise_user.txt", instruction=json.dumps(instruction),
+                             subgoals=listed,
+                             trace=format_trace(compact_trace(trace, self.keep_events)))
+        messages = [SystemMessage(load_prompt("critic_revise_system.txt")), HumanMessage(user)]
+        answer = invoke_structured(self.llm, WireRevision, messages, retries=self.retries)
+        revised = None
+        if answer.remaining:
+            try:
+                revised = GoalSpec.from_texts(answer.remaining, instruction=instruction)
+            except (ValidationError, GoalTextError, ValueError):
+                revised = None
+        if revised is None or not _grounded(revised, instruction, goal_spec):
+            revised = remaining_subgoals(goal_spec, done, instruction)
+        return Critique(success=False, reason=reason, revised_subgoals=revised)
+
+
+def _grounded(revised: GoalSpec, instruction: str, spec: GoalSpec) -> bool:
+    """Whether every object of a revision is one the instruction or the spec names: (type,
+    colour) as named, or the type named without a colour. A small model's revision sometimes
+    swaps a colour ("open the green door" for the blue one), and such a revision would send the
+    agent after an object nobody asked for; then the subgoals left are used instead."""
+    named = {(t, o.color) for t, o in named_objects(instruction) if o is not None}
+    named |= {(o.type, o.color) for s in spec.subgoals for o in (s.object, s.target) if o}
+    for s in revised.subgoals:
+        for o in (s.object, s.target):
+            if o is not None and (o.type, o.color) not in named and (o.type, None) not in named:
+                return False
+    return True
+
+
+def remaining_subgoals(spec: GoalSpec, done: dict[int, int], instruction: str) -> GoalSpec:
+    """What is left after `check_trace` found `done`: the first stage's subgoals not done and
+    every later stage, renumbered from stage 0."""
+    rest = [s for i, s in enumerate(spec.subgoals) if i not in done]
+    base = rest[0].stage
+    return GoalSpec(instruction=instruction,
+                    subgoals=tuple(s.model_copy(update={"stage": s.stage - base}) for s in rest))
+
+
+def _what_is_left(spec: GoalSpec, done: dict[int, int], instruction: str) -> GoalSpec:
+    """The subgoals from the first one not achieved on, in their original stages."""
     first = next((i for i in range(len(spec.subgoals)) if i not in done), 0)
     rest = spec.subgoals[first:]
     base = rest[0].stage

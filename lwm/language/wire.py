@@ -27,6 +27,7 @@ __all__ = [
     "WireParse",
     "WireParseText",
     "WirePut",
+    "WireRevision",
     "WireSubgoal",
     "canonical_goal_pattern",
 ]
@@ -106,6 +107,11 @@ def canonical_goal_pattern() -> str:
             f"|open {obj(('door',))}|put {obj(PORTABLE_TYPES)} next to {obj(OBJECT_TYPES)})$")
 
 
+def _canonical_colour_words(texts: list[str]) -> list[str]:
+    """'the gray key' -> 'the grey key' (see `COLOR_ALIASES`)."""
+    return [" ".join(COLOR_ALIASES.get(w, w) for w in t.split(" ")) for t in texts]
+
+
 class WireParseText(BaseModel):
     """The LLM's reading of an instruction as canonical goal texts, the compact format.
 
@@ -123,8 +129,7 @@ class WireParseText(BaseModel):
     @field_validator("subgoals")
     @classmethod
     def _canonical_colours(cls, texts: list[str]) -> list[str]:
-        """'the gray key' -> 'the grey key' (see `COLOR_ALIASES`)."""
-        return [" ".join(COLOR_ALIASES.get(w, w) for w in t.split(" ")) for t in texts]
+        return _canonical_colour_words(texts)
 
 
 class WireCheck(BaseModel):
@@ -145,3 +150,17 @@ class WireCritique(BaseModel):
     checks: list[WireCheck] = Field(max_length=MAX_SUBGOALS)
     reason: str = Field(max_length=200)
     revised_subgoals: list[WireSubgoal] | None = Field(max_length=MAX_SUBGOALS)
+
+
+class WireRevision(BaseModel):
+    """The LLM's answer when an episode fell short: the subgoals still to be done, as canonical
+    goal texts in order (the compact format of `WireParseText`). Whether each subgoal was done is
+    not asked: lwm reads that from the real trace itself (`lwm.language.critic`)."""
+
+    remaining: list[Annotated[str, Field(pattern=canonical_goal_pattern())]] = Field(
+        max_length=MAX_SUBGOALS, description="the subgoals still to be done, in order")
+
+    @field_validator("remaining")
+    @classmethod
+    def _canonical_colours(cls, texts: list[str]) -> list[str]:
+        return _canonical_colour_words(texts)
