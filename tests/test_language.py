@@ -42,10 +42,10 @@ from lwm.language import (
 )
 from lwm.language import llm as llm_mod
 from lwm.language import spec as spec_mod
+from lwm.language.critic import EvidenceFirstCritic, check_trace, compact_trace
 from lwm.language.llm import PackagedGGUF, assemble_gguf, json_schema_for, resolve_gguf
 from lwm.language.repair import repair_parse
 from lwm.language.vocabulary import fix_spelling, unknown_objects
-from lwm.language.critic import EvidenceFirstCritic, check_trace, compact_trace
 from lwm.language.wire import (
     WireCritique,
     WireParse,
