@@ -8,7 +8,8 @@ imagination from the current real observation (MPC: a new plan every step), acts
 when the env reports the subgoal achieved. BabyAI's preconditions come first
 (`lwm.goals.acting_goal`; `preconditions=False` plans every subgoal as it is): a put of an object
 not yet in hand is planned as a pick-up of it, and opening a door as going to it (first picking
-up its key when it was seen locked); the key, once in hand, is not dropped (`keeps_carried`).
+up its key when it was seen locked); the key, once in hand, is not dropped, nor a put's object
+anywhere but beside its target (`lwm.envs.language.forbidden_actions`).
 When a subgoal takes longer than its share of the step budget, the critic reads the text trace
 and may revise the remaining subgoals (at most `max_critiques` times); at the end it judges the
 episode. The instruction wins over the env's own mission: the env's verifier is switched off and
@@ -29,8 +30,8 @@ import numpy as np
 import torch
 
 from lwm.envs import goal_achieved
-from lwm.envs.language import ACTION_NAMES, carried, facing, locked_doors
-from lwm.goals import acting_goal, keeps_carried
+from lwm.envs.language import ACTION_NAMES, carried, facing, forbidden_actions, locked_doors
+from lwm.goals import acting_goal
 from lwm.language.critic import Critic, Critique
 from lwm.language.embed import GoalEncoder
 from lwm.language.spec import GoalParser, GoalSpec
@@ -241,13 +242,12 @@ class Agent:
             stage = pending[0].stage
             current = pending[0]
             locked |= locked_doors(obs)
-            holding = carried(obs)
-            acting = (acting_goal(current.goal, holding, locked, facing(obs)).text
+            acting = (acting_goal(current.goal, carried(obs), locked, facing(obs)).text
                       if self.preconditions else current.text)
             forbid = None
-            if self.preconditions and keeps_carried(current.goal, holding, locked):
+            if self.preconditions and (ruled_out := forbidden_actions(current.goal, obs, locked)):
                 forbid = torch.zeros(1, self.model.cfg.n_actions, dtype=torch.bool)
-                forbid[0, ACTION_NAMES.index("drop")] = True
+                forbid[0, [ACTION_NAMES.index(a) for a in ruled_out]] = True
             goal_vec = self.encoder.encode(acting, as_torch=True)[None]  # (1, 384)
             z = self.model.encode(*_obs_tensors(obs))  # (1, d)
             h, state = self.model.next(state, z, prev_action)  # history through o_t

@@ -275,3 +275,49 @@ def test_carried_reads_what_the_agent_really_holds():
         assert carried(obs) == ObjRef(held.type, held.color)
         colours.add(held.color)
     assert len(colours) >= 3  # not only colours whose index agrees in both orders
+
+
+def test_beside_front_is_where_a_drop_puts_next_to():
+    from lwm.envs.language import beside_front
+    from lwm.goals import COLORS, ObjRef
+
+    image = np.zeros((7, 7, 3), np.uint8)
+    image[..., 0] = OBJECT_TO_IDX["empty"]
+    obs = {"image": image}
+    red_box = ObjRef("box", "red")
+    assert not beside_front(obs, red_box)
+    image[2, 4] = (OBJECT_TO_IDX["box"], COLORS.index("red"), 0)  # diagonal: not next to
+    assert not beside_front(obs, red_box)
+    for x, y in ((2, 5), (4, 5), (3, 4)):  # left of, right of and beyond the cell in front
+        image[x, y] = (OBJECT_TO_IDX["box"], COLORS.index("red"), 0)
+        assert beside_front(obs, red_box) and beside_front(obs, ObjRef("box"))
+        assert not beside_front(obs, ObjRef("box", "blue"))
+        image[x, y] = (OBJECT_TO_IDX["empty"], 0, 0)
+    image[3, 4] = (OBJECT_TO_IDX["box"], COLORS.index("red"), 0)
+    image[3, 5] = (OBJECT_TO_IDX["ball"], COLORS.index("grey"), 0)  # the front cell is taken
+    assert not beside_front(obs, red_box)
+
+
+def test_the_bot_drops_a_put_only_where_drop_is_not_forbidden():
+    """On the BabyAI bot's PutNextLocal episodes, the drop that achieves the put is allowed by
+    `forbidden_actions`, and carrying the object elsewhere the drop is ruled out."""
+    from lwm.envs.language import forbidden_actions
+
+    env = make_env("BabyAI-PutNextLocal-v0")
+    ruled_out = 0
+    for seed in range(8):
+        obs, _ = env.reset(seed=seed)
+        (goal,) = instr_goals(env.unwrapped.instrs)
+        bot = BabyAIBot(env.unwrapped)
+        for _ in range(128):
+            action = bot.replan()
+            forbidden = forbidden_actions(goal, obs)
+            obs, _, term, trunc, info = env.step(action)
+            if goal_achieved(goal, info):
+                assert action == env.unwrapped.actions.drop and "drop" not in forbidden
+            elif env.unwrapped.carrying is not None:
+                ruled_out += forbidden == {"drop"}
+            if term or trunc:
+                break
+        assert goal_achieved(goal, info)
+    assert ruled_out > 8  # the object is carried for several steps of every episode

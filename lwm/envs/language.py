@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import io
 import string
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -39,7 +39,7 @@ import numpy as np
 from minigrid.core.constants import COLOR_NAMES, DIR_TO_VEC, IDX_TO_COLOR, IDX_TO_OBJECT
 from minigrid.core.constants import OBJECT_TO_IDX as _OBJECT_TO_IDX
 
-from lwm.goals import OBJECT_TYPES, PORTABLE_TYPES, Goal, ObjRef, parse_goal
+from lwm.goals import OBJECT_TYPES, PORTABLE_TYPES, Goal, ObjRef, keeps_carried, parse_goal
 
 OBJECT_TO_IDX: dict[str, int] = dict(_OBJECT_TO_IDX)
 """minigrid's object type indices (unseen 0, empty 1, wall 2, floor 3, door 4, key 5, ...)."""
@@ -381,6 +381,35 @@ def facing(obs: dict) -> ObjRef | None:
     kind, color, _ = (int(v) for v in np.asarray(obs["image"])[3, 5])
     type_name = IDX_TO_OBJECT[kind]
     return ObjRef(type_name, IDX_TO_COLOR[color]) if type_name in OBJECT_TYPES else None
+
+
+def beside_front(obs: dict, target: ObjRef) -> bool:
+    """Whether the cell in front of the agent is empty and lies beside (left, right or beyond
+    it, as BabyAI's `pos_next_to` counts) an object matching `target` (type, and colour when it
+    has one): where dropping achieves "put ... next to" the target."""
+    image = np.asarray(obs["image"])
+    if IDX_TO_OBJECT[int(image[3, 5, 0])] != "empty":
+        return False
+    want = ObjRef(target.type, target.color)
+    for x, y in ((2, 5), (4, 5), (3, 4)):
+        name = IDX_TO_OBJECT[int(image[x, y, 0])]
+        if name in OBJECT_TYPES and want.matches(ObjRef(name, IDX_TO_COLOR[int(image[x, y, 1])])):
+            return True
+    return False
+
+
+def forbidden_actions(goal: Goal, obs: dict, locked: Collection[str] = ()) -> set[str]:
+    """Action names that can only undo progress on `goal` from this observation: dropping the
+    key of the door to open (`lwm.goals.keeps_carried`), or dropping the object of a put
+    anywhere but beside its target. Agents rule them out for their planners."""
+    holding = carried(obs)
+    if keeps_carried(goal, holding, locked):
+        return {"drop"}
+    if (goal.verb == "put next to" and holding is not None
+            and ObjRef(goal.obj.type, goal.obj.color).matches(holding)
+            and not beside_front(obs, goal.target)):
+        return {"drop"}
+    return set()
 
 
 def locked_doors(obs: dict) -> set[str]:
