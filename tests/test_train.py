@@ -267,9 +267,15 @@ def test_periodic_greedy_evaluation_logs_a_learning_curve_and_leaves_training_al
         assert torch.equal(a, b)
 
 
-def test_ray_collection_equals_in_process_collection(tmp_path):
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"suite": "balrog-babyai", "exploration": "affordance", "stepping_stones": 0.5}],
+    ids=["defaults", "affordance-stepping-stones"],
+)
+def test_ray_collection_equals_in_process_collection(tmp_path, options):
     pytest.importorskip("ray")
-    common = dict(episodes=12, warmup_episodes=6, policy_share=0.5, policy_envs=2, **DEBUG)
+    common = dict(episodes=12, warmup_episodes=6, policy_share=0.5, policy_envs=2, **options,
+                  **DEBUG)
     local = Trainer(TrainConfig(**common), tmp_path / "local", progress=False)
     local.run()
     ray_trainer = Trainer(TrainConfig(workers=2, **common), tmp_path / "ray", progress=False)
@@ -280,3 +286,5 @@ def test_ray_collection_equals_in_process_collection(tmp_path):
         assert a.meta == b.meta
         np.testing.assert_array_equal(a.action, b.action)
         np.testing.assert_array_equal(a.image, b.image)
+    if options:  # the options reached the workers: some policy episodes took stepping stones
+        assert any("stepping_stones" in local.store[i].meta for i in range(12))

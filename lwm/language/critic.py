@@ -318,16 +318,18 @@ def _grounded(revised: GoalSpec, instruction: str, spec: GoalSpec) -> bool:
 def remaining_subgoals(spec: GoalSpec, done: dict[int, int], instruction: str) -> GoalSpec:
     """What is left after `check_trace` found `done`: the first stage's subgoals not done and
     every later stage, renumbered from stage 0."""
-    rest = [s for i, s in enumerate(spec.subgoals) if i not in done]
-    base = rest[0].stage
-    return GoalSpec(instruction=instruction,
-                    subgoals=tuple(s.model_copy(update={"stage": s.stage - base}) for s in rest))
+    return _from_stage_zero([s for i, s in enumerate(spec.subgoals) if i not in done],
+                            instruction)
 
 
 def _what_is_left(spec: GoalSpec, done: dict[int, int], instruction: str) -> GoalSpec:
     """The subgoals from the first one not achieved on, in their original stages."""
     first = next((i for i in range(len(spec.subgoals)) if i not in done), 0)
-    rest = spec.subgoals[first:]
+    return _from_stage_zero(list(spec.subgoals[first:]), instruction)
+
+
+def _from_stage_zero(rest: list[Subgoal], instruction: str) -> GoalSpec:
+    """A spec of `rest`, its stages renumbered to start at 0."""
     base = rest[0].stage
     return GoalSpec(instruction=instruction,
                     subgoals=tuple(s.model_copy(update={"stage": s.stage - base}) for s in rest))
