@@ -67,9 +67,10 @@ class CEM(Planner):
             actions = sample_sequences(probs, cfg.candidates, generator)  # (B, K, H)
             scored = score_sequences(model, state, h, goal, actions, cfg.discount)
             elites = scored.top(cfg.elites)  # (B, E, ...)
-            probs = forbid_first(cfg.momentum * probs + (1 - cfg.momentum) * action_frequencies(
+            # step 0 of every candidate avoids `forbid`, so the refit keeps it at zero there
+            probs = cfg.momentum * probs + (1 - cfg.momentum) * action_frequencies(
                 elites.actions, A
-            ), forbid)
+            )
             best = elites.top(1) if best is None else best.cat(elites).top(1)
         if cfg.warm_start:
             self.warm.remember(probs)

@@ -72,6 +72,7 @@ class GreedyQ(Planner):
         psi = model.goal_features(goal)
         q = model.q(h, psi=psi["q"])  # (B, A) logits
         b, n_actions = q.shape
+        now = None  # (B, A) reward logits of every action, when the floor needs them
         if self.cfg.reward_floor:
             every = torch.arange(n_actions, device=h.device).expand(b, -1)  # (B, A)
             now = model.reward(h[:, None].expand(-1, n_actions, -1), every,
@@ -93,7 +94,8 @@ class GreedyQ(Planner):
             explore = torch.rand(b, generator=generator, device=h.device) < self.cfg.epsilon
             random = torch.multinomial(probs, 1, generator=generator)[:, 0]
             action = torch.where(explore, random, action)
-        reward = torch.sigmoid(model.reward(h, action, psi=psi["reward"]))[:, None]  # (B, 1)
+        reward = torch.sigmoid(model.reward(h, action, psi=psi["reward"]) if now is None
+                               else now.gather(-1, action[:, None])[:, 0])[:, None]  # (B, 1)
         cont = torch.sigmoid(model.cont(h, action))[:, None]
         value = torch.sigmoid(q.gather(-1, action[:, None])[:, 0])
         result = PlanResult(

@@ -116,9 +116,10 @@ class MPPI(Planner):
             # refit to the same prior rollouts every iteration.
             elites = (scored if pool is None else scored.cat(pool)).top(cfg.elites)  # (B, E, ...)
             weights = self.weights(elites.objective)  # (B, E)
-            probs = forbid_first(cfg.momentum * probs + (1 - cfg.momentum) * action_frequencies(
+            # step 0 of every candidate avoids `forbid`, so the refit keeps it at zero there
+            probs = cfg.momentum * probs + (1 - cfg.momentum) * action_frequencies(
                 elites.actions, A, weights
-            ), forbid)
+            )
             best = elites.top(1) if best is None else best.cat(elites).top(1)
         if not cfg.greedy:
             pick = torch.multinomial(weights, 1, generator=generator)  # (B, 1)
