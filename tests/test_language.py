@@ -43,7 +43,13 @@ from lwm.language import (
 from lwm.language import llm as llm_mod
 from lwm.language import spec as spec_mod
 from lwm.language.critic import EvidenceFirstCritic, check_trace, compact_trace
-from lwm.language.llm import PackagedGGUF, assemble_gguf, json_schema_for, resolve_gguf
+from lwm.language.llm import (
+    PackagedGGUF,
+    assemble_gguf,
+    json_schema_for,
+    resolve_gguf,
+    skeleton_grammar,
+)
 from lwm.language.repair import repair_parse
 from lwm.language.vocabulary import fix_spelling, unknown_objects
 from lwm.language.wire import (
@@ -774,6 +780,81 @@ def test_local_model_keeps_one_context_per_system_prompt(monkeypatch, tmp_path):
     llm_parse("go to the gray crate", model)
     assert critique("x", spec, ["you are in front of the grey box"], model).success
     assert slots[0] == slots[1] != slots[2]
+
+
+def test_skeleton_of_the_answer_schemas():
+    revision = skeleton_grammar(json_schema_for(WireRevision))
+    assert revision.prefix == '{ "remaining":' and revision.stop == ("]",)
+    assert revision.suffix == "]}"
+    root = next(line for line in revision.grammar.splitlines() if line.startswith("root ::="))
+    assert "{0,3}" in root and root.endswith('"]"')  # maxItems 4, stops at the bracket
+    parse = skeleton_grammar(json_schema_for(WireParseText))
+    assert parse.prefix == '{ "subgoals":' and parse.stop == () and parse.suffix == ""
+    root = next(line for line in parse.grammar.splitlines() if line.startswith("root ::="))
+    assert '\\"unknown\\"' in root and root.endswith('"}"')
+    # Not flat: a nested object, an optional property, a union at the top.
+    assert skeleton_grammar({"type": "object", "required": ["a"], "properties": {
+        "a": {"type": "object", "properties": {"b": {"type": "string"}}}}}) is None
+    assert skeleton_grammar(json_schema_for(WireCritique)).prefix == '{ "checks":'
+    assert skeleton_grammar({"type": "object", "properties": {"a": {"type": "string"}},
+                             "required": []}) is None
+    assert skeleton_grammar({"anyOf": [{"type": "string"}, {"type": "integer"}]}) is None
+    # A one-array answer stops early only when no item can contain "]".
+    free = {"type": "object", "required": ["a"],
+            "properties": {"a": {"type": "array", "items": {"type": "string"}}}}
+    assert skeleton_grammar(free).stop == ()
+    free["properties"]["a"]["items"]["pattern"] = "^[a-z]+$"
+    assert skeleton_grammar(free).stop == ()
+    free["properties"]["a"]["items"] = {"type": "string", "enum": ["x]", "y"]}
+    assert skeleton_grammar(free).stop == ()
+    free["properties"]["a"]["items"]["enum"] = ["x", "y"]
+    assert skeleton_grammar(free).stop == ("]",)
+
+
+class FakeCompletionLlama:
+    """Stands in for llama_cpp.Llama with a chat template: the skeleton path's raw completion."""
+
+    metadata = {"tokenizer.chat_template":
+                "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"}
+
+    def __init__(self, text: str, finish_reason: str = "stop"):
+        self.text, self.finish_reason, self.calls = text, finish_reason, []
+
+    def token_eos(self) -> int:
+        return -1
+
+    def token_bos(self) -> int:
+        return -1
+
+    def tokenize(self, data: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        return list(data)
+
+    def create_completion(self, **kwargs):
+        self.calls.append(kwargs)
+        return {"choices": [{"text": self.text, "finish_reason": self.finish_reason}],
+                "usage": {"prompt_tokens": len(kwargs["prompt"]), "completion_tokens": 4,
+                          "total_tokens": len(kwargs["prompt"]) + 4}}
+
+
+def test_local_model_decodes_a_flat_schema_from_its_skeleton(monkeypatch, tmp_path):
+    import threading
+
+    llama = FakeCompletionLlama(' ["go to the red ball"')  # the stop "]" is cut off
+    monkeypatch.setattr(llm_mod, "_load_llama", lambda *a: (llama, threading.Lock()))
+    model = LocalChatModel(gguf_path=str(tmp_path / "m.gguf"), n_threads=1)
+    spec = GoalSpec.from_texts(["go to the red ball"])
+    answer = EvidenceFirstCritic(model).critique("go to the red ball", spec, ["you moved"])
+    assert answer.revised_subgoals.texts == ["go to the red ball"]
+    call = llama.calls[0]
+    prompt = bytes(call["prompt"]).decode()
+    assert prompt.startswith("<system>") and prompt.endswith('<assistant>{ "remaining":')
+    assert call["stop"] == ["]"] and call["temperature"] == 0.0
+    assert "root ::=" in call["grammar"]._grammar
+    # An answer cut at max_tokens is not completed into valid JSON by the suffix.
+    cut = FakeCompletionLlama(' ["go to the', finish_reason="length")
+    monkeypatch.setattr(llm_mod, "_load_llama", lambda *a: (cut, threading.Lock()))
+    with pytest.raises(StructuredOutputError, match="cut at max_tokens"):
+        EvidenceFirstCritic(model, retries=0).critique("go to the red ball", spec, ["you moved"])
 
 
 def _fake_parts(monkeypatch, tmp_path, chunks: list[bytes]) -> tuple[str, ...]:

@@ -81,3 +81,30 @@ def test_calls_the_lwm_tool_with_grounded_arguments(llm):
     assert [c["name"] for c in message.tool_calls] == ["lwm_follow_instruction"]
     args = message.tool_calls[0]["args"]
     assert "red ball" in args["instruction"] and args.get("seed") == 3
+
+
+def test_skeleton_decoding_answers_as_the_whole_json_grammar_does(llm, monkeypatch):
+    """The answer's fixed start in the prompt (`skeleton_grammar`) leaves the model's answers as
+    they were with the whole JSON generated, in fewer generated tokens."""
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    from lwm.eval.runners import ActionChoice
+    from lwm.language import llm as llm_mod
+    from lwm.language.wire import WireParseText, WireRevision
+
+    def ask(schema, user):
+        message = llm.with_structured_output(schema, include_raw=True).invoke(
+            [SystemMessage("Answer in JSON."), HumanMessage(user)])
+        return message["parsed"], message["raw"].usage_metadata["output_tokens"]
+
+    questions = [
+        (WireRevision, "Subgoals: 1. pick up the red ball (done) 2. open the blue door (not "
+                       "done). Which are still to be done?"),
+        (WireParseText, "Read as subgoals: walk to the grey crate, then grab the green key."),
+        (ActionChoice, "The red ball is right in front of you. Which action picks it up?"),
+    ]
+    fast = [ask(schema, user) for schema, user in questions]
+    monkeypatch.setattr(llm_mod, "_skeleton", lambda schema_json: None)
+    whole = [ask(schema, user) for schema, user in questions]
+    assert [answer for answer, _ in fast] == [answer for answer, _ in whole]
+    assert all(a < b for (_, a), (_, b) in zip(fast, whole, strict=True))

@@ -12,7 +12,11 @@ Set `LWM_LLM_GGUF` to use any other GGUF file.
 Structured output on the local model is JSON-schema constrained decoding: llama.cpp turns the
 schema into a grammar, so the model cannot emit invalid JSON, a value outside an enum, or more
 array items than `maxItems` (without that bound a small model can repeat an item until it runs out
-of tokens).
+of tokens). For a flat object schema (every property required, as lwm's answer schemas are) the
+answer's fixed skeleton is not generated (`skeleton_grammar`): the prompt already ends with
+`{ "first":`, the grammar fixes the key order, and a one-array answer stops at its `]`. On a
+CPU, where each generated token costs a forward pass, that cuts a critic revision from 12
+generated tokens to about 7.
 
 Tool calling on the local model (`bind_tools`, what `langchain.agents.create_agent` uses) is the
 same mechanism: the tools are described in the system prompt (`prompts/tools_system.txt`) and the
@@ -24,6 +28,7 @@ arguments.
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import importlib
 import json
@@ -58,6 +63,7 @@ __all__ = [
     "json_schema_for",
     "model_key",
     "resolve_gguf",
+    "skeleton_grammar",
 ]
 
 GGUF_ENV = "LWM_LLM_GGUF"
@@ -234,6 +240,135 @@ def _load_llama(path: Path, n_ctx: int, n_threads: int, n_batch: int, seed: int,
         return _LLAMAS[key]
 
 
+@dataclass(frozen=True)
+class Skeleton:
+    """How to decode a flat object schema without generating its fixed parts."""
+
+    prefix: str
+    """The answer's start, written into the prompt: `{ "first":`."""
+    grammar: str
+    """GBNF for the rest of the answer, key order and separators fixed."""
+    suffix: str
+    """Text the answer ends with that is not generated (`]}` after a stop at the final `]`)."""
+    stop: tuple[str, ...]
+    """Stop strings that end the answer early (`]` for one array of strings that cannot hold it)."""
+
+
+def _literal(text: str) -> str:
+    return json.dumps(text)  # a GBNF string literal escapes like a JSON string
+
+
+def _cannot_hold(items: dict[str, Any], char: str) -> bool:
+    """True when no string `items` allows contains `char`: an enum without it, or a pattern of
+    literal words (no character class, wildcard or escape, so it matches only its own letters)."""
+    if items.get("type") != "string":
+        return False
+    if "enum" in items:
+        return all(char not in str(v) for v in items["enum"])
+    pattern = items.get("pattern")
+    return pattern is not None and not any(c in pattern for c in "[].\\") and char not in pattern
+
+
+def skeleton_grammar(schema: dict[str, Any]) -> Skeleton | None:
+    """The skeleton of a flat object schema's compact JSON answer, or None for other schemas.
+
+    A flat object schema is an object whose properties are all required, none of them an object
+    itself (arrays of objects are fine: their items follow llama.cpp's own JSON grammar). Its
+    answer is `{ "a": <value>, "b": <value> }` in declaration order, so everything but the
+    values is known before decoding: the prefix goes into the prompt and the grammar covers the
+    values and the separators between them.
+    """
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    props = schema.get("properties") or {}
+    if (schema.get("type") != "object" or not props
+            or set(schema.get("required") or ()) != set(props)
+            or any(v.get("type") == "object" or "properties" in v for v in props.values())):
+        return None
+    conv = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    names = list(props)
+    # The separators keep the optional spaces of llama.cpp's own JSON grammar, and the prefix
+    # ends where the 1.5B model's own answers put a token boundary (`{ "remaining":` then
+    # ` ["`): a prompt cut inside one of its usual tokens changes what it writes next.
+    parts = []
+    for i, name in enumerate(names):
+        sub = props[name]
+        if sub.get("type") == "array" and isinstance(sub.get("items"), dict):
+            item = conv.visit(sub["items"], f"p{i}-item")
+            lo, hi = int(sub.get("minItems", 0)), sub.get("maxItems")
+            more = "*" if hi is None else f"{{{max(lo - 1, 0)},{max(int(hi) - 1, 0)}}}"
+            body = "" if hi == 0 else f'{item} ("," space {item}){more}'
+            if body and lo == 0:
+                body = f"({body})?"
+            value = f'"[" space {body} "]" space'.replace("  ", " ")
+        else:
+            value = conv.visit(sub, f"p{i}")
+        key = "" if i == 0 else f'"," space {_literal(json.dumps(name))} space ":" '
+        parts.append(f"{key}space {value}")
+    prefix = "{ " + json.dumps(names[0]) + ":"
+    last = props[names[-1]]
+    if (len(names) == 1 and last.get("type") == "array"
+            and _cannot_hold(last.get("items") or {}, "]")):
+        # Decoding stops at the array's "]": the closing "}" and the end-of-text token the
+        # grammar would force next are two forward passes saved.
+        conv._add_rule("root", " ".join(parts).removesuffix(" space"))
+        return Skeleton(prefix=prefix, grammar=conv.format_grammar(), suffix="]}",
+                        stop=("]",))
+    conv._add_rule("root", " ".join(parts) + ' space "}"')
+    return Skeleton(prefix=prefix, grammar=conv.format_grammar(), suffix="", stop=())
+
+
+def _chat_formatter(llama: Any) -> Any:
+    """The chat template formatter `create_chat_completion` uses for this GGUF."""
+    from llama_cpp import llama_chat_format
+
+    fmt = getattr(llama, "_lwm_formatter", None)
+    if fmt is None:
+        template = (getattr(llama, "metadata", None) or {}).get("tokenizer.chat_template")
+        if not template:
+            return None
+        eos = llama.token_eos()
+        bos = llama.token_bos()
+        fmt = llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
+            bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
+            stop_token_ids=[eos],
+        )
+        llama._lwm_formatter = fmt
+    return fmt
+
+
+@functools.lru_cache(maxsize=64)
+def _skeleton(schema_json: str) -> Skeleton | None:
+    return skeleton_grammar(json.loads(schema_json))
+
+
+def _complete_skeleton(llama: Any, formatter: Any, chat: list[dict[str, str]], skeleton: Skeleton,
+                       *, stop: list[str] | None, **kwargs: Any) -> dict[str, Any]:
+    """`create_chat_completion`'s answer for a flat object schema, decoded as its `skeleton`:
+    the same chat template and sampling, with the answer's fixed start already in the prompt."""
+    from llama_cpp import LlamaGrammar
+
+    turn = formatter(messages=chat)
+    prompt = llama.tokenize((turn.prompt + skeleton.prefix).encode("utf-8"),
+                            add_bos=not turn.added_special, special=True)
+    extra = [turn.stop] if isinstance(turn.stop, str) else list(turn.stop or [])
+    extra = [text for text in extra if text]  # "" (no end-of-text token) would stop at once
+    out = llama.create_completion(
+        prompt=prompt, grammar=LlamaGrammar.from_string(skeleton.grammar, verbose=False),
+        stop=[*(stop or []), *skeleton.stop, *extra], stopping_criteria=turn.stopping_criteria,
+        repeat_penalty=1.0, **kwargs,
+    )
+    choice = out["choices"][0]
+    text = skeleton.prefix + choice["text"]
+    if skeleton.stop and choice["finish_reason"] == "stop":
+        text += skeleton.suffix  # the grammar ends at the stop, so "stop" means it was reached
+    return {"choices": [{"message": {"role": "assistant", "content": text},
+                         "finish_reason": choice["finish_reason"]}],
+            "usage": out.get("usage") or {}}
+
+
 def _role(message: BaseMessage) -> str:
     roles = {"system": "system", "human": "user", "ai": "assistant", "tool": "user"}
     if message.type not in roles:
@@ -346,15 +481,22 @@ class LocalChatModel(BaseChatModel):
         llama, lock = _load_llama(
             self.model_path(), self.n_ctx, self.n_threads, self.n_batch, self.seed, slot
         )
+        schema = (kwargs.get("response_format") or {}).get("schema")
+        skeleton = None if tools or schema is None else _skeleton(json.dumps(schema))
+        temperature = kwargs.pop("temperature", self.temperature)
+        max_tokens = kwargs.pop("max_tokens", self.max_tokens)
         with lock:
-            out = llama.create_chat_completion(
-                messages=chat,
-                temperature=kwargs.pop("temperature", self.temperature),
-                max_tokens=kwargs.pop("max_tokens", self.max_tokens),
-                stop=stop,
-                seed=self.seed,
-                **kwargs,
-            )
+            formatter = _chat_formatter(llama) if skeleton is not None else None
+            if formatter is not None:
+                kwargs.pop("response_format")
+                out = _complete_skeleton(llama, formatter, chat, skeleton, stop=stop,
+                                         temperature=temperature, max_tokens=max_tokens,
+                                         seed=self.seed, **kwargs)
+            else:
+                out = llama.create_chat_completion(
+                    messages=chat, temperature=temperature, max_tokens=max_tokens, stop=stop,
+                    seed=self.seed, **kwargs,
+                )
         choice = out["choices"][0]
         usage = out.get("usage") or {}
         content = choice["message"]["content"] or ""
