@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="run or model directory")
     parser.add_argument("--suite", default="babyai-goto")
     parser.add_argument("--episodes", type=int, default=200)
+    parser.add_argument("--skip", type=int, default=0,
+                        help="skip this many evaluation seeds first (a separate range to tune "
+                        "settings on, e.g. --skip 200, before measuring on the first 200)")
     parser.add_argument("--planner", default=None, choices=sorted(PLANNERS),
                         help="default: the checkpoint's agent.json, else cem")
     parser.add_argument("--candidates", type=int, default=None, help="override the planner's K")
@@ -42,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="greedy planner: chance of a random (move-biased) action")
     parser.add_argument("--reward-floor", default=None, action=argparse.BooleanOptionalAction,
                         help="greedy planner: score by max(Q, reward head) (default) or Q alone")
+    parser.add_argument("--repeat-penalty", type=float, default=None,
+                        help="lower an action's score this much for each time it was already "
+                        "taken from the same view this episode (0: off)")
     parser.add_argument("--llm", default="grammar", help="grammar, local, or a provider string")
     parser.add_argument("--paraphrase", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -55,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                                   planner=args.planner, seed=args.seed)
     cfg = agent.planner.cfg
     planner = next(name for name, (cls, _) in PLANNERS.items() if isinstance(agent.planner, cls))
-    for name in ("candidates", "iterations", "horizon", "epsilon", "reward_floor"):
+    for name in ("candidates", "iterations", "horizon", "epsilon", "reward_floor",
+                 "repeat_penalty"):
         if getattr(args, name) is not None:
             if not hasattr(cfg, name):
                 parser.error(f"--{name.replace('_', '-')} does not apply to the {planner} planner")
@@ -64,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     env = suite.make_env()
     rows = []
     t0 = time.perf_counter()
-    for seed in suite.seeds_for(None, args.episodes):
+    for seed in suite.seeds_for(None, args.skip + args.episodes)[args.skip:]:
         obs, _ = env.reset(seed=seed)
         split = suite.split_of_episode(env)
         instruction = obs["mission"]
@@ -84,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     figures: dict = {"suite": suite.name, "checkpoint": str(args.checkpoint),
                      "planner": planner, "planner_cfg": vars(cfg), "llm": args.llm,
-                     "paraphrase": args.paraphrase, "episodes": len(rows), "wall_s": wall}
+                     "paraphrase": args.paraphrase, "episodes": len(rows), "skip": args.skip,
+                     "wall_s": wall}
     table = Table(title=f"lwm agent on {suite.name} ({planner}, {len(rows)} held-out seeds)")
     for c in ("episodes", "n", "success", "95% CI", "mean steps", "ms/action"):
         table.add_column(c)

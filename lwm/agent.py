@@ -233,6 +233,9 @@ class Agent:
         prev_action = torch.tensor([self.model.START])
         subgoal_started = 0
         locked: set[str] = set()  # colours of the locked doors seen so far
+        # How often each action was taken from each (acting goal, real observation) so far: a
+        # planner with a repeat penalty plays down leaving a view the way it was left before.
+        tried: dict[tuple, np.ndarray] = {}
         # Each subgoal's share of the budget; a critic's revisions need room of their own.
         rounds = len(pending) + (self.max_critiques if self.critic is not None else 0)
         share = max(budget // rounds, 1)
@@ -252,10 +255,13 @@ class Agent:
             z = self.model.encode(*_obs_tensors(obs))  # (1, d)
             h, state = self.model.next(state, z, prev_action)  # history through o_t
             t0 = time.perf_counter()
-            plan: PlanResult = self.planner.plan(self.model, state, h, goal_vec, decode=decode,
-                                                 generator=self.generator, forbid=forbid)
+            seen = tried.setdefault(_view_key(acting, obs), np.zeros(self.model.cfg.n_actions))
+            plan: PlanResult = self.planner.plan(
+                self.model, state, h, goal_vec, decode=decode, generator=self.generator,
+                forbid=forbid, tried=torch.from_numpy(seen)[None])
             plan_ms = (time.perf_counter() - t0) * 1e3
             action = int(plan.action[0])
+            seen[action] += 1
             prev_action = plan.action
             obs, _, terminated, truncated, info = env.step(action)
             step += 1
@@ -302,6 +308,12 @@ class Agent:
             timings={"parse_s": parse_s, "plan_ms_mean": float(np.mean(plan_times)) if plan_times
                      else 0.0, "critic_s": critic_s, "total_s": time.perf_counter() - t_start},
         )
+
+
+def _view_key(goal: str, obs: dict) -> tuple:
+    """What the agent saw and was after: its goal, the 7x7 view, direction and carried object."""
+    return (goal, np.asarray(obs["image"]).tobytes(), int(obs["direction"]),
+            np.asarray(obs["carrying"]).tobytes())
 
 
 def _obs_tensors(obs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

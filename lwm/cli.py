@@ -298,6 +298,9 @@ def evaluate(
     reward_floor: bool | None = typer.Option(
         None, help="greedy planner: score actions by max(Q, reward head) (the default) or by Q "
         "alone (--no-reward-floor)"),
+    repeat_penalty: float | None = typer.Option(
+        None, min=0.0, help="lower an action's score this much for each time it was already "
+        "taken from the same view this episode (0: off)"),
     workers: int = typer.Option(1, min=1, help="parallel workers (more than 1: Ray)"),
     ray_address: str | None = typer.Option(None, help="Ray cluster to run on ('auto', ...)"),
     seed: int = typer.Option(0, help="seed of the agents' own randomness"),
@@ -344,7 +347,8 @@ def evaluate(
                               "preconditions": preconditions}
     overrides = {k: v for k, v in (("candidates", candidates), ("iterations", iterations),
                                    ("horizon", horizon), ("epsilon", epsilon),
-                                   ("reward_floor", reward_floor)) if v is not None}
+                                   ("reward_floor", reward_floor),
+                                   ("repeat_penalty", repeat_penalty)) if v is not None}
     if overrides:
         shared["planner_cfg"] = overrides
     if "dqn" in names and dqn_checkpoint is None:

@@ -106,7 +106,8 @@ class _BotPlanner:
     def reset(self):
         pass
 
-    def plan(self, model, state, h, goal, decode=False, generator=None, forbid=None):
+    def plan(self, model, state, h, goal, decode=False, generator=None, forbid=None,
+             tried=None):
         from lwm.envs.language import ACTION_NAMES
         from lwm.planning import PlanResult
 
@@ -142,6 +143,37 @@ def test_the_key_of_the_door_to_open_is_never_dropped():
                  preconditions=False)
     free.run(f"open the {door} door", env, seed=seed, max_steps=60)
     assert planner.forbidden and all(f == set() for f in planner.forbidden)
+
+
+class _TurnLeftPlanner:
+    """Always turns left and records the repeat counts the agent passes."""
+
+    def __init__(self):
+        self.tried = []
+
+    def reset(self):
+        pass
+
+    def plan(self, model, state, h, goal, decode=False, generator=None, forbid=None,
+             tried=None):
+        from lwm.planning import PlanResult
+
+        self.tried.append(tried[0].tolist())
+        action = torch.tensor([0])
+        zero = torch.zeros(1)
+        return PlanResult(action=action, actions=action[:, None], reward=zero[:, None],
+                          cont=zero[:, None] + 1, value=zero, objective=zero,
+                          probs=torch.nn.functional.one_hot(action, 7).float()[:, None])
+
+
+def test_the_agent_counts_actions_taken_again_from_the_same_view():
+    """Turning left on the spot shows the same four views in turn: from the fifth step on, each
+    view has been left by 'left' once more every lap."""
+    planner = _TurnLeftPlanner()
+    agent = Agent(WorldModel(preset("debug")), planner, BabyAIMissionParser())
+    agent.run("go to the red ball", make_env("BabyAI-GoToLocal-v0"), seed=1, max_steps=12)
+    assert [t[0] for t in planner.tried] == [0] * 4 + [1] * 4 + [2] * 4
+    assert all(sum(t) == t[0] for t in planner.tried)  # only 'left' was ever taken
 
 
 def test_an_episode_depends_on_its_seed_not_on_the_episodes_before_it():

@@ -346,6 +346,27 @@ def test_forbidden_actions_are_never_taken_now(name):
                                      forbid=torch.ones(3, 7, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("name", ["greedy", *SEARCH_PLANNERS])
+def test_repeats_are_played_down_by_the_repeat_penalty(name):
+    """Action 5 is the only rewarded one; taken 3 times from this view already, a penalty of
+    0.5 a repeat puts it below every other action, and without a penalty the counts are
+    ignored."""
+    from lwm.planning import GreedyQConfig
+
+    model = TargetSequenceModel([5]).eval()
+    state, h = model.start(2)
+    goal = torch.zeros(2, 384)
+    tried = torch.zeros(2, 7)
+    tried[0, 5] = 3.0
+    for penalty in (0.0, 0.5):
+        cfg = (GreedyQConfig(repeat_penalty=penalty) if name == "greedy"
+               else PLANNERS[name][1](**{**SMALL, "horizon": 2, "repeat_penalty": penalty}))
+        result = make_planner(name, cfg).plan(
+            model, state, h, goal, generator=torch.Generator().manual_seed(0), tried=tried)
+        assert result.action[1] == 5  # no repeats in env 1
+        assert (result.action[0] == 5) == (penalty == 0.0), (penalty, result.action)
+
+
 def test_epsilon_greedy_q_mixes_in_the_exploration_distribution(model):
     from lwm.envs import EXPLORATION_PROBS
     from lwm.planning import GreedyQConfig

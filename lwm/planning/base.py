@@ -58,6 +58,9 @@ class SearchConfig:
     excluded: tuple[int, ...] = (6,)
     """Actions never proposed: minigrid's no-op `done`, which exploration never takes, so the
     world model has never seen its outcome and its imagined futures would be guesses."""
+    repeat_penalty: float = 0.0
+    """Subtracted from J once for each time a candidate's first action was already taken from
+    the same real observation this episode (`tried`, counted by the agent)."""
 
 
 class PolicyPrior(Protocol):
@@ -112,6 +115,7 @@ class Planner(ABC):
         decode: bool = False,
         generator: torch.Generator | None = None,
         forbid: Tensor | None = None,
+        tried: Tensor | None = None,
     ) -> PlanResult:
         """Choose the next action of B environments.
 
@@ -120,11 +124,14 @@ class Planner(ABC):
         goal: (B, goal_dim) goal embeddings; decode: also return the imagined views of the best
         sequence; generator: the source of randomness (None: torch's global one); forbid:
         (B, A) bool, actions not to take now (later imagined steps may still use them), e.g. the
-        drop of a key still needed (`lwm.goals.keeps_carried`).
+        drop of a key still needed (`lwm.goals.keeps_carried`); tried: (B, A) how often each
+        action was already taken from the same real observation in this episode. A policy that
+        comes back to a view and leaves it the same way again is likely in a loop, so planners
+        with a `repeat_penalty` play such repeats down (0 ignores `tried`).
         """
         raise NotImplementedError(
             "plan(model, state, h: (B, d), goal: (B, goal_dim), decode=False, generator=None,"
-            " forbid=None) -> PlanResult"
+            " forbid=None, tried=None) -> PlanResult"
         )
 
     def reset(self) -> None:  # noqa: B027 - a planner without memory needs no reset
@@ -298,6 +305,15 @@ def sample_prior(
         return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
     return imagine_candidates(model, state, h, goal, k, horizon, discount, act)
+
+
+def penalize_repeats(c: Candidates, tried: Tensor | None, penalty: float) -> Candidates:
+    """Candidates with J lowered by `penalty` for each time their first action was already taken
+    from this observation (`tried`: (B, A) counts); unchanged without counts or penalty."""
+    if tried is None or penalty == 0.0:
+        return c
+    repeats = tried.to(c.objective.dtype).gather(1, c.actions[..., 0])  # (B, K)
+    return Candidates(c.actions, c.reward, c.cont, c.value, c.objective - penalty * repeats)
 
 
 def forbid_first(probs: Tensor, forbid: Tensor | None) -> Tensor:

@@ -25,6 +25,7 @@ from lwm.planning.base import (
     WarmStart,
     action_frequencies,
     forbid_first,
+    penalize_repeats,
     plan_result,
     sample_sequences,
     score_sequences,
@@ -58,6 +59,7 @@ class CEM(Planner):
         decode: bool = False,
         generator: torch.Generator | None = None,
         forbid: Tensor | None = None,
+        tried: Tensor | None = None,
     ) -> PlanResult:
         """See `Planner.plan`."""
         cfg, A = self.cfg, model.cfg.n_actions
@@ -65,7 +67,9 @@ class CEM(Planner):
         best = None
         for _ in range(cfg.iterations):
             actions = sample_sequences(probs, cfg.candidates, generator)  # (B, K, H)
-            scored = score_sequences(model, state, h, goal, actions, cfg.discount)
+            scored = penalize_repeats(
+                score_sequences(model, state, h, goal, actions, cfg.discount), tried,
+                cfg.repeat_penalty)
             elites = scored.top(cfg.elites)  # (B, E, ...)
             # step 0 of every candidate avoids `forbid`, so the refit keeps it at zero there
             probs = cfg.momentum * probs + (1 - cfg.momentum) * action_frequencies(

@@ -44,6 +44,11 @@ class GreedyQConfig:
     step's outcome, learns that one-step fact before TD has carried it into Q (a locked door
     faced with its key: reward says toggle, Q is still flat)."""
 
+    repeat_penalty: float = 0.0
+    """Subtracted from an action's chance of achieving the goal once for each time it was
+    already taken from the same real observation this episode (`tried`): a deterministic argmax
+    that comes back to a view leaves it the way it did before, round the same loop."""
+
     def __post_init__(self) -> None:
         if not 0.0 <= self.epsilon <= 1.0:
             raise ValueError(f"epsilon must be in [0, 1], got {self.epsilon}")
@@ -65,10 +70,11 @@ class GreedyQ(Planner):
         decode: bool = False,
         generator: torch.Generator | None = None,
         forbid: Tensor | None = None,
+        tried: Tensor | None = None,
     ) -> PlanResult:
         """See `Planner.plan`; `state` is unused (no imagination); `generator` draws the random
         actions of epsilon-greedy; `forbid` rules actions out of both the argmax and the random
-        draws."""
+        draws; `tried` lowers the argmax's scores (`repeat_penalty`)."""
         psi = model.goal_features(goal)
         q = model.q(h, psi=psi["q"])  # (B, A) logits
         b, n_actions = q.shape
@@ -85,7 +91,10 @@ class GreedyQ(Planner):
             allowed &= ~forbid
         if not bool(allowed.any(-1).all()):
             raise ValueError("forbid rules out every action an environment could take")
-        action = q.masked_fill(~allowed, float("-inf")).argmax(-1)  # (B,)
+        score = torch.sigmoid(q)
+        if tried is not None and self.cfg.repeat_penalty:
+            score = score - self.cfg.repeat_penalty * tried.to(score.dtype)
+        action = score.masked_fill(~allowed, float("-inf")).argmax(-1)  # (B,)
         if self.cfg.epsilon > 0:
             probs = torch.tensor(self.cfg.explore_probs, dtype=torch.float, device=h.device)
             probs = probs.expand(b, -1) * allowed  # (B, A)

@@ -29,6 +29,7 @@ from lwm.planning.base import (
     WarmStart,
     action_frequencies,
     forbid_first,
+    penalize_repeats,
     plan_result,
     sample_prior,
     sample_sequences,
@@ -97,6 +98,7 @@ class MPPI(Planner):
         decode: bool = False,
         generator: torch.Generator | None = None,
         forbid: Tensor | None = None,
+        tried: Tensor | None = None,
     ) -> PlanResult:
         """See `Planner.plan`."""
         cfg, A = self.cfg, model.cfg.n_actions
@@ -105,13 +107,15 @@ class MPPI(Planner):
         n_prior = 0 if prior is None else round(cfg.prior_share * cfg.candidates)
         pool: Candidates | None = None  # the prior's rollouts, scored once, in every pool
         if n_prior:
-            pool = sample_prior(
+            pool = penalize_repeats(sample_prior(
                 model, state, h, goal, prior, n_prior, cfg.horizon, cfg.discount, generator, forbid
-            )
+            ), tried, cfg.repeat_penalty)
         best = None
         for _ in range(cfg.iterations):
             actions = sample_sequences(probs, cfg.candidates - n_prior, generator)  # (B, K', H)
-            scored = score_sequences(model, state, h, goal, actions, cfg.discount)
+            scored = penalize_repeats(
+                score_sequences(model, state, h, goal, actions, cfg.discount), tried,
+                cfg.repeat_penalty)
             # Fresh samples first: top-k breaks ties by position, and a flat objective must not
             # refit to the same prior rollouts every iteration.
             elites = (scored if pool is None else scored.cat(pool)).top(cfg.elites)  # (B, E, ...)
