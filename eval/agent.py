@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat-penalty", type=float, default=None,
                         help="lower an action's score this much for each time it was already "
                         "taken from the same view this episode (0: off)")
+    parser.add_argument("--skip-futile", default=True, action=argparse.BooleanOptionalAction,
+                        help="never repeat an action that left the observation unchanged "
+                        "from that observation (default on)")
     parser.add_argument("--llm", default="grammar", help="grammar, local, or a provider string")
     parser.add_argument("--paraphrase", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -58,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
 
     agent = Agent.from_pretrained(args.checkpoint, llm=None if args.llm == "grammar" else args.llm,
-                                  planner=args.planner, seed=args.seed)
+                                  planner=args.planner, seed=args.seed,
+                                  skip_futile=args.skip_futile)
     cfg = agent.planner.cfg
     planner = next(name for name, (cls, _) in PLANNERS.items() if isinstance(agent.planner, cls))
     for name in ("candidates", "iterations", "horizon", "epsilon", "reward_floor",
@@ -92,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict = {"suite": suite.name, "checkpoint": str(args.checkpoint),
                      "planner": planner, "planner_cfg": vars(cfg), "llm": args.llm,
                      "paraphrase": args.paraphrase, "episodes": len(rows), "skip": args.skip,
+                     "skip_futile": args.skip_futile,
                      "wall_s": wall}
     table = Table(title=f"lwm agent on {suite.name} ({planner}, {len(rows)} held-out seeds)")
     for c in ("episodes", "n", "success", "95% CI", "mean steps", "ms/action"):

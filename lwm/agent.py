@@ -120,6 +120,12 @@ class Agent:
     `preconditions`: plan a put of an object not yet carried as a pick-up of it first, and the
     opening of a door as going to it (after picking up its key, when seen locked):
     `lwm.goals.acting_goal`.
+
+    `skip_futile`: an action that left the whole observation (view, direction, carried object)
+    as it was is not taken again from that observation. The worlds lwm wraps are static (only
+    the agent changes them), so it would change nothing again: a step into a wall, a pick-up of
+    nothing. Planners still see how often each action was taken from the current view
+    (`tried`), for their `repeat_penalty`.
     """
 
     def __init__(
@@ -132,6 +138,7 @@ class Agent:
         max_critiques: int = 1,
         seed: int = 0,
         preconditions: bool = True,
+        skip_futile: bool = True,
     ):
         self.model = model.eval()
         self.planner = planner
@@ -141,6 +148,7 @@ class Agent:
         self.max_critiques = max_critiques
         self.seed = seed
         self.preconditions = preconditions
+        self.skip_futile = skip_futile
         self.generator = torch.Generator().manual_seed(seed)
 
     @classmethod
@@ -236,6 +244,7 @@ class Agent:
         # How often each action was taken from each (acting goal, real observation) so far: a
         # planner with a repeat penalty plays down leaving a view the way it was left before.
         tried: dict[tuple, np.ndarray] = {}
+        futile: dict[tuple, set[int]] = {}  # per observation: actions that changed nothing
         # Each subgoal's share of the budget; a critic's revisions need room of their own.
         rounds = len(pending) + (self.max_critiques if self.critic is not None else 0)
         share = max(budget // rounds, 1)
@@ -247,15 +256,21 @@ class Agent:
             locked |= locked_doors(obs)
             acting = (acting_goal(current.goal, carried(obs), locked, facing(obs)).text
                       if self.preconditions else current.text)
+            view = _view_key(obs)
+            ruled_out = ({ACTION_NAMES.index(a) for a in forbidden_actions(current.goal, obs,
+                                                                         locked)}
+                         if self.preconditions else set())
+            if self.skip_futile:
+                ruled_out |= futile.get(view, set())
             forbid = None
-            if self.preconditions and (ruled_out := forbidden_actions(current.goal, obs, locked)):
+            if ruled_out:
                 forbid = torch.zeros(1, self.model.cfg.n_actions, dtype=torch.bool)
-                forbid[0, [ACTION_NAMES.index(a) for a in ruled_out]] = True
+                forbid[0, sorted(ruled_out)] = True
             goal_vec = self.encoder.encode(acting, as_torch=True)[None]  # (1, 384)
             z = self.model.encode(*_obs_tensors(obs))  # (1, d)
             h, state = self.model.next(state, z, prev_action)  # history through o_t
             t0 = time.perf_counter()
-            seen = tried.setdefault(_view_key(acting, obs), np.zeros(self.model.cfg.n_actions))
+            seen = tried.setdefault((acting, view), np.zeros(self.model.cfg.n_actions))
             plan: PlanResult = self.planner.plan(
                 self.model, state, h, goal_vec, decode=decode, generator=self.generator,
                 forbid=forbid, tried=torch.from_numpy(seen)[None])
@@ -265,6 +280,8 @@ class Agent:
             prev_action = plan.action
             obs, _, terminated, truncated, info = env.step(action)
             step += 1
+            if _view_key(obs) == view:
+                futile.setdefault(view, set()).add(action)
             events += info["events"]
             for sub in [s for s in pending if s.stage == stage]:
                 if goal_achieved(sub.goal, info):
@@ -310,9 +327,9 @@ class Agent:
         )
 
 
-def _view_key(goal: str, obs: dict) -> tuple:
-    """What the agent saw and was after: its goal, the 7x7 view, direction and carried object."""
-    return (goal, np.asarray(obs["image"]).tobytes(), int(obs["direction"]),
+def _view_key(obs: dict) -> tuple:
+    """The whole of an observation as a key: the 7x7 view, direction and carried object."""
+    return (np.asarray(obs["image"]).tobytes(), int(obs["direction"]),
             np.asarray(obs["carrying"]).tobytes())
 
 

@@ -308,6 +308,9 @@ def evaluate(
         0.5, min=0.0, max=1.0, help="share of episodes that get a paraphrase of the mission"),
     max_steps: int | None = typer.Option(
         None, min=1, help="cap every episode's step limit (default: BabyAI's for the mission)"),
+    skip: int = typer.Option(
+        0, min=0, help="skip this many evaluation seeds first (a separate range to tune "
+        "settings on, e.g. --skip 200, before measuring on the first 200)"),
     preconditions: bool = typer.Option(
         True, help="lwm agents act on BabyAI's preconditions first (a put's object in hand, a "
         "door faced, a locked door's key); --no-preconditions: the ablation"),
@@ -368,7 +371,8 @@ def evaluate(
             opts = {"checkpoint": dqn_checkpoint}
         runners[a] = make_runner(a, **opts)
 
-    items = episodes_for(s, episodes, paraphrase_share=paraphrase_share, max_steps=max_steps)
+    items = episodes_for(s, episodes, paraphrase_share=paraphrase_share, max_steps=max_steps,
+                         start=s.seeds.eval_start + skip)
     outcomes = []
     t0 = time.perf_counter()
     with make_collector(workers, ray_address) as collector:

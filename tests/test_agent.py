@@ -176,6 +176,38 @@ def test_the_agent_counts_actions_taken_again_from_the_same_view():
     assert all(sum(t) == t[0] for t in planner.tried)  # only 'left' was ever taken
 
 
+class _PickupPlanner(_TurnLeftPlanner):
+    """Picks up, unless forbidden; then turns left. Records what was forbidden."""
+
+    def __init__(self):
+        super().__init__()
+        self.forbidden = []
+
+    def plan(self, model, state, h, goal, decode=False, generator=None, forbid=None,
+             tried=None):
+        result = super().plan(model, state, h, goal, decode, generator, forbid, tried)
+        self.forbidden.append(set() if forbid is None else set(forbid[0].nonzero()[:, 0].tolist()))
+        if forbid is None or not forbid[0, 3]:
+            result.action = result.actions[:, 0] = torch.tensor([3])
+        return result
+
+
+def test_an_action_that_changed_nothing_is_not_repeated_from_that_view():
+    """Picking up with nothing in front changes nothing: from that view it is ruled out next
+    (the planner turns left instead); without `skip_futile` it is taken again."""
+    env = make_env("BabyAI-GoToLocal-v0")
+    seed = next(s for s in range(100) if env.reset(seed=s)[0]["image"][3, 5, 0] == 1)  # empty
+    planner = _PickupPlanner()
+    agent = Agent(WorldModel(preset("debug")), planner, BabyAIMissionParser())
+    result = agent.run("go to the red ball", env, seed=seed, max_steps=2)
+    assert [r.action for r in result.records] == [3, 0]
+    assert planner.forbidden == [set(), {3}]
+    planner = _PickupPlanner()
+    free = Agent(WorldModel(preset("debug")), planner, BabyAIMissionParser(), skip_futile=False)
+    assert [r.action for r in free.run("go to the red ball", env, seed=seed,
+                                       max_steps=2).records] == [3, 3]
+
+
 def test_an_episode_depends_on_its_seed_not_on_the_episodes_before_it():
     env = make_env("BabyAI-GoToLocal-v0")
     agent = _agent()
