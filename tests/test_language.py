@@ -409,7 +409,8 @@ def test_vocabulary_check_leaves_modifiers_and_ellipses_to_the_parser(text):
 
 
 @pytest.mark.parametrize(
-    "kind", ["grammar", "paraphrase", "fresh", "fresh2", "fresh3", "fresh4", "ungroundable"])
+    "kind",
+    ["grammar", "paraphrase", "fresh", "fresh2", "fresh3", "fresh4", "fresh5", "ungroundable"])
 def test_vocabulary_check_on_the_parse_suite(kind):
     """Deterministic, so the whole suite runs without an LLM: no valid instruction is refused,
     every ungroundable one is, naming the expected word."""
