@@ -19,8 +19,10 @@ plainly. Each repair changes its answer only where the instruction's words allow
 - put arguments: a put whose moved object is the one the instruction names right after "next
   to", "beside", "near", ... (and whose target is not) has them swapped back ("leave the red
   box beside the blue ball" moves the red box);
-- order: the subgoal whose object a "once ..." clause names comes first ("go to the yellow ball
-  once you are holding the green key").
+- order: the subgoal whose object a "once / after / when / but first ..." clause names comes
+  first ("go to the yellow ball once you are holding the green key"), the one a "before / prior
+  to ..." clause names comes last ("before you open the yellow door, pick up the blue ball"),
+  and a "go to" of the door such a clause says to open becomes its opening.
 
 Words are read through typos as `lwm.language.vocabulary` reads them ("opne" is about opening).
 """
@@ -130,22 +132,48 @@ def repair_parse(spec: GoalSpec, instruction: str) -> GoalSpec:
                                           [*subgoals[1:], None], strict=True)
             if not (after is not None and _implied(s, after, words))
             and not (before is not None and s.verb == "drop" and _implied(s, before, words))]
-    kept = _once_first(kept, instruction)
+    kept = _clause_order(kept, instruction)
     stages = {stage: i for i, stage in enumerate(sorted({s.stage for s in kept}))}
     return spec.model_copy(update={"subgoals": tuple(
         s.model_copy(update={"stage": stages[s.stage]}) for s in kept)})
 
 
-def _once_first(subgoals: list[Subgoal], instruction: str) -> list[Subgoal]:
-    """`subgoals` with the one whose object the "once ..." clause names moved first, when
-    exactly one does ("go to the red ball once you are holding the key": the key first)."""
-    clause = re.search(r"\bonce\b([^,.;]*)", instruction.lower())
-    if clause is None or len({s.stage for s in subgoals}) != len(subgoals) or len(subgoals) < 2:
+_FIRST = re.compile(
+    r"\b(?:once|after(?!\s+(?:that|this|which|it|those)\b)|when|as soon as|but first|first)"
+    r"\b([^,.;]*)")
+"""Clauses that name what is done first: "once you have X", "after you X" (not "after that"),
+"when you are done X", "... but first X"."""
+_LAST = re.compile(r"\b(?:before|prior to)\b([^,.;]*)")
+"""Clauses that name what is done after the rest: "before you X", "prior to X"."""
+
+
+def _clause_order(subgoals: list[Subgoal], instruction: str) -> list[Subgoal]:
+    """`subgoals` reordered by the instruction's order words: the subgoal whose object a
+    "once / after / when / but first" clause names moves first, the one a "before / prior to"
+    clause names moves last, when exactly one subgoal matches ("go to the red ball once you
+    are holding the key": the key first; "before you open the yellow door, pick up the blue
+    ball": the door last). A "go to" of the door such a clause says to open becomes its
+    opening, when no subgoal opens it already."""
+    if len({s.stage for s in subgoals}) != len(subgoals) or len(subgoals) < 2:
         return subgoals
-    named = [o for _, o in named_objects(clause.group(1)) if o is not None]
-    first = [s for s in subgoals
-             if any((o.type, o.color) == (s.object.type, s.object.color) for o in named)]
-    if len(first) != 1 or first[0] is subgoals[0]:
-        return subgoals
-    order = [first[0], *(s for s in subgoals if s is not first[0])]
-    return [s.model_copy(update={"stage": i}) for i, s in enumerate(order)]
+    text = instruction.lower()
+    for pattern, last in ((_FIRST, False), (_LAST, True)):
+        clause = pattern.search(text)
+        if clause is None:
+            continue
+        named = [o for _, o in named_objects(clause.group(1)) if o is not None]
+        hits = [s for s in subgoals
+                if any((o.type, o.color) == (s.object.type, s.object.color) for o in named)]
+        if len(hits) != 1:
+            continue
+        hit = hits[0]
+        words = set(re.findall(r"[a-z]+", clause.group(1)))
+        if (hit.verb == "go to" and hit.object.type == "door" and _says(words, OPEN_WORDS)
+                and not any(s.verb == "open" and s.object == hit.object for s in subgoals)):
+            opened = hit.model_copy(update={"verb": "open"})
+            subgoals = [opened if s is hit else s for s in subgoals]
+            hit = opened
+        rest = [s for s in subgoals if s is not hit]
+        subgoals = [*rest, hit] if last else [hit, *rest]
+        subgoals = [s.model_copy(update={"stage": i}) for i, s in enumerate(subgoals)]
+    return subgoals
