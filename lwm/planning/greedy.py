@@ -6,8 +6,11 @@ is one step long: the chosen action, its predicted reward, continuation and the 
 
 With `epsilon` > 0 it is epsilon-greedy: with that probability the action is drawn from
 `explore_probs` (by default the env layer's move-biased `EXPLORATION_PROBS`) instead. A
-deterministic argmax can loop forever where Q values nearly tie (left, right, left, ...); a few
-random actions break such loops, which `eval/agent.py --epsilon` measures.
+deterministic argmax can loop forever where Q values nearly tie (left, right, left, ...). A few
+random actions break such loops (`eval/agent.py --epsilon`); so does `repeat_penalty`, which
+lowers an action's score for each time it was already taken from the same real observation
+(the agent counts them), and it breaks them without random steps: on GoToLocal and the
+BALROG-style suite it is the setting the shipped checkpoints' `agent.json` recommend.
 """
 
 from __future__ import annotations
