@@ -93,6 +93,17 @@ def test_opening_a_door_is_planned_as_its_key_then_going_to_it():
     assert any(r.acting.startswith("pick up") for r in result.records)
 
 
+def _one_step_plan(action: int):
+    """A planner's answer for one env: take `action`, nothing imagined beyond it."""
+    from lwm.planning import PlanResult
+
+    a = torch.tensor([action])
+    zero = torch.zeros(1)
+    return PlanResult(action=a, actions=a[:, None], reward=zero[:, None], cont=zero[:, None] + 1,
+                      value=zero, objective=zero,
+                      probs=torch.nn.functional.one_hot(a, 7).float()[:, None])
+
+
 class _BotPlanner:
     """Plays BabyAI's bot (orchestration test: what the agent asks of its planner) and records
     the actions the agent forbade at each step."""
@@ -109,15 +120,10 @@ class _BotPlanner:
     def plan(self, model, state, h, goal, decode=False, generator=None, forbid=None,
              tried=None):
         from lwm.envs.language import ACTION_NAMES
-        from lwm.planning import PlanResult
 
         self.forbidden.append(set() if forbid is None
                               else {ACTION_NAMES[a] for a in forbid[0].nonzero()[:, 0].tolist()})
-        action = torch.tensor([self.bot.act()])
-        zero = torch.zeros(1)
-        return PlanResult(action=action, actions=action[:, None], reward=zero[:, None],
-                          cont=zero[:, None] + 1, value=zero, objective=zero,
-                          probs=torch.nn.functional.one_hot(action, 7).float()[:, None])
+        return _one_step_plan(self.bot.act())
 
 
 def test_the_key_of_the_door_to_open_is_never_dropped():
@@ -156,14 +162,8 @@ class _TurnLeftPlanner:
 
     def plan(self, model, state, h, goal, decode=False, generator=None, forbid=None,
              tried=None):
-        from lwm.planning import PlanResult
-
         self.tried.append(tried[0].tolist())
-        action = torch.tensor([0])
-        zero = torch.zeros(1)
-        return PlanResult(action=action, actions=action[:, None], reward=zero[:, None],
-                          cont=zero[:, None] + 1, value=zero, objective=zero,
-                          probs=torch.nn.functional.one_hot(action, 7).float()[:, None])
+        return _one_step_plan(0)
 
 
 def test_the_agent_counts_actions_taken_again_from_the_same_view():
@@ -185,11 +185,9 @@ class _PickupPlanner(_TurnLeftPlanner):
 
     def plan(self, model, state, h, goal, decode=False, generator=None, forbid=None,
              tried=None):
-        result = super().plan(model, state, h, goal, decode, generator, forbid, tried)
+        super().plan(model, state, h, goal, decode, generator, forbid, tried)  # records tried
         self.forbidden.append(set() if forbid is None else set(forbid[0].nonzero()[:, 0].tolist()))
-        if forbid is None or not forbid[0, 3]:
-            result.action = result.actions[:, 0] = torch.tensor([3])
-        return result
+        return _one_step_plan(0 if forbid is not None and forbid[0, 3] else 3)
 
 
 def test_an_action_that_changed_nothing_is_not_repeated_from_that_view():

@@ -300,10 +300,10 @@ def skeleton_grammar(schema: dict[str, Any]) -> Skeleton | None:
             body = "" if hi == 0 else f'{item} ("," space {item}){more}'
             if body and lo == 0:
                 body = f"({body})?"
-            value = f'"[" space {body} "]" space'.replace("  ", " ")
+            value = f'"[" space {body} "]"' if body else '"[" space "]"'
         else:
             value = conv.visit(sub, f"p{i}")
-        key = "" if i == 0 else f'"," space {_literal(json.dumps(name))} space ":" '
+        key = "" if i == 0 else f'space "," space {_literal(json.dumps(name))} space ":" '
         parts.append(f"{key}space {value}")
     prefix = "{ " + json.dumps(names[0]) + ":"
     last = props[names[-1]]
@@ -311,11 +311,11 @@ def skeleton_grammar(schema: dict[str, Any]) -> Skeleton | None:
             and _cannot_hold(last.get("items") or {}, "]")):
         # Decoding stops at the array's "]": the closing "}" and the end-of-text token the
         # grammar would force next are two forward passes saved.
-        conv._add_rule("root", " ".join(parts).removesuffix(" space"))
-        return Skeleton(prefix=prefix, grammar=conv.format_grammar(), suffix="]}",
-                        stop=("]",))
-    conv._add_rule("root", " ".join(parts) + ' space "}"')
-    return Skeleton(prefix=prefix, grammar=conv.format_grammar(), suffix="", stop=())
+        root, suffix, stop = " ".join(parts), "]}", ("]",)
+    else:
+        root, suffix, stop = " ".join(parts) + ' space "}"', "", ()
+    grammar = conv.format_grammar() + f"\nroot ::= {root}"  # the converter's rules, then ours
+    return Skeleton(prefix=prefix, grammar=grammar, suffix=suffix, stop=stop)
 
 
 def _chat_formatter(llama: Any) -> Any:
@@ -358,7 +358,7 @@ def _complete_skeleton(llama: Any, formatter: Any, chat: list[dict[str, str]], s
     out = llama.create_completion(
         prompt=prompt, grammar=LlamaGrammar.from_string(skeleton.grammar, verbose=False),
         stop=[*(stop or []), *skeleton.stop, *extra], stopping_criteria=turn.stopping_criteria,
-        repeat_penalty=1.0, **kwargs,
+        **kwargs,
     )
     choice = out["choices"][0]
     text = skeleton.prefix + choice["text"]
