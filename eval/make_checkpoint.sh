@@ -4,8 +4,8 @@
 # epsilon-greedy Q policy), 300 updates of 8 whole-episode windows (64 steps) per 100 episodes,
 # relabelling with every concrete goal (`--goal-vocab all`); it evaluates its greedy Q policy on
 # 200 held-out seeds every 500 episodes (metrics.jsonl). Then copy it into
-# lwm/resources/checkpoints/babyai-goto with agent.json, the planner measured best for it
-# (epsilon-greedy Q; see that file and issue #5's notes).
+# lwm/resources/checkpoints/babyai-goto with agent.json, the planner measured best for the
+# shipped weights (greedy Q with a repeat penalty; see that file and issue #5's notes).
 #
 # The shipped file is run `wm-goto-i`, trained at commits e8118c7 (to 1,100 episodes) and
 # 835f59f (resumed to 2,600). Its first process was killed mid-iteration, so the run lost one
@@ -26,8 +26,8 @@ cp "$RUN/trainer.json" "$DEST/trainer.json"
 cat > "$DEST/agent.json" <<'JSON'
 {
   "planner": "greedy",
-  "planner_cfg": {"epsilon": 0.3},
-  "measured": "python eval/agent.py lwm/resources/checkpoints/babyai-goto --planner greedy [--epsilon 0.3] --episodes 200 (GoToLocal, the first 200 held-out evaluation seeds): greedy epsilon 0.3 94.5% [90.4, 96.9] (trained combinations 95.3%, held-out 92.2%); greedy 80.0% [73.9, 85.0]; the previous checkpoint in the same session: 90.5% [85.6, 93.8] with epsilon 0.3"
+  "planner_cfg": {"epsilon": 0.0, "repeat_penalty": 0.1},
+  "measured": "not measured for these weights: run python eval/agent.py lwm/resources/checkpoints/babyai-goto --episodes 200 (the shipped weights: README)"
 }
 JSON
 du -h "$DEST"/*
