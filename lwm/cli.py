@@ -315,15 +315,23 @@ def evaluate(
         True, help="lwm agents act on BabyAI's preconditions first (a put's object in hand, a "
         "door faced, a locked door's key); --no-preconditions: the ablation"),
     json_path: Path | None = typer.Option(None, "--json", help="also write report.json here"),
+    fresh: bool = typer.Option(
+        False, help="play every episode again: set aside the report directory's journal of "
+        "finished episodes (as episodes.jsonl.old) instead of resuming from it"),
 ) -> None:
     """Run agents on the same evaluation episodes of a task suite and write a report: summary.md,
     report.json and PNG plots (success with 95 % intervals, held-out vs trained combinations,
-    paraphrases vs grammar missions)."""
+    paraphrases vs grammar missions).
+
+    Each finished episode goes into the report directory's journal (episodes.jsonl) at once: an
+    interrupted evaluation resumes when the same command runs again, and more --episodes reuse
+    those already played with the same settings."""
     import json
     import time
 
     from lwm.eval.collect import make_collector
-    from lwm.eval.episodes import EpisodeOutcome, episodes_for
+    from lwm.eval.episodes import episodes_for
+    from lwm.eval.journal import JOURNAL_NAME, EpisodeJournal, JournalError, run_agents
     from lwm.eval.report import summarize, write_report
     from lwm.eval.runners import RUNNERS, make_runner, runner_options
     from lwm.resources import checkpoint as shipped_checkpoint
@@ -373,12 +381,25 @@ def evaluate(
 
     items = episodes_for(s, episodes, paraphrase_share=paraphrase_share, max_steps=max_steps,
                          start=s.seeds.eval_start + skip)
-    outcomes = []
+    out = out or Path("reports") / s.name
+    journal_path = out / JOURNAL_NAME
+    if fresh and journal_path.exists():
+        journal_path.replace(journal_path.with_name(JOURNAL_NAME + ".old"))
+    try:
+        journal = EpisodeJournal(journal_path)
+    except JournalError as err:
+        fail(str(err))
     t0 = time.perf_counter()
-    with make_collector(workers, ray_address) as collector:
-        for a, runner in runners.items():
-            outcomes += [o if isinstance(o, EpisodeOutcome) else EpisodeOutcome.from_dict(o)
-                         for o in collector.map(runner, items, progress=a)]
+    try:
+        with make_collector(workers, ray_address) as collector:
+            outcomes, reused = run_agents(runners, items, collector, journal)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/yellow]: the finished episodes are in "
+                      f"{journal_path}; run the same command again to go on from there")
+        raise typer.Exit(code=130) from None
+    for a, n in reused.items():
+        if n:
+            console.print(f"{a}: {n} of {len(items)} episodes resumed from {journal_path}")
     summary = summarize(outcomes)
 
     table = Table(title=f"{s.name}: success % of {len(items)} evaluation episodes per agent")
@@ -399,13 +420,13 @@ def evaluate(
                       str(row["errors"]))
     console.print(table)
 
-    out = out or Path("reports") / s.name
     meta = {"suite": s.name, "env_id": s.env_id, "agents": names, "episodes": len(items),
             "first_seed": items[0].seed, "seed": seed, "paraphrase_share": paraphrase_share,
             "max_steps": max_steps, "checkpoint": shared.get("checkpoint"), "llm": llm,
             "planner": planner, "planner_cfg": overrides, "preconditions": preconditions,
             "workers": workers,
-            "ray_address": ray_address, "wall_s": time.perf_counter() - t0}
+            "ray_address": ray_address, "wall_s": time.perf_counter() - t0,
+            "resumed_episodes": reused}
     paths = write_report(out, summary, outcomes, meta)
     if json_path is not None:
         from lwm.report import write_json

@@ -204,3 +204,14 @@ def test_importing_collect_does_not_import_ray():
     code = "import sys, lwm.eval.collect; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_on_result_sees_each_result_once_as_it_arrives(collector, local_results):
+    seen: dict[int, object] = {}
+
+    def note(index, result):
+        assert index not in seen
+        seen[index] = result
+
+    assert collector.map(RandomEpisodes(), SEEDS, on_result=note) == local_results
+    assert [seen[i] for i in range(len(SEEDS))] == local_results

@@ -215,11 +215,11 @@ class _RecordingFake(GenericFakeChatModel):
 
 
 def _non_success_episode() -> EvalEpisode:
-    """A goto episode that 'left', a no-op and 'forward' do not finish."""
+    """A goto episode that 'left', a no-op, 'forward' and 'right' do not finish."""
     for e in episodes_for(GOTO, 20, paraphrase_share=0.0):
         env = Referee(GOTO.make_env())
         env.reset(seed=e.seed)
-        for action in (0, 6, 2):
+        for action in (0, 6, 2, 1):
             env.step(action)
         if env.verdict is None:
             return e
@@ -228,18 +228,22 @@ def _non_success_episode() -> EvalEpisode:
 
 def test_llm_only_runner_with_a_fake_text_model_counts_invalid_answers():
     episode = _non_success_episode()
-    answers = ["left", "I would fly to the moon", '"forward".', "done", "left"]
+    answers = ["left", "I would fly to the moon", '"forward".', "right", "done", "left"]
     llm = _RecordingFake(messages=iter(AIMessage(a) for a in answers), prompts=[])
     out = LLMOnlyRunner(llm=llm, history=2)()(episode)
-    assert (out.llm_calls, out.invalid_actions, out.steps) == (4, 1, 3)
-    assert out.actions == ["left", "done", "forward"]  # an invalid answer costs a no-op step
+    assert (out.llm_calls, out.invalid_actions, out.steps) == (5, 1, 4)
+    assert out.actions == ["left", "done", "forward", "right"]  # an invalid answer: a no-op
     assert not out.success and out.agent == "llm-only" and out.plan_ms_per_action > 0
     assert json.dumps(episode.instruction) in llm.prompts[0]
     assert "- none yet" in llm.prompts[0]
     assert "- left: " in llm.prompts[1]
     assert "- left: you turned" in llm.prompts[1]
     assert "(an answer that was no action): nothing happened" in llm.prompts[2]
-    assert "- left: " not in llm.prompts[3]  # history=2: the oldest action has dropped out
+    # history=2: 2 or 3 lines, the window moving 2 lines at a time, so that a prompt shares
+    # its start with the one before it but at the moves
+    shown = [p.split("\n\nWhat you see now")[0] for p in llm.prompts]
+    assert shown[3].startswith(shown[2]) and "- left: you turned" in shown[3]
+    assert "- left: " not in shown[4] and "- forward: " in shown[4] and "- right: " in shown[4]
 
 
 class _StructuredFake(GenericFakeChatModel):

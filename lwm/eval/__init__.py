@@ -9,6 +9,8 @@
   verifier of the mission;
 - `runners`: the agents as picklable runner factories (`make_runner("bot")`, ...: random, bot,
   lwm, lwm-grammar, lwm-no-critic, llm-only);
+- `journal`: `EpisodeJournal` (each finished episode on disk at once) and `run_agents`, which
+  resumes an interrupted evaluation from it;
 - `report`: `summarize` (success with 95 % Wilson intervals, by split, kind and family) and
   `write_report` (summary.md, report.json, PNG plots).
 
@@ -24,6 +26,7 @@ _EXPORTS = {
     "Collector": "collect", "LocalCollector": "collect", "make_collector": "collect",
     "EpisodeOutcome": "episodes", "EvalEpisode": "episodes", "Referee": "episodes",
     "episodes_for": "episodes",
+    "EpisodeJournal": "journal", "run_agents": "journal",
     "RUNNERS": "runners", "make_runner": "runners", "register_runner": "runners",
     "summarize": "report", "wilson": "report", "write_report": "report",
 }
@@ -31,6 +34,7 @@ _EXPORTS = {
 __all__ = [
     "RUNNERS",
     "Collector",
+    "EpisodeJournal",
     "EpisodeOutcome",
     "EvalEpisode",
     "LocalCollector",
@@ -39,6 +43,7 @@ __all__ = [
     "make_collector",
     "make_runner",
     "register_runner",
+    "run_agents",
     "summarize",
     "wilson",
     "write_report",
@@ -47,6 +52,7 @@ __all__ = [
 if TYPE_CHECKING:
     from lwm.eval.collect import Collector, LocalCollector, make_collector
     from lwm.eval.episodes import EpisodeOutcome, EvalEpisode, Referee, episodes_for
+    from lwm.eval.journal import EpisodeJournal, run_agents
     from lwm.eval.report import summarize, wilson, write_report
     from lwm.eval.runners import RUNNERS, make_runner, register_runner
 

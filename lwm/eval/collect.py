@@ -63,9 +63,12 @@ class Collector:
         make_worker: Callable[[], Callable[[T], R]],
         items: Sequence[T],
         progress: str | None = None,
+        on_result: Callable[[int, R], None] | None = None,
     ) -> list[R]:
         """Build workers with `make_worker` and return `[worker(item) for item in items]`.
-        `progress` names a rich progress bar (none when None)."""
+        `progress` names a rich progress bar (none when None). `on_result(index, result)` is
+        called with each result as soon as it is there (in the order items finish), so a caller
+        can save work that an interruption would otherwise lose."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -104,7 +107,7 @@ def _build(make_worker: Callable[[], Callable[[T], R]]) -> Callable[[T], R]:
 class LocalCollector(Collector):
     """Everything in this process, one item after another."""
 
-    def map(self, make_worker, items, progress=None):
+    def map(self, make_worker, items, progress=None, on_result=None):
         worker = _build(make_worker)
         indexed = enumerate(items)
         if progress is not None:
@@ -117,6 +120,8 @@ class LocalCollector(Collector):
                 results.append(worker(item))
             except Exception as exc:
                 raise WorkItemError(index, item, _describe(exc)) from exc
+            if on_result is not None:
+                on_result(index, results[-1])
         return results
 
 
@@ -208,7 +213,7 @@ class RayCollector(Collector):
         self._make_worker = make_worker
         return self._actors
 
-    def map(self, make_worker, items, progress=None):
+    def map(self, make_worker, items, progress=None, on_result=None):
         ray = _import_ray()
         items = list(items)
         if not items:
@@ -249,6 +254,8 @@ class RayCollector(Collector):
                     self._kill_actors()  # a dead actor poisons the set: rebuild all next time
                     reason = f"its Ray worker died ({_describe(exc)})"
                     raise WorkItemError(index, items[index], reason) from exc
+                if on_result is not None:
+                    on_result(index, results[index])
                 if bar is not None:
                     bar.advance(task)
                 if next_index < len(items):

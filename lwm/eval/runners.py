@@ -273,7 +273,10 @@ class LLMOnlyRunner:
     llm: Any = "local"
     """'local', a provider string, or a langchain chat model."""
     history: int = 4
-    """How many of its own recent actions (with their events) the LLM sees."""
+    """How many of its own recent actions (with their events) the LLM sees at least: it sees
+    from `history` to 2 × `history` - 1 of them, in a window that moves `history` lines at a
+    time, so consecutive prompts share everything before the newest line and llama.cpp
+    evaluates only the new line and the observation (it reuses the prefix it evaluated last)."""
     name: str = "llm-only"
 
     def __call__(self) -> Worker:
@@ -298,7 +301,8 @@ class _LLMOnlyWorker(_Worker):
 
     def choose(self, instruction: str, observation: str, history: list[str]) -> str | None:
         """The LLM's next action name, or None when its answer names none."""
-        shown = history[-self.cfg.history:] if self.cfg.history > 0 else []
+        shown = history[_window_start(len(history), self.cfg.history):] \
+            if self.cfg.history > 0 else []
         user = render_prompt(
             "llm_agent_user.txt", instruction=json.dumps(instruction), observation=observation,
             history="\n".join(f"- {line}" for line in shown) or "- none yet",
@@ -339,6 +343,12 @@ class _LLMOnlyWorker(_Worker):
         decisions = self.counter.calls - calls
         return self.outcome(episode, env, t0, llm_calls=decisions, invalid_actions=invalid,
                             plan_ms_per_action=1e3 * think_s / decisions if decisions else None)
+
+
+def _window_start(n: int, size: int) -> int:
+    """Where a history of `n` lines starts being shown: a multiple of `size` that leaves from
+    `size` to 2 × `size` - 1 lines (all of them while there are fewer)."""
+    return max(0, (n - size) // size * size)
 
 
 def _what_happened(name: str | None, before: tuple, after: tuple, events: list[str]) -> str:
