@@ -164,9 +164,11 @@ class Agent:
         """Load the world model of a run directory (or a model directory) and build an agent.
 
         llm: "local" (the embedded llama.cpp model), a provider string, a langchain chat model,
-        or None for BabyAI's grammar parser and no critic. planner: "cem", "mppi" or "greedy";
-        None takes the checkpoint's recommendation (`agent_settings`), else "cem". The planner's
-        discount is the one Q was trained with unless `planner_cfg` is given.
+        or None for BabyAI's grammar parser and no critic. planner: "cem", "mppi", "greedy" or
+        "policy" (the checkpoint's trained policy, `lwm train-policy`, which MPPI also takes as
+        its prior with `policy_prior`); None takes the checkpoint's recommendation
+        (`agent_settings`), else "cem". The planner's discount is the one Q was trained with
+        unless `planner_cfg` is given.
         """
         from lwm.planning import PLANNERS
 
@@ -185,6 +187,12 @@ class Agent:
                 raise CheckpointError(f"{path}: {AGENT_SETTINGS} sets unknown {planner} settings "
                                       f"{sorted(set(overrides) - known)}")
             planner_cfg = cfg_cls(**{"discount": model.cfg.discount, **overrides})
+        extra: dict[str, Any] = {}
+        if planner == "policy" or getattr(planner_cfg, "policy_prior", False):
+            from lwm.planning.actor import GoalPolicy
+
+            policy = GoalPolicy.from_pretrained(model_dir, model)
+            extra = {"policy": policy} if planner == "policy" else {"prior": policy.prior(model)}
         if llm is None:
             from lwm.language.mission import BabyAIMissionParser
 
@@ -195,7 +203,8 @@ class Agent:
 
             parser = GrammarFirstParser(llm)
             judge = EvidenceFirstCritic(parser.llm) if critic else None
-        return cls(model, make_planner(planner, planner_cfg), parser, critic=judge, **kwargs)
+        return cls(model, make_planner(planner, planner_cfg, **extra), parser, critic=judge,
+                   **kwargs)
 
     # ------------------------------------------------------------------ acting
 

@@ -49,7 +49,7 @@ def demo(
         "the checkpoint lwm ships for the suite, else train one with the defaults"),
     llm: str = typer.Option("local", help="'local', a provider string, or 'grammar'"),
     planner: str | None = typer.Option(
-        None, help="cem, mppi or greedy (default: the checkpoint's agent.json, else cem)"),
+        None, help="cem, mppi, greedy or policy (default: the checkpoint's agent.json, else cem)"),
     policy: str = typer.Option("agent", help="'agent' (lwm) or 'bot' (BabyAI's oracle)"),
     out: Path = typer.Option(Path("runs/demo"), help="where GIFs are written"),
 ) -> None:
@@ -242,6 +242,48 @@ def train(
     console.print("final: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
+@app.command(name="train-policy")
+def train_policy(
+    checkpoint: str = typer.Option(
+        ..., help="the world model: a run or model directory, or 'shipped:SUITE' for the "
+        "checkpoint lwm ships for SUITE"),
+    out: Path = typer.Option(..., help="output checkpoint directory (the world model's files "
+                             "are copied there); a directory with a policy run is resumed"),
+    suite: str | None = typer.Option(None, help="suite whose training seeds to play (default: "
+                                     "the checkpoint's)"),
+    updates: int = typer.Option(2000, min=0, help="actor-critic updates in total"),
+    envs: int = typer.Option(64, min=1, help="real episodes in lockstep: start states/update"),
+    horizon: int = typer.Option(8, min=1, help="imagined steps per start state"),
+    epsilon: float = typer.Option(0.1, min=0.0, max=1.0,
+                                  help="share of real actions from the exploration policy"),
+    entropy: float = typer.Option(1e-3, min=0.0, help="weight of the actor's entropy bonus"),
+    lr: float = typer.Option(3e-4, min=0.0, help="Adam learning rate"),
+    q_base: bool = typer.Option(True, help="actor logits = Q logits + a learned residual"),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(1, min=1, help="torch threads"),
+) -> None:
+    """Train a goal-conditioned policy for a world model by actor-critic in imagination (a fast
+    policy: --planner policy; and MPPI's proposal: policy_prior)."""
+    from lwm.planning.actor import ActorCriticConfig
+    from lwm.resources import checkpoint as shipped_checkpoint
+    from lwm.train_policy import PolicyTrainConfig, PolicyTrainer
+
+    path: Path | None = Path(checkpoint)
+    if checkpoint.startswith(f"{SHIPPED}:"):
+        name = checkpoint.partition(":")[2]
+        path = shipped_checkpoint(name)
+        if path is None:
+            console.print(f"[red]error[/red]: lwm ships no checkpoint for suite {name!r}")
+            raise typer.Exit(code=2)
+        suite = suite or name
+    actor = ActorCriticConfig(horizon=horizon, entropy=entropy, lr=lr, q_base=q_base)
+    cfg = PolicyTrainConfig(suite=suite, updates=updates, envs=envs, epsilon=epsilon, seed=seed,
+                            threads=threads, actor=actor)
+    metrics = PolicyTrainer(path, out, cfg).run()
+    console.print("final: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    console.print(f"policy: {out} (lwm eval --checkpoint {out} --planner policy)")
+
+
 @app.command()
 def plan(
     instruction: str = typer.Argument(..., help="what to do, in plain language"),
@@ -254,7 +296,7 @@ def plan(
         "local", help="'local' (embedded llama.cpp model), a provider string such as "
         "'openai:gpt-4o-mini', or 'grammar' for BabyAI's grammar parser and no critic"),
     planner: str | None = typer.Option(
-        None, help="cem, mppi or greedy (default: the checkpoint's agent.json, else cem)"),
+        None, help="cem, mppi, greedy or policy (default: the checkpoint's agent.json, else cem)"),
     max_steps: int | None = typer.Option(None, help="step budget (default: the suite's)"),
     gif: Path | None = typer.Option(None, help="GIF of real frames beside imagined futures "
                                     "(default runs/plan/<suite>-seed<seed>.gif)"),
@@ -288,8 +330,8 @@ def evaluate(
         "local", help="LLM of the lwm and llm-only agents: 'local', a provider string, or "
         "'grammar' (lwm with BabyAI's grammar parser)"),
     planner: str | None = typer.Option(
-        None, help="planner of the lwm agents: cem, mppi or greedy (default: the checkpoint's "
-        "agent.json, else cem)"),
+        None, help="planner of the lwm agents: cem, mppi, greedy or policy (default: the "
+        "checkpoint's agent.json, else cem)"),
     candidates: int | None = typer.Option(None, min=1, help="override the planner's K"),
     iterations: int | None = typer.Option(None, min=1, help="override the planner's rounds"),
     horizon: int | None = typer.Option(None, min=1, help="override the planner's H"),

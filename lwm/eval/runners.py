@@ -183,7 +183,7 @@ class LwmRunner:
     critic: bool = True
     """Let the LLM critique and revise the subgoals (only with an LLM)."""
     planner: str | None = None
-    """cem, mppi or greedy."""
+    """cem, mppi, greedy or policy (the checkpoint's trained policy)."""
     planner_cfg: dict[str, Any] = field(default_factory=dict)
     """Overrides of the planner's config ({"candidates": 256, "horizon": 6}, ...)."""
     seed: int = 0

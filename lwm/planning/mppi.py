@@ -50,6 +50,9 @@ class MPPIConfig(SearchConfig):
     """Share of the K candidates drawn from the policy prior (0: none); TD-MPC2 uses 24/512."""
     q_prior: bool = True
     """Without a prior callable, use the world model's Q head as the prior."""
+    policy_prior: bool = False
+    """Draw the prior's candidates from the checkpoint's trained policy (`lwm train-policy`):
+    `Agent.from_pretrained` passes it as the prior."""
     prior_temperature: float = 0.5
     """Temperature of softmax(Q logits / T), the Q-head prior."""
     greedy: bool = True
