@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-futile", default=True, action=argparse.BooleanOptionalAction,
                         help="never repeat an action that left the observation unchanged "
                         "from that observation (default on)")
+    parser.add_argument("--policy-prior", action="store_true",
+                        help="mppi: draw the prior's candidates from the checkpoint's trained "
+                        "policy (lwm train-policy) instead of the Q head")
     parser.add_argument("--llm", default="grammar", help="grammar, local, or a provider string")
     parser.add_argument("--paraphrase", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -71,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
             if not hasattr(cfg, name):
                 parser.error(f"--{name.replace('_', '-')} does not apply to the {planner} planner")
             setattr(cfg, name, getattr(args, name))
+    if args.policy_prior:
+        if not hasattr(cfg, "policy_prior"):
+            parser.error(f"--policy-prior does not apply to the {planner} planner")
+        from lwm.planning.actor import GoalPolicy
+        from lwm.train_policy import model_dir_of
+
+        policy = GoalPolicy.from_pretrained(model_dir_of(args.checkpoint), agent.model)
+        agent.planner.prior, cfg.policy_prior = policy.prior(agent.model), True
     suite = load_suite(args.suite)
     env = suite.make_env()
     rows = []

@@ -128,10 +128,14 @@ class TrainConfig:
     policy_envs: int = 16
     """Envs stepped in lockstep (one batched model call per step) when the Q policy collects."""
     eval_every: int = 500
-    """Evaluate the greedy Q policy every this many collected episodes (0: never), so a run
-    records its own learning curve (`eval/curves.py` plots it)."""
+    """Evaluate the agent every this many collected episodes (0: never), so a run records its
+    own learning curve (`eval/curves.py` plots it)."""
     eval_episodes: int = 200
     """Evaluation episodes, on the suite's first evaluation seeds (never trained on)."""
+    eval_repeat_penalty: float = 0.1
+    """The evaluated agent's repeat penalty: it acts as `lwm.Agent` does with BabyAI's grammar
+    parser and the greedy Q planner (the shipped checkpoints' recommendation), preconditions
+    first and futile actions skipped. 0: a plain argmax of max(Q, reward) (with those rules)."""
     workers: int = 1
     """Collection processes (more than 1: a local Ray cluster; needs the `ray` extra)."""
     ray_address: str | None = None

@@ -184,21 +184,33 @@ class Trainer:
         return every > 0 and len(self.store) // every > done // every
 
     def evaluate(self, episodes: int | None = None) -> dict[str, float]:
-        """Success of the greedy Q policy (epsilon 0) on the suite's first `eval_episodes`
-        evaluation seeds, overall and on trained / held-out combinations; logged beside the
-        episodes and training wall time so far."""
+        """Success of the agent on the suite's first `eval_episodes` evaluation seeds, overall
+        and on trained / held-out combinations; logged beside the episodes and training wall
+        time so far. The agent is `lwm.Agent` as it is deployed without an LLM: BabyAI's
+        grammar parser, the greedy Q planner with `eval_repeat_penalty`, BabyAI's
+        preconditions first, futile actions skipped; so the learning curve is that of the
+        agent users run, not of a bare argmax that can loop."""
+        from lwm.agent import Agent
+        from lwm.language.mission import BabyAIMissionParser
+        from lwm.planning import GreedyQ, GreedyQConfig
+
         start = time.perf_counter()
         seeds = self.suite.seeds_for(None, episodes or self.cfg.eval_episodes)
-        probe = self.suite.make_env()
-        splits = {}
-        for seed in seeds:
-            probe.reset(seed=seed)
-            splits[seed] = self.suite.split_of_episode(probe)
-        rows = [(e.meta["seed"], bool(e.reward.sum() > 0))
-                for e in self.policy_episodes(seeds, greedy=True)]
+        planner = GreedyQ(GreedyQConfig(discount=self.model.cfg.discount,
+                                        repeat_penalty=self.cfg.eval_repeat_penalty))
+        env = self.suite.make_env()
+        rows = []
+        try:
+            agent = Agent(self.model, planner, BabyAIMissionParser())
+            for seed in seeds:
+                obs, _ = env.reset(seed=seed)
+                split = self.suite.split_of_episode(env)
+                rows.append((split, agent.run(obs["mission"], env, seed=seed).success))
+        finally:
+            self.model.train()
         info = {"eval_success": float(np.mean([ok for _, ok in rows]))}
         for split in ("train", "held_out"):
-            part = [ok for seed, ok in rows if splits[seed] == split]
+            part = [ok for s, ok in rows if s == split]
             info[f"eval_success_{split}"] = float(np.mean(part)) if part else float("nan")
         info["eval_s"] = time.perf_counter() - start
         self.state["evaluated_at"] = len(self.store)

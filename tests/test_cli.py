@@ -11,7 +11,7 @@ runner = CliRunner()
 def test_help_lists_the_verbs():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for verb in ("demo", "train", "plan", "eval", "suites"):
+    for verb in ("demo", "train", "train-policy", "plan", "eval", "suites"):
         assert verb in result.output
 
 

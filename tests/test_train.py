@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from lwm.agent import Agent
 from lwm.data.relabel import GoalVocab, relabel
 from lwm.goals import parse_goal
+from lwm.language.mission import BabyAIMissionParser
 from lwm.models.world_model import CheckpointError
+from lwm.planning import GreedyQ, GreedyQConfig
 from lwm.tasks import load_suite
 from lwm.train import TrainConfig, Trainer, trim_padding
 
@@ -255,10 +258,15 @@ def test_periodic_greedy_evaluation_logs_a_learning_curve_and_leaves_training_al
     evals = [x for x in lines if "eval_success" in x]
     assert [x["episodes"] for x in evals] == [6, 12]
     assert all(0 <= x["eval_success"] <= 1 and x["train_s"] > 0 for x in evals)
-    # the logged rate is the greedy policy's on the first evaluation seeds (held out from training)
+    # the logged rate is the deployed agent's (grammar parser, greedy Q with the repeat penalty)
+    # on the first evaluation seeds (held out from training)
+    assert curve.model.training  # evaluation hands the model back in training mode
     seeds = curve.suite.seeds_for(None, 5)
-    again = curve.policy_episodes(seeds, greedy=True)
-    assert evals[-1]["eval_success"] == np.mean([e.reward.sum() > 0 for e in again])
+    agent = Agent(curve.model, GreedyQ(GreedyQConfig(discount=curve.model.cfg.discount,
+                                                     repeat_penalty=0.1)), BabyAIMissionParser())
+    env = curve.suite.make_env()
+    again = [agent.run(env.reset(seed=s)[0]["mission"], env, seed=s).success for s in seeds]
+    assert evals[-1]["eval_success"] == np.mean(again)
     assert not set(seeds) & {curve.store[i].meta["seed"] for i in range(len(curve.store))}
     # evaluating draws nothing from the run's RNG: the same episodes are collected and trained on
     for i in range(12):
