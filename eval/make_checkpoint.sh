@@ -2,8 +2,8 @@
 # Train the shipped GoToLocal world model: a `small` mamba2 model, Dyna loop on BabyAI GoToLocal
 # (seed 0, 1 thread): 2600 episodes (exploration for 200, then mostly the model's own
 # epsilon-greedy Q policy), 300 updates of 8 whole-episode windows (64 steps) per 100 episodes,
-# relabelling with every concrete goal (`--goal-vocab all`); it evaluates its greedy Q policy on
-# 200 held-out seeds every 500 episodes (metrics.jsonl). Then copy it into
+# relabelling with every concrete goal (`--goal-vocab all`); it evaluates the agent (greedy Q, repeat
+# penalty 0.1) on 200 held-out seeds every 500 episodes (metrics.jsonl). Then copy it into
 # lwm/resources/checkpoints/babyai-goto with agent.json, the planner measured best for the
 # shipped weights (greedy Q with a repeat penalty; see that file and issue #5's notes).
 #
