@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from lwm.models.ssm import BatchState
 from lwm.models.world_model import CheckpointError, WorldModel, _atomic_write, check_tensors
-from lwm.planning.base import Planner, PlanResult, PolicyPrior
+from lwm.planning.base import Planner, PlanResult, PolicyPrior, one_step_plan
 
 __all__ = [
     "POLICY_CONFIG",
@@ -341,11 +341,4 @@ class PolicyPlanner(Planner):
         reward = torch.sigmoid(model.reward(h, action, psi=psi["reward"]))[:, None]
         cont = torch.sigmoid(model.cont(h, action))[:, None]
         value = torch.sigmoid(self.policy.value(h, goal))
-        result = PlanResult(action=action, actions=action[:, None], reward=reward, cont=cont,
-                            value=value, objective=value, probs=probs[:, None])
-        if decode:
-            obs = model.most_likely(model.decode(h, action))
-            result.image = obs["image"][:, None]
-            result.direction = obs["direction"][:, None]
-            result.carrying = obs["carrying"][:, None]
-        return result
+        return one_step_plan(model, h, action, reward, cont, value, probs[:, None], decode)

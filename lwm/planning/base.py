@@ -98,6 +98,21 @@ class PlanResult:
     """(B, H, 2) int64 imagined carried (type, colour), with `image`."""
 
 
+def one_step_plan(model: WorldModel, h: Tensor, action: Tensor, reward: Tensor, cont: Tensor,
+                  value: Tensor, probs: Tensor, decode: bool) -> PlanResult:
+    """The one-step plan of a planner that does not search (greedy Q, a policy): action (B,),
+    its reward and continuation probabilities (B, 1), the value after it (B,) (also the
+    objective), the distribution (B, 1, A), and with `decode` the view it leads to."""
+    result = PlanResult(action=action, actions=action[:, None], reward=reward, cont=cont,
+                        value=value, objective=value, probs=probs)
+    if decode:
+        obs = model.most_likely(model.decode(h, action))
+        result.image = obs["image"][:, None]
+        result.direction = obs["direction"][:, None]
+        result.carrying = obs["carrying"][:, None]
+    return result
+
+
 class Planner(ABC):
     """Plans from the current real observation of B environments in imagination (MPC).
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from lwm.envs.language import EXPLORATION_PROBS
 from lwm.models.ssm import BatchState
 from lwm.models.world_model import WorldModel
-from lwm.planning.base import Planner, PlanResult
+from lwm.planning.base import Planner, PlanResult, one_step_plan
 
 __all__ = ["GreedyQ", "GreedyQConfig"]
 
@@ -110,13 +110,5 @@ class GreedyQ(Planner):
                                else now.gather(-1, action[:, None])[:, 0])[:, None]  # (B, 1)
         cont = torch.sigmoid(model.cont(h, action))[:, None]
         value = torch.sigmoid(q.gather(-1, action[:, None])[:, 0])
-        result = PlanResult(
-            action=action, actions=action[:, None], reward=reward, cont=cont, value=value,
-            objective=value, probs=F.one_hot(action, q.shape[-1]).float()[:, None],
-        )
-        if decode:
-            obs = model.most_likely(model.decode(h, action))
-            result.image = obs["image"][:, None]
-            result.direction = obs["direction"][:, None]
-            result.carrying = obs["carrying"][:, None]
-        return result
+        probs = F.one_hot(action, q.shape[-1]).float()[:, None]
+        return one_step_plan(model, h, action, reward, cont, value, probs, decode)
