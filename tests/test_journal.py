@@ -151,3 +151,25 @@ def test_cli_eval_resumes_from_its_journal_and_fresh_starts_over(tmp_path):
     (out / JOURNAL_NAME).write_text("garbage\n{}\n")
     broken = CliRunner().invoke(app, [*args, "--episodes", "2"], terminal_width=200)
     assert broken.exit_code == 2 and "is not an lwm evaluation journal" in broken.output
+
+
+@dataclass(frozen=True)
+class Unbuildable:
+    """A runner whose worker cannot be built (a model that is not there)."""
+
+    name: str = "random"
+
+    def __call__(self):
+        raise AssertionError("a worker was built with nothing left to play")
+
+
+def test_a_fully_resumed_agent_builds_no_worker(tmp_path):
+    path = tmp_path / JOURNAL_NAME
+    key_runner = Unbuildable()
+    journal = EpisodeJournal(path)
+    for outcome in run_agents({"random": Counting()}, EPISODES[:2], LocalCollector(),
+                              progress=False)[0]:
+        journal.record(runner_key(key_runner), outcome)
+    outcomes, reused = run_agents({"random": key_runner}, EPISODES[:2], LocalCollector(),
+                                  EpisodeJournal(path), progress=False)
+    assert reused == {"random": 2} and [o.episode for o in outcomes] == list(EPISODES[:2])

@@ -165,8 +165,9 @@ def run_agents(
             if journal is not None:
                 journal.record(key, _outcome(result))
 
-        fresh = collector.map(runner, [items[i] for i in todo],
-                              progress=name if progress else None, on_result=save)
+        fresh = [] if not todo else collector.map(  # nothing to play: no worker to build
+            runner, [items[i] for i in todo], progress=name if progress else None,
+            on_result=save)
         for i, result in zip(todo, fresh, strict=True):
             known[i] = _outcome(result)
         outcomes += known
