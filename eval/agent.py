@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.policy_prior:
         if not hasattr(cfg, "policy_prior"):
             parser.error(f"--policy-prior does not apply to the {planner} planner")
+        from lwm.models.world_model import model_dir
         from lwm.planning.actor import GoalPolicy
-        from lwm.train_policy import model_dir_of
 
-        policy = GoalPolicy.from_pretrained(model_dir_of(args.checkpoint), agent.model)
+        policy = GoalPolicy.from_pretrained(model_dir(args.checkpoint), agent.model)
         agent.planner.prior, cfg.policy_prior = policy.prior(agent.model), True
     suite = load_suite(args.suite)
     env = suite.make_env()

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from lwm.data import EpisodeRecorder
 from lwm.models.metrics import auroc, open_loop_accuracy, reward_scores
-from lwm.models.world_model import WorldModel
+from lwm.models.world_model import WorldModel, model_dir
 from lwm.report import machine_info, write_json
 from lwm.tasks import load_suite
 from lwm.train import explore_episode
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in cols:
         table.add_column(c)
     for run in args.runs:
-        model = WorldModel.from_pretrained(run / "model" if (run / "model").is_dir() else run)
+        model = WorldModel.from_pretrained(model_dir(run))
         figures = evaluate(model, episodes, suite, goal_texts, goal_table)
         figures["backbone"] = model.cfg.backbone
         results[str(run)] = figures

@@ -35,7 +35,7 @@ from lwm.goals import acting_goal
 from lwm.language.critic import Critic, Critique
 from lwm.language.embed import GoalEncoder
 from lwm.language.spec import GoalParser, GoalSpec
-from lwm.models.world_model import CheckpointError, WorldModel
+from lwm.models.world_model import CheckpointError, WorldModel, model_dir
 from lwm.planning import Planner, PlanResult, make_planner
 
 __all__ = ["Agent", "EpisodeResult", "StepRecord"]
@@ -173,8 +173,8 @@ class Agent:
         from lwm.planning import PLANNERS
 
         path = Path(path)
-        model_dir = path / "model" if (path / "model").is_dir() else path
-        model = WorldModel.from_pretrained(model_dir)
+        directory = model_dir(path)
+        model = WorldModel.from_pretrained(directory)
         settings = agent_settings(path) if planner is None else {}
         planner = planner or settings.get("planner", "cem")
         if planner not in PLANNERS:
@@ -191,7 +191,7 @@ class Agent:
         if planner == "policy" or getattr(planner_cfg, "policy_prior", False):
             from lwm.planning.actor import GoalPolicy
 
-            policy = GoalPolicy.from_pretrained(model_dir, model)
+            policy = GoalPolicy.from_pretrained(directory, model)
             extra = {"policy": policy} if planner == "policy" else {"prior": policy.prior(model)}
         if llm is None:
             from lwm.language.mission import BabyAIMissionParser

@@ -264,22 +264,19 @@ def train_policy(
 ) -> None:
     """Train a goal-conditioned policy for a world model by actor-critic in imagination (a fast
     policy: --planner policy; and MPPI's proposal: policy_prior)."""
+    from lwm.models.world_model import CheckpointError
     from lwm.planning.actor import ActorCriticConfig
-    from lwm.resources import checkpoint as shipped_checkpoint
     from lwm.train_policy import PolicyTrainConfig, PolicyTrainer
 
-    path: Path | None = Path(checkpoint)
-    if checkpoint.startswith(f"{SHIPPED}:"):
-        name = checkpoint.partition(":")[2]
-        path = shipped_checkpoint(name)
-        if path is None:
-            console.print(f"[red]error[/red]: lwm ships no checkpoint for suite {name!r}")
-            raise typer.Exit(code=2)
-        suite = suite or name
     actor = ActorCriticConfig(horizon=horizon, entropy=entropy, lr=lr, q_base=q_base)
     cfg = PolicyTrainConfig(suite=suite, updates=updates, envs=envs, epsilon=epsilon, seed=seed,
                             threads=threads, actor=actor)
-    metrics = PolicyTrainer(path, out, cfg).run()
+    try:
+        trainer = PolicyTrainer(checkpoint, out, cfg)
+    except CheckpointError as err:
+        console.print(f"[red]error[/red]: {err}")
+        raise typer.Exit(code=2) from None
+    metrics = trainer.run()
     console.print("final: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     console.print(f"policy: {out} (lwm eval --checkpoint {out} --planner policy)")
 

@@ -35,7 +35,13 @@ from lwm.data import EpisodeRecorder, EpisodeStore, SequenceSampler
 from lwm.data.relabel import GoalVocab, relabel
 from lwm.envs.language import EXPLORATION_PROBS as env_exploration_probs
 from lwm.envs.language import affordance_probs
-from lwm.models.world_model import CheckpointError, WorldModel, WorldModelConfig, preset
+from lwm.models.world_model import (
+    CheckpointError,
+    WorldModel,
+    WorldModelConfig,
+    model_dir,
+    preset,
+)
 from lwm.tasks import TaskSuite, load_suite
 
 __all__ = [
@@ -46,20 +52,6 @@ __all__ = [
 EXPLORATION_PROBS = np.array(env_exploration_probs)
 """Exploration policy over minigrid's actions (`lwm.envs.EXPLORATION_PROBS`): mostly moving,
 never the no-op `done`."""
-
-
-def _init_dir(spec: str) -> Path:
-    """The model directory `TrainConfig.init_from` names: 'shipped:<suite>' or a run or
-    checkpoint directory."""
-    if spec.startswith("shipped:"):
-        from lwm.resources import checkpoint
-
-        path = checkpoint(spec.removeprefix("shipped:"))
-        if path is None:
-            raise CheckpointError(f"init_from {spec!r}: lwm ships no checkpoint for that suite")
-        return path
-    path = Path(spec)
-    return path / "model" if (path / "model").is_dir() else path
 
 
 EXPLORATIONS = ("plain", "affordance")
@@ -119,7 +111,7 @@ class Trainer:
         if resumed:
             self.model = WorldModel.from_pretrained(self.dir / "model", expect=self.model_cfg)
         elif cfg.init_from:
-            self.model = WorldModel.from_pretrained(_init_dir(cfg.init_from),
+            self.model = WorldModel.from_pretrained(model_dir(cfg.init_from),
                                                     expect=self.model_cfg)
         else:
             self.model = WorldModel(self.model_cfg)

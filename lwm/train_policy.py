@@ -39,11 +39,11 @@ from lwm.envs.language import (
     locked_doors,
 )
 from lwm.goals import acting_goal
-from lwm.models.world_model import CheckpointError, WorldModel
+from lwm.models.world_model import CheckpointError, WorldModel, model_dir
 from lwm.planning.actor import POLICY_CONFIG, ActorCriticConfig, GoalPolicy
 from lwm.tasks import TaskSuite, load_suite
 
-__all__ = ["PolicyTrainConfig", "PolicyTrainer", "model_dir_of"]
+__all__ = ["PolicyTrainConfig", "PolicyTrainer"]
 
 STATE_FILE = "policy_trainer.json"
 OPTIMIZER_FILE = "policy_optimizer.safetensors"
@@ -77,12 +77,6 @@ class PolicyTrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def model_dir_of(path: str | Path) -> Path:
-    """The model directory of a run directory (its `model/`) or of a model directory."""
-    path = Path(path)
-    return path / "model" if (path / "model" / "config.json").is_file() else path
 
 
 class _Episodes:
@@ -135,25 +129,24 @@ class _Episodes:
 
 
 class PolicyTrainer:
-    """Trains (or resumes training) the policy of the world model at `checkpoint` into `out`."""
+    """Trains (or resumes training) the policy of the world model at `checkpoint` (a run or
+    model directory, or 'shipped:SUITE') into `out`."""
 
     def __init__(self, checkpoint: str | Path, out: str | Path, cfg: PolicyTrainConfig,
                  progress: bool = True):
         self.cfg, self.progress = cfg, progress
-        source = model_dir_of(checkpoint)
+        source = model_dir(checkpoint)
         self.out = Path(out)
         torch.set_num_threads(cfg.threads)
         self.model = WorldModel.from_pretrained(source).eval().requires_grad_(False)
-        suite = cfg.suite or _suite_of(Path(checkpoint))
+        suite = cfg.suite or _suite_of(source)
         if suite is None:
             raise ValueError(f"{checkpoint} does not say which suite it was trained on "
                              "(no trainer.json): pass --suite")
         self.suite = load_suite(suite)
         actor = dataclasses.replace(cfg.actor, discount=self.model.cfg.discount)
         self.policy = GoalPolicy(actor, self.model)
-        self.opt = torch.optim.Adam(
-            [p for n, p in self.policy.named_parameters() if not n.startswith("critic_target")],
-            lr=actor.lr)
+        self.opt = _adam(self.policy)
         self.state: dict[str, Any] = {"updates": 0, "episodes": 0, "successes": 0,
                                       "next_seed": self.suite.seeds.train_start}
         self.rng = np.random.default_rng(cfg.seed)
@@ -189,9 +182,7 @@ class PolicyTrainer:
             raise CheckpointError(f"{self.out}: cannot resume a policy run with other settings "
                                   f"({', '.join(diff)} differ); use another --out")
         self.policy = GoalPolicy.from_pretrained(self.out, self.model).train()
-        self.opt = torch.optim.Adam(
-            [p for n, p in self.policy.named_parameters() if not n.startswith("critic_target")],
-            lr=self.policy.cfg.lr)
+        self.opt = _adam(self.policy)
         self.opt.load_state_dict(unflatten_optimizer(
             load_file(str(self.out / OPTIMIZER_FILE)), saved["optimizer"]))
         self.state = saved["state"]
@@ -296,13 +287,19 @@ class PolicyTrainer:
         os.replace(tmp, self.out / STATE_FILE)
 
 
-def _suite_of(checkpoint: Path) -> str | None:
-    """The suite a checkpoint was trained on: its run's trainer.json, else the suite its policy
-    was trained on (policy.json)."""
-    for candidate in (checkpoint / "trainer.json", checkpoint.parent / "trainer.json"):
+def _adam(policy: GoalPolicy) -> torch.optim.Adam:
+    """Adam over the actor and the critic (the critic's slow copy follows by EMA)."""
+    return torch.optim.Adam([p for p in policy.parameters() if p.requires_grad],
+                            lr=policy.cfg.lr)
+
+
+def _suite_of(source: Path) -> str | None:
+    """The suite the model in directory `source` was trained on: its run's trainer.json, else
+    the suite its policy was trained on (policy.json)."""
+    for candidate in (source / "trainer.json", source.parent / "trainer.json"):
         if candidate.is_file():
             return json.loads(candidate.read_text())["config"]["suite"]
-    policy = model_dir_of(checkpoint) / POLICY_CONFIG
+    policy = source / POLICY_CONFIG
     if policy.is_file():
         return json.loads(policy.read_text()).get("trained", {}).get("suite")
     return None

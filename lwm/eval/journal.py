@@ -162,12 +162,11 @@ def run_agents(
         reused[name] = len(items) - len(todo)
 
         def save(index: int, result: Any, key: str = key) -> None:
-            if journal is not None:
-                journal.record(key, _outcome(result))
+            journal.record(key, _outcome(result))
 
         fresh = [] if not todo else collector.map(  # nothing to play: no worker to build
             runner, [items[i] for i in todo], progress=name if progress else None,
-            on_result=save)
+            on_result=None if journal is None else save)
         for i, result in zip(todo, fresh, strict=True):
             known[i] = _outcome(result)
         outcomes += known

@@ -545,6 +545,21 @@ def _ce(logits: Tensor, target: Tensor) -> Tensor:
                            reduction="none").view(target.shape)
 
 
+def model_dir(spec: str | Path) -> Path:
+    """The model directory a checkpoint spec names: 'shipped:SUITE' (the checkpoint lwm ships
+    for SUITE), a run directory (its `model/`) or a model directory."""
+    if isinstance(spec, str) and spec.startswith("shipped:"):
+        from lwm.resources import checkpoint
+
+        suite = spec.removeprefix("shipped:")
+        path = checkpoint(suite)
+        if path is None:
+            raise CheckpointError(f"lwm ships no checkpoint for suite {suite!r}")
+        return path
+    path = Path(spec)
+    return path / "model" if (path / "model").is_dir() else path
+
+
 def load_config(path: str | Path) -> WorldModelConfig:
     """The `WorldModelConfig` of a checkpoint directory, with clear errors for foreign files."""
     file = Path(path) / CONFIG_NAME

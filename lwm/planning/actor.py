@@ -53,7 +53,6 @@ __all__ = [
     "GoalPolicy",
     "PolicyPlanner",
     "PolicyPlannerConfig",
-    "has_policy",
     "lambda_returns",
 ]
 
@@ -287,11 +286,6 @@ class GoalPolicy(nn.Module):
         check_tensors(weights, tensors, policy.state_dict())
         policy.load_state_dict(tensors)
         return policy.eval()
-
-
-def has_policy(path: str | Path) -> bool:
-    """Whether directory `path` holds a trained policy."""
-    return (Path(path) / POLICY_CONFIG).is_file()
 
 
 # ---------------------------------------------------------------------- the planner
