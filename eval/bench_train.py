@@ -39,9 +39,11 @@ from lwm.report import machine_info, time_interleaved, write_json  # noqa: E402
 from lwm.train import Trainer, trim_padding  # noqa: E402
 
 
-def reference_pairwise(head: _GoalHead, h: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
-    """The goal head's pairwise scores written the direct way: broadcast every state against
-    its goals (the cells are copied once per goal)."""
+def reference_pairwise(head: _GoalHead, h: torch.Tensor, psi: torch.Tensor,
+                       goals: torch.Tensor | None = None) -> torch.Tensor:
+    """The goal head's pairwise scores written the direct way: gather whole goal features per
+    slot and broadcast every state against its goals (the cells are copied once per goal)."""
+    psi = psi if goals is None else psi[goals]
     k, n = head.hidden, head.n_out
     phi = head.state_mlp(h[..., : head.d]).unflatten(-1, (n, k))
     out = torch.einsum("blnk,blgk->blgn", phi, psi[..., :k]) / math.sqrt(k) + psi[..., k : k + n]

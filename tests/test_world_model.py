@@ -236,3 +236,22 @@ def test_pairwise_goal_scores_equal_one_goal_at_a_time(maps):
     singles = torch.stack([head(h, g[:, :, i]) for i in range(7)], dim=2)
     assert pairs.shape == (2, 3, 7, 4)
     torch.testing.assert_close(pairs, singles, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("maps", [0, 3])
+def test_pairwise_from_a_goal_table_equals_gathered_goals_with_gradients(maps):
+    torch.manual_seed(0)
+    head = _GoalHead(d=8, goal_dim=5, hidden=6, n_out=4, maps=maps, cell_dim=3)
+    width = 8 + (MAP_CELLS * 3 if maps else 0)
+    table, goals = torch.randn(9, 5), torch.randint(0, 9, (2, 3, 7))
+
+    def scores_and_grads(from_table: bool):
+        head.zero_grad(set_to_none=True)
+        h = torch.randn(2, 3, width, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        psi = head.goal_features(table)
+        out = head.pairwise(h, psi, goals) if from_table else head.pairwise(h, psi[goals])
+        out.square().sum().backward()
+        return [out, h.grad] + [p.grad for p in head.parameters()]
+
+    for a, b in zip(scores_and_grads(True), scores_and_grads(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

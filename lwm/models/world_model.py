@@ -195,27 +195,39 @@ class _GoalHead(nn.Module):
                                      + self.history(h[..., : self.d]))
         return out
 
-    def pairwise(self, h: Tensor, psi: Tensor) -> Tensor:
-        """Every state against its own set of goals: h (B, L, D), psi (B, L, G, P) -> logits
-        (B, L, G, n_out), as batched matmuls over the B*L states: no (B, L, G, n_out, k)
-        intermediate, and the cells of a state are never copied once per goal."""
-        k, n = self.hidden, self.n_out
+    def pairwise(self, h: Tensor, psi: Tensor, goals: Tensor | None = None) -> Tensor:
+        """Every state against its own set of goals: h (B, L, D) and psi (B, L, G, P), or a goal
+        table's psi (V, P) with goals (B, L, G) indices into it -> logits (B, L, G, n_out), as
+        batched matmuls over the B*L states: no (B, L, G, n_out, k) intermediate, and the cells
+        of a state are never copied once per goal.
+
+        With a table, each part of psi (goal stream, biases, map queries) is gathered on its
+        own: the gathered parts come out contiguous, and the backward scatters into the small
+        table rather than filling a (B, L, G, P) gradient once per part (training's case)."""
+        k, n, e = self.hidden, self.n_out, self.cell_dim
+        stream, bias = psi[..., :k], psi[..., k : k + n]
+        query = psi[..., k + n :].unflatten(-1, (self.maps, e + 1)) if self.maps else None
+        if query is not None:
+            query, query_bias = query[..., :-1].flatten(-2), query[..., -1]  # maps * e, maps
+        if goals is not None:
+            stream, bias = stream[goals], bias[goals]
+            if query is not None:
+                query, query_bias = query[goals], query_bias[goals]
         phi = self.state_mlp(h[..., : self.d]).unflatten(-1, (n, k))  # (B, L, n_out, k)
         # (phi psi^T)^T rather than psi phi^T: the same product, with faster backward kernels.
-        dot = (phi @ psi[..., :k].transpose(-1, -2)).transpose(-1, -2)  # (B, L, G, n_out)
-        out = dot / math.sqrt(k) + psi[..., k : k + n]
-        if self.maps:
-            (*lead, goals, _), e = psi.shape, self.cell_dim
+        dot = (phi @ stream.transpose(-1, -2)).transpose(-1, -2)  # (B, L, G, n_out)
+        out = dot / math.sqrt(k) + bias
+        if query is not None:
+            *lead, n_goals, _ = query.shape
             cells = h[..., self.d :].unflatten(-1, (MAP_CELLS, e))  # (B, L, C, e)
-            query = psi[..., k + n :].unflatten(-1, (self.maps, e + 1))  # (B, L, G, maps, e+1)
             # The maps come out goal-major, (B, L, G * maps, C), so the read is one matmul
             # over a view; the read weight (hidden, C, maps) is permuted to match (it is small).
-            match = query[..., :-1].flatten(-3, -2) @ cells.transpose(-1, -2)
+            match = query.reshape(*lead, n_goals * self.maps, e) @ cells.transpose(-1, -2)
             weight = self.read.weight.view(-1, MAP_CELLS, self.maps)
-            read = F.linear(match.view(*lead, goals, -1),
+            read = F.linear(match.view(*lead, n_goals, -1),
                             weight.transpose(1, 2).reshape(weight.shape[0], -1))
             # read(match + bias): the query biases enter through the weight summed over cells.
-            read = read + query[..., -1] @ weight.sum(1).T + self.read.bias
+            read = read + query_bias @ weight.sum(1).T + self.read.bias
             out = out + self.map_out(read + self.history(h[..., : self.d])[:, :, None])
         return out
 
@@ -408,7 +420,7 @@ class WorldModel(nn.Module):
         gdenom = gmask.sum().clamp(min=1)
         r_target = batch["goal_reward"]  # (B, L, G)
         reward_logits = self.reward_head.pairwise(
-            self.with_action(h, action), psi["reward"][goals])[..., 0]  # (B, L, G)
+            self.with_action(h, action), psi["reward"], goals)[..., 0]  # (B, L, G)
         reward_loss = (F.binary_cross_entropy_with_logits(
             reward_logits, r_target, reduction="none") * gmask).sum() / gdenom
 
@@ -420,18 +432,18 @@ class WorldModel(nn.Module):
         # steps are masked, and h_{t+1} of the window's last step exists (L+1 observations).
         # Double DQN: the online head picks the next action, the target head values it, which
         # keeps the max over noisy estimates from inflating every value towards 1.
-        psi_q = psi["q"][goals]  # (B, L, G, k + A)
+        psi_q = psi["q"]  # (V, P): gathered per goal slot inside `pairwise`
         h_next = h_all[:, 1:].detach()
         with torch.no_grad():
-            psi_target = self.q_target.goal_features(goal_table)[goals]
-            next_q = self.q_target.pairwise(h_next, psi_target)  # (B, L, G, A)
+            psi_target = self.q_target.goal_features(goal_table)
+            next_q = self.q_target.pairwise(h_next, psi_target, goals)  # (B, L, G, A)
             if cfg.double_q:
-                best = self.q_head.pairwise(h_next, psi_q).argmax(-1, keepdim=True)
+                best = self.q_head.pairwise(h_next, psi_q, goals).argmax(-1, keepdim=True)
                 bootstrap = torch.sigmoid(next_q.gather(-1, best))[..., 0]  # (B, L, G)
             else:
                 bootstrap = torch.sigmoid(next_q).amax(-1)
             y = r_target + cfg.discount * (1 - r_target) * alive[..., None] * bootstrap
-        q_all = self.q_head.pairwise(h, psi_q)  # (B, L, G, A)
+        q_all = self.q_head.pairwise(h, psi_q, goals)  # (B, L, G, A)
         q_taken = q_all.gather(-1, action[:, :, None, None].expand(*goals.shape, 1))[..., 0]
         q_loss = (F.binary_cross_entropy_with_logits(q_taken, y, reduction="none")
                   * gmask).sum() / gdenom
