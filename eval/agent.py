@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     console = Console()
 
-    agent = Agent.from_pretrained(args.checkpoint, llm=None if args.llm == "grammar" else args.llm,
+    agent = Agent.from_pretrained(args.checkpoint, llm=args.llm,
                                   planner=args.planner, seed=args.seed,
                                   skip_futile=args.skip_futile)
     cfg = agent.planner.cfg

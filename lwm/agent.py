@@ -164,7 +164,7 @@ class Agent:
         """Load the world model of a run directory (or a model directory) and build an agent.
 
         llm: "local" (the embedded llama.cpp model), a provider string, a langchain chat model,
-        or None for BabyAI's grammar parser and no critic. planner: "cem", "mppi", "greedy" or
+        or "grammar" (or None) for BabyAI's grammar parser and no critic. planner: "cem", "mppi", "greedy" or
         "policy" (the checkpoint's trained policy, `lwm train-policy`, which MPPI also takes as
         its prior with `policy_prior`); None takes the checkpoint's recommendation
         (`agent_settings`), else "cem". The planner's discount is the one Q was trained with
@@ -193,7 +193,7 @@ class Agent:
 
             policy = GoalPolicy.from_pretrained(directory, model)
             extra = {"policy": policy} if planner == "policy" else {"prior": policy.prior(model)}
-        if llm is None:
+        if llm is None or (isinstance(llm, str) and llm == "grammar"):
             from lwm.language.mission import BabyAIMissionParser
 
             parser, judge = BabyAIMissionParser(), None

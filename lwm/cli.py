@@ -129,7 +129,7 @@ def _load_agent(suite, checkpoint: str | None, llm: str, planner: str | None):
         Trainer(TrainConfig(suite=suite.name), trained).run()
         path = trained
     console.print(f"world model: {path}")
-    return Agent.from_pretrained(path, llm=None if llm == "grammar" else llm, planner=planner)
+    return Agent.from_pretrained(path, llm=llm, planner=planner)
 
 
 def _agent_episode(agent, env, instruction: str, seed: int, gif: Path, live: bool,

@@ -249,6 +249,13 @@ def test_time_limit_and_decoded_views():
     assert seen[0].imagined_image.shape == (3, 7, 7, 3) and seen[0].real_image.shape == (7, 7, 3)
 
 
+def test_from_pretrained_takes_grammar_as_the_grammar_parser_without_a_critic(tmp_path):
+    WorldModel(preset("debug")).save_pretrained(tmp_path / "model")
+    for llm in ("grammar", None):  # what the CLI says, and the Python default for it
+        agent = Agent.from_pretrained(tmp_path, llm=llm)
+        assert isinstance(agent.parser, BabyAIMissionParser) and agent.critic is None
+
+
 def test_from_pretrained_takes_the_checkpoints_recommended_planner(tmp_path):
     import json
 

@@ -201,8 +201,7 @@ class _LwmWorker(_Worker):
         from lwm.agent import Agent
 
         super().__init__(cfg.name)
-        llm = None if cfg.llm == "grammar" else cfg.llm
-        self.agent = Agent.from_pretrained(cfg.checkpoint, llm=llm, planner=cfg.planner,
+        self.agent = Agent.from_pretrained(cfg.checkpoint, llm=cfg.llm, planner=cfg.planner,
                                            critic=cfg.critic, preconditions=cfg.preconditions)
         planner_cfg = self.agent.planner.cfg
         for key, value in cfg.planner_cfg.items():
