@@ -19,7 +19,7 @@ from lwm.envs.bot import BotPolicy
 from lwm.envs.language import ACTION_NAMES, instr_goals
 from lwm.eval import runners
 from lwm.eval.episodes import EpisodeOutcome, EvalEpisode, Referee, episodes_for
-from lwm.eval.report import load_outcomes, summarize, wilson, write_report
+from lwm.eval.report import load_outcomes, mcnemar_p, paired, summarize, wilson, write_report
 from lwm.eval.runners import (
     ActionChoice,
     BotRunner,
@@ -375,6 +375,26 @@ def test_write_report_files_and_json_round_trip(tmp_path):
                                         "success": True, "steps": 3})
     assert (partial.llm_calls, partial.plan_ms_per_action, partial.events) == (0, None, [])
     assert data["summary"] == summarize(load_outcomes(paths["json"]))
+
+
+def test_mcnemar_exact_p_values():
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(3, 3) == 1.0
+    assert mcnemar_p(6, 1) == pytest.approx(2 * 8 / 128)  # 2 P(X <= 1), X ~ Bin(7, 1/2)
+    assert mcnemar_p(10, 0) == pytest.approx(2 / 1024) == mcnemar_p(0, 10)
+
+
+def test_paired_compares_agents_on_the_episodes_both_played(tmp_path):
+    outcomes = [_outcome("x", s < 8, seed=s) for s in range(10)]
+    outcomes += [_outcome("y", s in (0, 1, 8), seed=s) for s in range(10)]
+    outcomes += [_outcome("z", True, seed=100 + s) for s in range(3)]  # nothing in common
+    outcomes += [_outcome("y", True, seed=0, split="held_out")]  # another episode: unpaired
+    assert paired(outcomes) == [{
+        "a": "x", "b": "y", "n": 10, "both": 2, "only_a": 6, "only_b": 1, "neither": 1,
+        "difference": pytest.approx(0.5), "mcnemar_p": pytest.approx(0.125)}]
+    assert paired(_hand_built()) == []  # no episode in common
+    paths = write_report(tmp_path / "r", summarize(outcomes), outcomes, {"suite": "babyai-goto"})
+    assert "| x | y | 10 | 2 | 6 | 1 | 1 | +50.0 | 0.12 |" in paths["summary"].read_text()
+    assert json.loads(paths["json"].read_text())["paired"][0]["only_a"] == 6
 
 
 # ---------------------------------------------------------------------- the command

@@ -6,10 +6,12 @@ and PNG plots.
 
 Breakdowns per agent: trained vs held-out (colour, type) combinations, grammar missions vs
 paraphrases, and instruction family. A group with no episodes has rate and interval None.
+Agents that played the same episodes are also compared episode by episode (`paired`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -20,7 +22,7 @@ import numpy as np
 
 from lwm.eval.episodes import EpisodeOutcome
 
-__all__ = ["load_outcomes", "summarize", "wilson", "write_report"]
+__all__ = ["load_outcomes", "mcnemar_p", "paired", "summarize", "wilson", "write_report"]
 
 BREAKDOWNS = {"by_split": ("split", ("train", "held_out")),
               "by_kind": ("kind", ("grammar", "paraphrase"))}
@@ -95,6 +97,43 @@ def summarize(outcomes: Sequence[EpisodeOutcome]) -> dict[str, dict[str, Any]]:
     return summary
 
 
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar p-value: the chance, were both agents equally good, of episodes
+    splitting at least this unevenly between "only A succeeded" and "only B succeeded"."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def paired(outcomes: Sequence[EpisodeOutcome]) -> list[dict[str, Any]]:
+    """Every pair of agents (in order of first appearance) over the episodes both played: n,
+    both / only_a / only_b / neither succeeded, the success difference a - b on those episodes
+    and its exact McNemar p-value. Pairs with no common episode are left out."""
+    by_agent: dict[str, dict[str, bool]] = {}
+    for o in outcomes:
+        key = json.dumps(dataclasses.asdict(o.episode), sort_keys=True)
+        by_agent.setdefault(o.agent, {})[key] = o.success
+    names, rows = list(by_agent), []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            common = by_agent[a].keys() & by_agent[b].keys()
+            if not common:
+                continue
+            pairs = [(by_agent[a][k], by_agent[b][k]) for k in common]
+            only_a = sum(x and not y for x, y in pairs)
+            only_b = sum(y and not x for x, y in pairs)
+            rows.append({
+                "a": a, "b": b, "n": len(pairs), "both": sum(x and y for x, y in pairs),
+                "only_a": only_a, "only_b": only_b,
+                "neither": sum(not x and not y for x, y in pairs),
+                "difference": (only_a - only_b) / len(pairs),
+                "mcnemar_p": mcnemar_p(only_a, only_b),
+            })
+    return rows
+
+
 # ---------------------------------------------------------------------- writing
 
 
@@ -109,7 +148,8 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def _markdown(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
+def _markdown(summary: dict[str, dict[str, Any]], meta: dict[str, Any],
+              pairs: Sequence[dict[str, Any]] = ()) -> str:
     lines = [f"# lwm eval: {meta.get('suite', '?')}", ""]
     for key, value in meta.items():
         shown = ", ".join(map(str, value)) if isinstance(value, list | tuple) else value
@@ -144,6 +184,16 @@ def _markdown(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
                      for f in families]
             mean = _num(None if row["family_mean"] is None else 100 * row["family_mean"], ".1f")
             lines.append(f"| {agent} | {mean} | " + " | ".join(cells) + " |")
+    if pairs:
+        lines += ["", "## Agent against agent, on the same episodes", "",
+                  "Episodes both agents played; p: exact McNemar test on the episodes only one "
+                  "of them succeeded in.", "",
+                  "| A | B | episodes | both | only A | only B | neither | A - B | p |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in pairs:
+            lines.append(f"| {r['a']} | {r['b']} | {r['n']} | {r['both']} | {r['only_a']} | "
+                         f"{r['only_b']} | {r['neither']} | {100 * r['difference']:+.1f} | "
+                         f"{r['mcnemar_p']:.2g} |")
     lines += ["", "![success by agent](success.png)", "", "![breakdowns](breakdown.png)", ""]
     return "\n".join(lines)
 
@@ -198,17 +248,18 @@ def _plot(summary: dict[str, dict[str, Any]], out_dir: Path, title: str) -> list
 
 def write_report(out_dir: str | Path, summary: dict[str, dict[str, Any]],
                  outcomes: Sequence[EpisodeOutcome], meta: dict[str, Any]) -> dict[str, Path]:
-    """Write `summary.md` (tables), `report.json` (meta, the machine, every figure, every
-    episode) and the plots `success.png` and `breakdown.png` into `out_dir`; returns the paths
-    by name."""
+    """Write `summary.md` (tables), `report.json` (meta, the machine, every figure, the agents
+    compared episode by episode, every episode) and the plots `success.png` and `breakdown.png`
+    into `out_dir`; returns the paths by name."""
     from lwm.report import machine_info, write_json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"summary": out_dir / "summary.md", "json": out_dir / "report.json"}
-    paths["summary"].write_text(_markdown(summary, meta), encoding="utf-8")
+    pairs = paired(outcomes)
+    paths["summary"].write_text(_markdown(summary, meta, pairs), encoding="utf-8")
     write_json(paths["json"], {"meta": meta, "machine": machine_info(), "summary": summary,
-                               "episodes": [o.to_dict() for o in outcomes]})
+                               "paired": pairs, "episodes": [o.to_dict() for o in outcomes]})
     title = f"{meta.get('suite', '')}: success by agent"
     paths["success_png"], paths["breakdown_png"] = _plot(summary, out_dir, title)
     return paths
