@@ -11,7 +11,8 @@
   lwm, lwm-grammar, lwm-no-critic, llm-only);
 - `journal`: `EpisodeJournal` (each finished episode on disk at once) and `run_agents`, which
   resumes an interrupted evaluation from it;
-- `report`: `summarize` (success with 95 % Wilson intervals, by split, kind and family) and
+- `report`: `summarize` (success with 95 % Wilson intervals, by split, kind and family),
+  `paired` (agents compared on the episodes both played, with McNemar's exact test) and
   `write_report` (summary.md, report.json, PNG plots).
 
 Names load on first use, so `import lwm.eval` stays cheap.
@@ -28,7 +29,8 @@ _EXPORTS = {
     "episodes_for": "episodes",
     "EpisodeJournal": "journal", "run_agents": "journal",
     "RUNNERS": "runners", "make_runner": "runners", "register_runner": "runners",
-    "summarize": "report", "wilson": "report", "write_report": "report",
+    "mcnemar_p": "report", "paired": "report", "summarize": "report", "wilson": "report",
+    "write_report": "report",
 }
 
 __all__ = [
@@ -42,6 +44,8 @@ __all__ = [
     "episodes_for",
     "make_collector",
     "make_runner",
+    "mcnemar_p",
+    "paired",
     "register_runner",
     "run_agents",
     "summarize",
@@ -53,7 +57,7 @@ if TYPE_CHECKING:
     from lwm.eval.collect import Collector, LocalCollector, make_collector
     from lwm.eval.episodes import EpisodeOutcome, EvalEpisode, Referee, episodes_for
     from lwm.eval.journal import EpisodeJournal, run_agents
-    from lwm.eval.report import summarize, wilson, write_report
+    from lwm.eval.report import mcnemar_p, paired, summarize, wilson, write_report
     from lwm.eval.runners import RUNNERS, make_runner, register_runner
 
 
