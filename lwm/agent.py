@@ -164,11 +164,11 @@ class Agent:
         """Load the world model of a run directory (or a model directory) and build an agent.
 
         llm: "local" (the embedded llama.cpp model), a provider string, a langchain chat model,
-        or "grammar" (or None) for BabyAI's grammar parser and no critic. planner: "cem", "mppi", "greedy" or
-        "policy" (the checkpoint's trained policy, `lwm train-policy`, which MPPI also takes as
-        its prior with `policy_prior`); None takes the checkpoint's recommendation
-        (`agent_settings`), else "cem". The planner's discount is the one Q was trained with
-        unless `planner_cfg` is given.
+        or "grammar" (or None) for BabyAI's grammar parser and no critic. planner: "cem",
+        "mppi", "greedy" or "policy" (the checkpoint's trained policy, `lwm train-policy`, which
+        MPPI also takes as its prior with `policy_prior`); None takes the checkpoint's
+        recommendation (`agent_settings`), else "cem". The planner's discount is the one Q was
+        trained with unless `planner_cfg` is given.
         """
         from lwm.planning import PLANNERS
 

@@ -371,7 +371,7 @@ def evaluate(
     from lwm.eval.collect import make_collector
     from lwm.eval.episodes import episodes_for
     from lwm.eval.journal import JOURNAL_NAME, EpisodeJournal, JournalError, run_agents
-    from lwm.eval.report import summarize, write_report
+    from lwm.eval.report import paired, summarize, write_report
     from lwm.eval.runners import RUNNERS, make_runner, runner_options
     from lwm.resources import checkpoint as shipped_checkpoint
     from lwm.tasks import TaskSpecError, load_suite
@@ -458,6 +458,10 @@ def evaluate(
                       f"{row['mean_steps']:.1f}", f"{row['llm_calls_per_episode']:.1f}", ms,
                       str(row["errors"]))
     console.print(table)
+    for r in paired(outcomes):
+        console.print(f"{r['a']} vs {r['b']} on the same {r['n']} episodes: only {r['a']} "
+                      f"succeeded in {r['only_a']}, only {r['b']} in {r['only_b']} "
+                      f"(McNemar p = {r['mcnemar_p']:.2g})")
 
     meta = {"suite": s.name, "env_id": s.env_id, "agents": names, "episodes": len(items),
             "first_seed": items[0].seed, "seed": seed, "paraphrase_share": paraphrase_share,

@@ -413,6 +413,10 @@ def test_cli_eval_random_and_bot(tmp_path):
     episodes = [(d["agent"], d["episode"]["seed"]) for d in data["episodes"]]
     assert [s for a, s in episodes if a == "bot"] == [s for a, s in episodes if a == "random"]
     assert (out / "success.png").is_file() and "bot" in result.output
+    pair = data["paired"][0]  # the bot succeeds in every episode
+    assert (pair["a"], pair["b"], pair["n"], pair["only_a"]) == ("random", "bot", 6, 0)
+    assert f"random vs bot on the same 6 episodes: only random succeeded in 0, only bot in " \
+        f"{pair['only_b']}" in " ".join(result.output.split())
 
 
 @pytest.mark.parametrize(("args", "message"), [
