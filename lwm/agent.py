@@ -31,6 +31,7 @@ import torch
 
 from lwm.envs import goal_achieved
 from lwm.envs.language import ACTION_NAMES, carried, facing, forbidden_actions, locked_doors
+from lwm.envs.spatial import StartFrame
 from lwm.goals import acting_goal
 from lwm.language.critic import Critic, Critique
 from lwm.language.embed import GoalEncoder
@@ -121,6 +122,12 @@ class Agent:
     opening of a door as going to it (after picking up its key, when seen locked):
     `lwm.goals.acting_goal`.
 
+    `locate`: a goal that names a location relative to the start ("the ball on your left")
+    is planned for as the concrete object it must mean ("the blue ball") once the agent has
+    seen which objects lie there: `lwm.envs.spatial.StartFrame` keeps the agent's start-relative
+    pose by dead reckoning and notes where it saw what. Until then the goal is planned for as
+    said.
+
     `skip_futile`: an action that left the whole observation (view, direction, carried object)
     as it was is not taken again from that observation. The worlds lwm wraps are static (only
     the agent changes them), so it would change nothing again: a step into a wall, a pick-up of
@@ -139,6 +146,7 @@ class Agent:
         seed: int = 0,
         preconditions: bool = True,
         skip_futile: bool = True,
+        locate: bool = True,
     ):
         self.model = model.eval()
         self.planner = planner
@@ -149,6 +157,7 @@ class Agent:
         self.seed = seed
         self.preconditions = preconditions
         self.skip_futile = skip_futile
+        self.locate = locate
         self.generator = torch.Generator().manual_seed(seed)
 
     @classmethod
@@ -248,6 +257,7 @@ class Agent:
         critic_s = 0.0
         state = self.model.init_state(1)
         prev_action = torch.tensor([self.model.START])
+        frame = StartFrame(obs)
         subgoal_started = 0
         locked: set[str] = set()  # colours of the locked doors seen so far
         # How often each action was taken from each (acting goal, real observation) so far: a
@@ -263,11 +273,11 @@ class Agent:
             stage = pending[0].stage
             current = pending[0]
             locked |= locked_doors(obs)
-            acting = (acting_goal(current.goal, carried(obs), locked, facing(obs)).text
-                      if self.preconditions else current.text)
+            goal = frame.resolve_goal(current.goal) if self.locate else current.goal
+            acting = (acting_goal(goal, carried(obs), locked, facing(obs)).text
+                      if self.preconditions else goal.text)
             view = _view_key(obs)
-            ruled_out = ({ACTION_NAMES.index(a) for a in forbidden_actions(current.goal, obs,
-                                                                         locked)}
+            ruled_out = ({ACTION_NAMES.index(a) for a in forbidden_actions(goal, obs, locked)}
                          if self.preconditions else set())
             if self.skip_futile:
                 ruled_out |= futile.get(view, set())
@@ -287,7 +297,9 @@ class Agent:
             action = int(plan.action[0])
             seen[action] += 1
             prev_action = plan.action
+            before = obs
             obs, _, terminated, truncated, info = env.step(action)
+            frame.step(action, before, obs)
             step += 1
             if _view_key(obs) == view:
                 futile.setdefault(view, set()).add(action)

@@ -278,3 +278,20 @@ def test_from_pretrained_takes_the_checkpoints_recommended_planner(tmp_path):
     (tmp_path / "model" / "agent.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt agent settings"):
         Agent.from_pretrained(tmp_path, llm=None)
+
+
+def test_a_location_goal_is_planned_for_as_the_object_seen_there():
+    env = make_env("BabyAI-PickupLoc-v0")
+    seed = next(s for s in range(100) if env.reset(seed=s)[0] is not None
+                and env.unwrapped.instrs.desc.loc in ("left", "right", "front"))
+    env.reset(seed=seed)
+    mission, desc = env.unwrapped.mission, env.unwrapped.instrs.desc
+    fitting = {o.color for o in desc.obj_set}  # what BabyAI counts for the location
+    agent = _agent()
+    records = agent.run(mission, env, seed=seed, max_steps=20).records
+    concrete = [r.acting for r in records if " you" not in r.acting]
+    assert concrete, [r.acting for r in records]
+    assert all(any(text == f"pick up the {c} {desc.type}" for c in fitting) for text in concrete)
+    agent.locate = False  # planned for as said
+    records = agent.run(mission, env, seed=seed, max_steps=5).records
+    assert all(r.acting == records[0].subgoal and " you" in r.acting for r in records)
