@@ -141,8 +141,18 @@ def acting_goal(goal: Goal, carrying: ObjRef | None, locked: Collection[str] = (
     decide). Opening a door seen locked starts by picking up its key ("open the door" when one
     colour of locked door was seen: that door), then, as for any door, by going to it. The steps
     are skills a world model learns early, so agents and the Dyna loop's policy plan for them
-    first, then for the goal itself, whose last step is then a single action.
+    first, then for the goal itself, whose last step is then a single action. Any pick-up needs
+    free hands: holding something else, the goal is to drop it first.
     """
+    step = _precondition(goal, carrying, locked, facing)
+    if (step.verb == "pick up" and carrying is not None
+            and not ObjRef(step.obj.type, step.obj.color).matches(carrying)):
+        return Goal("drop", carrying)
+    return step
+
+
+def _precondition(goal: Goal, carrying: ObjRef | None, locked: Collection[str],
+                  facing: ObjRef | None) -> Goal:
     if goal.verb == "put next to":
         if carrying is not None and ObjRef(goal.obj.type, goal.obj.color).matches(carrying):
             return goal

@@ -45,7 +45,7 @@ def test_runs_an_episode_and_the_instruction_wins_over_the_mission():
     assert result.timings["total_s"] >= result.timings["parse_s"]
 
 
-def test_a_put_is_planned_as_a_pick_up_until_the_object_is_carried():
+def test_a_put_is_planned_as_a_pick_up_until_the_object_is_carried_hands_free_first():
     env = make_env("BabyAI-PutNextLocal-v0")
     env.reset(seed=0)
     moved, fixed = env.unwrapped.instrs.desc_move, env.unwrapped.instrs.desc_fixed
@@ -60,7 +60,9 @@ def test_a_put_is_planned_as_a_pick_up_until_the_object_is_carried():
     result = _agent().run(put, env, seed=0, max_steps=40, on_step=on_step)
     assert result.subgoals == [put]
     for record, before in zip(result.records, [None, *held[:-1]], strict=True):
-        assert record.acting == (put if before == (moved.type, moved.color) else pick)
+        expected = (put if before == (moved.type, moved.color) else pick if before is None
+                    else f"drop the {before[1]} {before[0]}")  # hands free first
+        assert record.acting == expected
     plain = Agent(WorldModel(preset("debug")), make_planner("greedy"), BabyAIMissionParser(),
                   preconditions=False).run(put, env, seed=0, max_steps=3)
     assert [r.acting for r in plain.records] == [put] * 3

@@ -70,14 +70,25 @@ def test_bad_object_refs():
 def test_a_put_of_an_object_not_in_hand_starts_with_picking_it_up():
     put = parse_goal("put the red ball next to the blue box")
     assert acting_goal(put, None).text == "pick up the red ball"
-    assert acting_goal(put, ObjRef("key", "red")).text == "pick up the red ball"
-    assert acting_goal(put, ObjRef("ball", "green")).text == "pick up the red ball"
+    # Hands full of something else: drop it first, then pick up.
+    assert acting_goal(put, ObjRef("key", "red")).text == "drop the red key"
+    assert acting_goal(put, ObjRef("ball", "green")).text == "drop the green ball"
     assert acting_goal(put, ObjRef("ball", "red")) == put
     any_ball = parse_goal("put the ball on your left next to the blue box")
     assert acting_goal(any_ball, ObjRef("ball", "grey")) == any_ball  # the location can't be seen
     assert acting_goal(any_ball, None).text == "pick up the ball on your left"
     go = parse_goal("go to the red ball")
     assert acting_goal(go, None) == go and acting_goal(go, ObjRef("key", "red")) == go
+
+
+def test_a_pick_up_with_something_else_in_hand_starts_with_dropping_it():
+    ball = parse_goal("pick up the red ball")
+    assert acting_goal(ball, None) == ball
+    assert acting_goal(ball, ObjRef("ball", "red")) == ball  # in hand: nothing to drop
+    assert acting_goal(ball, ObjRef("box", "red")).text == "drop the red box"
+    any_key = parse_goal("pick up the key behind you")
+    assert acting_goal(any_key, ObjRef("key", "grey")) == any_key  # its location can't be seen
+    assert acting_goal(any_key, ObjRef("ball", "grey")).text == "drop the grey ball"
 
 
 def test_opening_a_door_starts_with_its_key_when_locked_then_going_to_it():
@@ -87,7 +98,7 @@ def test_opening_a_door_starts_with_its_key_when_locked_then_going_to_it():
     assert acting_goal(red_door, None, facing=ObjRef("door", "blue")).text == "go to the red door"
     assert acting_goal(red_door, None, {"blue"}, door) == red_door
     assert acting_goal(red_door, None, {"red"}, door).text == "pick up the red key"
-    assert acting_goal(red_door, ObjRef("key", "blue"), {"red"}).text == "pick up the red key"
+    assert acting_goal(red_door, ObjRef("key", "blue"), {"red"}).text == "drop the blue key"
     assert acting_goal(red_door, ObjRef("key", "red"), {"red"}).text == "go to the red door"
     assert acting_goal(red_door, ObjRef("key", "red"), {"red"}, door) == red_door
     any_door = parse_goal("open the door")
