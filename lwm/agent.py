@@ -8,8 +8,11 @@ imagination from the current real observation (MPC: a new plan every step), acts
 when the env reports the subgoal achieved. BabyAI's preconditions come first
 (`lwm.goals.acting_goal`; `preconditions=False` plans every subgoal as it is): a put of an object
 not yet in hand is planned as a pick-up of it, and opening a door as going to it (first picking
-up its key when it was seen locked); the key, once in hand, is not dropped, nor a put's object
-anywhere but beside its target (`lwm.envs.language.forbidden_actions`).
+up its key when it was seen locked), and any pick-up with something else in hand as dropping
+that first; the key, once in hand, is not dropped, nor a put's object anywhere but beside its
+target (`lwm.envs.language.forbidden_actions`). A goal with a start-relative location ("the ball
+on your left") is planned for as the object seen there once the agent has seen it
+(`lwm.envs.spatial.StartFrame`; `locate=False` keeps it as said).
 When a subgoal takes longer than its share of the step budget, the critic reads the text trace
 and may revise the remaining subgoals (at most `max_critiques` times); at the end it judges the
 episode. The instruction wins over the env's own mission: the env's verifier is switched off and
