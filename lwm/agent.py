@@ -128,8 +128,8 @@ class Agent:
     `locate`: a goal that names a location relative to the start ("the ball on your left")
     is planned for as the concrete object it must mean ("the blue ball") once the agent has
     seen which objects lie there: `lwm.envs.spatial.StartFrame` keeps the agent's start-relative
-    pose by dead reckoning and notes where it saw what. Until then the goal is planned for as
-    said.
+    pose by dead reckoning and notes where it saw what. Until then the agent turns to look round
+    (once), then plans for the goal as said.
 
     `skip_futile`: an action that left the whole observation (view, direction, carried object)
     as it was is not taken again from that observation. The worlds lwm wraps are static (only
@@ -284,6 +284,9 @@ class Agent:
                          if self.preconditions else set())
             if self.skip_futile:
                 ruled_out |= futile.get(view, set())
+            if self.locate and not frame.looked_around and frame.unsettled(current.goal):
+                # Where the named object is, is not known yet: look round before anything else.
+                ruled_out |= set(range(self.model.cfg.n_actions)) - {ACTION_NAMES.index("left")}
             forbid = None
             if ruled_out:
                 forbid = torch.zeros(1, self.model.cfg.n_actions, dtype=torch.bool)

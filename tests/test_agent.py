@@ -297,3 +297,21 @@ def test_a_location_goal_is_planned_for_as_the_object_seen_there():
     agent.locate = False  # planned for as said
     records = agent.run(mission, env, seed=seed, max_steps=5).records
     assert all(r.acting == records[0].subgoal and " you" in r.acting for r in records)
+
+
+def test_the_agent_looks_round_until_a_location_goal_is_settled():
+    from lwm.envs.spatial import StartFrame
+    from lwm.goals import ObjRef
+
+    env = make_env("BabyAI-PickupLoc-v0")
+    for seed in range(200):
+        obs, _ = env.reset(seed=seed)
+        desc = env.unwrapped.instrs.desc
+        if desc.loc == "behind" and StartFrame(obs).resolve(
+                ObjRef(desc.type, desc.color, desc.loc)) is None:
+            break
+    mission = env.unwrapped.mission
+    records = _agent().run(mission, env, seed=seed, max_steps=6).records
+    turns = next((i for i, r in enumerate(records) if " you" not in r.acting), len(records))
+    assert 1 <= turns <= 3  # settled within one turn round: "behind" is seen by then
+    assert all(r.action == 0 for r in records[:turns])  # 'left', whatever the planner liked

@@ -61,6 +61,8 @@ class StartFrame:
     def __init__(self, obs: dict):
         self.start_dir = int(obs["direction"])
         self.pos = (0, 0)
+        self.faced: set[int] = set()
+        """The directions the agent has looked in so far."""
         self.cells: dict[tuple[int, int], ObjRef | None] = {}
         """Start-relative cell -> the object first seen there (None: nothing to name)."""
         self.observe(obs)
@@ -68,6 +70,7 @@ class StartFrame:
     def observe(self, obs: dict) -> None:
         """Note the cells of this view not seen before."""
         image = np.asarray(obs["image"])
+        self.faced.add(int(obs["direction"]))
         d = DIR_TO_VEC[int(obs["direction"])]
         r = (-d[1], d[0])
         for i in range(VIEW):
@@ -91,6 +94,16 @@ class StartFrame:
                 d = DIR_TO_VEC[int(before["direction"])]
                 self.pos = (self.pos[0] + int(d[0]), self.pos[1] + int(d[1]))
         self.observe(after)
+
+    @property
+    def looked_around(self) -> bool:
+        """Whether the agent has faced all four directions."""
+        return len(self.faced) == 4
+
+    def unsettled(self, goal: Goal) -> bool:
+        """Whether `goal` names a location that no seen object settles yet."""
+        return any(ref is not None and ref.loc is not None and self.resolve(ref) is None
+                   for ref in (goal.obj, goal.target))
 
     def locations(self, cell: tuple[int, int]) -> set[str]:
         """The start-relative locations of a start-relative cell."""
