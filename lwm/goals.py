@@ -14,8 +14,9 @@ colours. A *pattern* may leave the colour out ("go to the ball") and may add a l
 to where the agent started the episode ("the ball on your left", "the door in front of you",
 "the key behind you"), as BabyAI missions do. A pattern matches every concrete goal with the same
 verb whose objects fit it. Concrete goals (what the env reports as achieved) always name the
-colour and never a location; whether an object fits a location is known only to the env, which
-reports each achieved goal's objects' start locations beside it.
+colour and never a location; the env reports each achieved goal's objects' start locations
+beside it (both it and the agent's own `lwm.envs.spatial.StartFrame` use
+`lwm.envs.spatial.start_locations`).
 """
 
 from __future__ import annotations

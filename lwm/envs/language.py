@@ -36,9 +36,10 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from minigrid.core.constants import COLOR_NAMES, DIR_TO_VEC, IDX_TO_COLOR, IDX_TO_OBJECT
+from minigrid.core.constants import COLOR_NAMES, IDX_TO_COLOR, IDX_TO_OBJECT
 from minigrid.core.constants import OBJECT_TO_IDX as _OBJECT_TO_IDX
 
+from lwm.envs.spatial import start_locations
 from lwm.goals import OBJECT_TYPES, PORTABLE_TYPES, Goal, ObjRef, keeps_carried, parse_goal
 
 OBJECT_TO_IDX: dict[str, int] = dict(_OBJECT_TO_IDX)
@@ -306,8 +307,6 @@ class LanguageWrapper(gym.Wrapper):
         if not hasattr(env, "room_from_pos"):
             return {}
         room = env.room_from_pos(*env.agent_pos)
-        d1 = DIR_TO_VEC[env.agent_dir]
-        d2 = (-d1[1], d1[0])
         ax, ay = env.agent_pos
         locs: dict[int, frozenset[str]] = {}
         for x in range(env.grid.width):
@@ -315,18 +314,7 @@ class LanguageWrapper(gym.Wrapper):
                 cell = env.grid.get(x, y)
                 if _ref(cell) is None or not room.pos_inside(x, y):
                     continue
-                v = (x - ax, y - ay)
-                along, across = v[0] * d1[0] + v[1] * d1[1], v[0] * d2[0] + v[1] * d2[1]
-                found = set()
-                if across < 0:
-                    found.add("left")
-                if across > 0:
-                    found.add("right")
-                if along > 0:
-                    found.add("front")
-                if along < 0:
-                    found.add("behind")
-                locs[id(cell)] = frozenset(found)
+                locs[id(cell)] = frozenset(start_locations((x - ax, y - ay), env.agent_dir))
         return locs
 
 
