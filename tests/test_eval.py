@@ -424,7 +424,7 @@ def test_cli_eval_random_and_bot(tmp_path):
     (["--suite", "babyai-goto", "--agents", "bot,sage"], "choose from random, bot, lwm"),
     (["--suite", "babyai-goto", "--agents", "lwm-grammar", "--checkpoint", "/no/such/dir"],
      "no world model at /no/such/dir"),
-    (["--suite", "babyai-putnext", "--agents", "lwm-grammar"], "ships no checkpoint"),
+    (["--suite", "babyai-open", "--agents", "lwm-grammar"], "ships no checkpoint"),
     (["--suite", "babyai-goto", "--agents", "llm-only", "--llm", "grammar"], "needs an LLM"),
     (["--suite", "babyai-goto", "--agents", "dqn"], "needs --dqn-checkpoint"),
 ])

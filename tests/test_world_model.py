@@ -214,7 +214,7 @@ def test_open_loop_accuracy_is_perfect_for_a_model_that_copies_the_truth(monkeyp
     assert acc == {1: 1.0, 5: 1.0}
 
 
-@pytest.mark.parametrize("suite", ["babyai-goto", "balrog-babyai"])
+@pytest.mark.parametrize("suite", ["babyai-goto", "balrog-babyai", "babyai-putnext"])
 def test_the_shipped_checkpoints_load_as_the_small_preset(suite):
     from lwm.resources import checkpoint
 
