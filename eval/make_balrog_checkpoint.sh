@@ -28,17 +28,7 @@ EPISODES=${2:-4000}
     --warmup-episodes 100 --init-from shipped:babyai-goto --stepping-stones 0.3 \
     --exploration affordance
 DEST=lwm/resources/checkpoints/balrog-babyai
-mkdir -p "$DEST"
-.venv/bin/python - "$RUN" "$DEST" <<'PY'
-import sys
-
-import torch
-
-from lwm.models.world_model import WorldModel
-
-run, dest = sys.argv[1:]
-WorldModel.from_pretrained(f"{run}/model").save_pretrained(dest, dtype=torch.float16)
-PY
+.venv/bin/python eval/store_checkpoint.py "$RUN" "$DEST"
 cp "$RUN/trainer.json" "$DEST/trainer.json"
 .venv/bin/python - "$DEST" <<'PY'
 import json

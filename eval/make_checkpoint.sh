@@ -7,7 +7,8 @@
 #   2. a second run started from stage 1's weights (`--init-from`, a fresh episode store and
 #      optimizer), seed 1, 2,400 more episodes of the same recipe with no exploration warm-up.
 # Each run evaluates the agent (greedy Q, repeat penalty 0.1) on 200 held-out seeds as it goes
-# (metrics.jsonl). Then copy stage 2 into lwm/resources/checkpoints/babyai-goto with agent.json,
+# (metrics.jsonl). Then store stage 2 in half precision (4.7 MB) in
+# lwm/resources/checkpoints/babyai-goto with agent.json,
 # the planner measured best for the shipped weights (greedy Q with a repeat penalty; see that
 # file and issue #5's notes).
 #
@@ -31,8 +32,7 @@ FT=${2:-$RUN-ft}
     --collect-per-iter 100 --updates-per-iter 300 --batch-size 8 --seq-len 64 --goal-vocab all \
     --eval-every 800 --eval-episodes 200
 DEST=lwm/resources/checkpoints/babyai-goto
-mkdir -p "$DEST"
-cp "$FT/model/config.json" "$FT/model/model.safetensors" "$DEST/"
+.venv/bin/python eval/store_checkpoint.py "$FT" "$DEST"
 cp "$FT/trainer.json" "$DEST/trainer.json"
 cat > "$DEST/agent.json" <<'JSON'
 {

@@ -22,17 +22,7 @@ EPISODES=${2:-3000}
     --warmup-episodes 0 --init-from shipped:balrog-babyai --stepping-stones 0.3 \
     --exploration affordance
 DEST=lwm/resources/checkpoints/babyai-putnext
-mkdir -p "$DEST"
-.venv/bin/python - "$RUN" "$DEST" <<'PY'
-import sys
-
-import torch
-
-from lwm.models.world_model import WorldModel
-
-run, dest = sys.argv[1:]
-WorldModel.from_pretrained(f"{run}/model").save_pretrained(dest, dtype=torch.float16)
-PY
+.venv/bin/python eval/store_checkpoint.py "$RUN" "$DEST"
 cp "$RUN/trainer.json" "$DEST/trainer.json"
 cat > "$DEST/agent.json" <<'JSON'
 {
