@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--locate", default=True, action=argparse.BooleanOptionalAction,
                         help="plan for a goal with a start-relative location ('the ball on your "
                         "left') as the object seen there, once seen (default on)")
+    parser.add_argument("--search", default=False, action=argparse.BooleanOptionalAction,
+                        help="look round first while the goal's object has not been seen "
+                        "(default off)")
     parser.add_argument("--policy-prior", action="store_true",
                         help="mppi: draw the prior's candidates from the checkpoint's trained "
                         "policy (lwm train-policy) instead of the Q head")
@@ -68,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
     agent = Agent.from_pretrained(args.checkpoint, llm=args.llm,
                                   planner=args.planner, seed=args.seed,
-                                  skip_futile=args.skip_futile, locate=args.locate)
+                                  skip_futile=args.skip_futile, locate=args.locate,
+                                  search=args.search)
     cfg = agent.planner.cfg
     planner = next(name for name, (cls, _) in PLANNERS.items() if isinstance(agent.planner, cls))
     for name in ("candidates", "iterations", "horizon", "epsilon", "reward_floor",
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict = {"suite": suite.name, "checkpoint": str(args.checkpoint),
                      "planner": planner, "planner_cfg": vars(cfg), "llm": args.llm,
                      "paraphrase": args.paraphrase, "episodes": len(rows), "skip": args.skip,
-                     "skip_futile": args.skip_futile, "locate": args.locate,
+                     "skip_futile": args.skip_futile, "locate": args.locate, "search": args.search,
                      "wall_s": wall}
     table = Table(title=f"lwm agent on {suite.name} ({planner}, {len(rows)} held-out seeds)")
     for c in ("episodes", "n", "success", "95% CI", "mean steps", "ms/action"):

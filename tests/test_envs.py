@@ -321,3 +321,31 @@ def test_the_bot_drops_a_put_only_where_drop_is_not_forbidden():
                 break
         assert goal_achieved(goal, info)
     assert ruled_out > 8  # the object is carried for several steps of every episode
+
+
+@pytest.mark.parametrize("env_id", ["BabyAI-PickupLoc-v0", "BabyAI-PutNextLocal-v0",
+                                    "BabyAI-UnlockLocal-v0"])
+def test_noop_actions_change_nothing_in_the_env(env_id):
+    from lwm.envs.language import ACTION_NAMES, noop_actions
+
+    env = make_env(env_id)
+    rng = np.random.default_rng(0)
+    taken = set()
+    for seed in range(8):
+        obs, _ = env.reset(seed=seed)
+        for _ in range(80):  # random play: every action, noop or not
+            action = int(rng.integers(6))
+            noop = ACTION_NAMES[action] in noop_actions(obs)
+            pose = (tuple(env.unwrapped.agent_pos), env.unwrapped.agent_dir)
+            grid = env.unwrapped.grid.encode().copy()
+            after, _, terminated, truncated, _ = env.step(action)
+            if noop:
+                taken.add(ACTION_NAMES[action])
+                assert (tuple(env.unwrapped.agent_pos), env.unwrapped.agent_dir) == pose
+                assert np.array_equal(env.unwrapped.grid.encode(), grid)
+                assert np.array_equal(after["carrying"], obs["carrying"])
+            obs = after
+            if terminated or truncated:
+                break
+    assert taken == {"forward", "pickup", "drop", "toggle"}
+    assert "left" not in noop_actions(obs) and "done" in noop_actions(obs)

@@ -88,3 +88,24 @@ def test_resolve_goal_keeps_what_is_not_settled_and_needs_no_location():
     assert frame.resolve_goal(plain) is plain
     nowhere = Goal("pick up", ObjRef("key", "purple", "behind"))  # nothing seen behind yet
     assert frame.resolve(nowhere.obj) is None and frame.resolve_goal(nowhere) is nowhere
+
+
+def test_unseen_until_an_object_the_goal_names_comes_into_view():
+    env = make_env("BabyAI-GoToLocal-v0")
+    for seed in range(100):
+        obs, _ = env.reset(seed=seed)
+        desc = env.unwrapped.instrs.desc
+        goal = Goal("go to", ObjRef(desc.type, desc.color))
+        frame = StartFrame(obs)
+        if frame.unseen(goal) and any(frame.cells.values()):
+            break
+    else:
+        pytest.fail("no GoToLocal target out of a first view with objects")
+    assert not frame.unseen(Goal("go to", next(o for o in frame.cells.values() if o)))
+    for _ in range(3):  # a room of a Local level is all in view after a turn round
+        before = obs
+        obs, *_ = env.step(0)
+        frame.step(0, before, obs)
+    assert not frame.unseen(goal) and frame.looked_around
+    assert frame.unseen(Goal("put next to", ObjRef(desc.type, desc.color),
+                             ObjRef("door", "red")))  # GoToLocal has no doors

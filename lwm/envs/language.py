@@ -76,6 +76,27 @@ def affordance_probs(image: np.ndarray, carrying: np.ndarray) -> np.ndarray:
     return probs / probs.sum(1, keepdims=True)
 
 
+def noop_actions(obs: dict) -> set[str]:
+    """Action names that cannot change anything from this lwm observation, by minigrid's rules
+    for the cell in front: a step into anything but an empty cell, floor, goal, lava or an open
+    door; a pick-up with full hands or nothing portable in front; a drop with empty hands or
+    onto an occupied cell; a toggle facing neither a door nor a box (and `done`)."""
+    kind, _, state = (int(v) for v in np.asarray(obs["image"])[3, 5])
+    name = IDX_TO_OBJECT[kind]
+    holding = int(np.asarray(obs["carrying"])[0]) != NOTHING_CARRIED[0]
+    noop = {"done"}
+    if not (name in ("empty", "floor", "goal", "lava")
+            or (name == "door" and state == _DOOR_STATE.index("open"))):
+        noop.add("forward")
+    if holding or name not in PORTABLE_TYPES:
+        noop.add("pickup")
+    if not holding or name != "empty":
+        noop.add("drop")
+    if name not in ("door", "box"):
+        noop.add("toggle")
+    return noop
+
+
 DIRECTION_NAMES: tuple[str, ...] = ("east", "south", "west", "north")
 MISSION_CHARSET = string.ascii_letters + string.digits + " ,.'-"
 MAX_MISSION_LENGTH = 512

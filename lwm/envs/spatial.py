@@ -105,6 +105,13 @@ class StartFrame:
         return any(ref is not None and ref.loc is not None and self.resolve(ref) is None
                    for ref in (goal.obj, goal.target))
 
+    def unseen(self, goal: Goal) -> bool:
+        """Whether `goal` names an object (its type, and colour when given; locations are
+        `unsettled`'s business) that fits none of the objects seen so far."""
+        return any(ref is not None and not any(
+            obj is not None and ObjRef(ref.type, ref.color).matches(obj)
+            for obj in self.cells.values()) for ref in (goal.obj, goal.target))
+
     def locations(self, cell: tuple[int, int]) -> set[str]:
         """The start-relative locations of a start-relative cell."""
         return start_locations(cell, self.start_dir)
