@@ -28,17 +28,5 @@ EPISODES=${2:-4000}
     --warmup-episodes 100 --init-from shipped:babyai-goto --stepping-stones 0.3 \
     --exploration affordance
 DEST=lwm/resources/checkpoints/balrog-babyai
-.venv/bin/python eval/store_checkpoint.py "$RUN" "$DEST"
-cp "$RUN/trainer.json" "$DEST/trainer.json"
-.venv/bin/python - "$DEST" <<'PY'
-import json
-import sys
-
-measured = ("not measured for these weights: run lwm eval --suite balrog-babyai --agents lwm-grammar "
-            "--episodes 200 --paraphrase-share 0 (the shipped weights: README)")
-settings = {"planner": "greedy", "planner_cfg": {"epsilon": 0.0, "repeat_penalty": 0.1},
-            "measured": measured}
-with open(f"{sys.argv[1]}/agent.json", "w") as f:
-    f.write(json.dumps(settings, indent=2) + "\n")
-PY
+.venv/bin/python eval/store_checkpoint.py "$RUN" "$DEST" --suite balrog-babyai
 du -h "$DEST"/*

@@ -32,13 +32,5 @@ FT=${2:-$RUN-ft}
     --collect-per-iter 100 --updates-per-iter 300 --batch-size 8 --seq-len 64 --goal-vocab all \
     --eval-every 800 --eval-episodes 200
 DEST=lwm/resources/checkpoints/babyai-goto
-.venv/bin/python eval/store_checkpoint.py "$FT" "$DEST"
-cp "$FT/trainer.json" "$DEST/trainer.json"
-cat > "$DEST/agent.json" <<'JSON'
-{
-  "planner": "greedy",
-  "planner_cfg": {"epsilon": 0.0, "repeat_penalty": 0.1},
-  "measured": "not measured for these weights: run python eval/agent.py lwm/resources/checkpoints/babyai-goto --episodes 200 (the shipped weights: README)"
-}
-JSON
+.venv/bin/python eval/store_checkpoint.py "$FT" "$DEST" --suite babyai-goto
 du -h "$DEST"/*

@@ -22,13 +22,5 @@ EPISODES=${2:-3000}
     --warmup-episodes 0 --init-from shipped:balrog-babyai --stepping-stones 0.3 \
     --exploration affordance
 DEST=lwm/resources/checkpoints/babyai-putnext
-.venv/bin/python eval/store_checkpoint.py "$RUN" "$DEST"
-cp "$RUN/trainer.json" "$DEST/trainer.json"
-cat > "$DEST/agent.json" <<'JSON'
-{
-  "planner": "greedy",
-  "planner_cfg": {"epsilon": 0.0, "repeat_penalty": 0.1},
-  "measured": "not measured for these weights: run python eval/agent.py lwm/resources/checkpoints/babyai-putnext --suite babyai-putnext --episodes 200 (the shipped weights: README)"
-}
-JSON
+.venv/bin/python eval/store_checkpoint.py "$RUN" "$DEST" --suite babyai-putnext
 du -h "$DEST"/*
