@@ -39,7 +39,7 @@ import numpy as np
 from minigrid.core.constants import COLOR_NAMES, IDX_TO_COLOR, IDX_TO_OBJECT
 from minigrid.core.constants import OBJECT_TO_IDX as _OBJECT_TO_IDX
 
-from lwm.envs.spatial import start_locations
+from lwm.envs.spatial import enterable, start_locations
 from lwm.goals import OBJECT_TYPES, PORTABLE_TYPES, Goal, ObjRef, keeps_carried, parse_goal
 
 OBJECT_TO_IDX: dict[str, int] = dict(_OBJECT_TO_IDX)
@@ -81,12 +81,11 @@ def noop_actions(obs: dict) -> set[str]:
     for the cell in front: a step into anything but an empty cell, floor, goal, lava or an open
     door; a pick-up with full hands or nothing portable in front; a drop with empty hands or
     onto an occupied cell; a toggle facing neither a door nor a box (and `done`)."""
-    kind, _, state = (int(v) for v in np.asarray(obs["image"])[3, 5])
-    name = IDX_TO_OBJECT[kind]
+    front = np.asarray(obs["image"])[3, 5]
+    name = IDX_TO_OBJECT[int(front[0])]
     holding = int(np.asarray(obs["carrying"])[0]) != NOTHING_CARRIED[0]
     noop = {"done"}
-    if not (name in ("empty", "floor", "goal", "lava")
-            or (name == "door" and state == _DOOR_STATE.index("open"))):
+    if not enterable(front):
         noop.add("forward")
     if holding or name not in PORTABLE_TYPES:
         noop.add("pickup")

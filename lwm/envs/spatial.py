@@ -35,6 +35,13 @@ _ENTERABLE = {"empty", "floor", "goal", "lava"}
 _UNSEEN = "unseen"
 
 
+def enterable(cell: np.ndarray) -> bool:
+    """Whether minigrid lets the agent step into a view cell (type, colour, state): an empty
+    cell, floor, goal, lava or an open door (state 0)."""
+    kind = IDX_TO_OBJECT[int(cell[0])]
+    return kind in _ENTERABLE or (kind == "door" and int(cell[2]) == 0)
+
+
 def start_locations(offset: tuple[int, int], start_dir: int) -> set[str]:
     """The start-relative locations of a cell `offset` (x, y) cells from the start position, for
     an agent that started facing `start_dir`: BabyAI's half-planes (a cell can be both "left"
@@ -87,12 +94,9 @@ class StartFrame:
 
     def step(self, action: int, before: dict, after: dict) -> None:
         """Advance the pose by `action`, taken on observation `before`, and note `after`."""
-        if action == _FORWARD:
-            front = np.asarray(before["image"])[VIEW // 2, VIEW - 2]
-            kind = IDX_TO_OBJECT[int(front[0])]
-            if kind in _ENTERABLE or (kind == "door" and int(front[2]) == 0):  # an open door
-                d = DIR_TO_VEC[int(before["direction"])]
-                self.pos = (self.pos[0] + int(d[0]), self.pos[1] + int(d[1]))
+        if action == _FORWARD and enterable(np.asarray(before["image"])[VIEW // 2, VIEW - 2]):
+            d = DIR_TO_VEC[int(before["direction"])]
+            self.pos = (self.pos[0] + int(d[0]), self.pos[1] + int(d[1]))
         self.observe(after)
 
     @property
