@@ -21,6 +21,7 @@ from lwm.eval import runners
 from lwm.eval.episodes import EpisodeOutcome, EvalEpisode, Referee, episodes_for
 from lwm.eval.report import load_outcomes, mcnemar_p, paired, summarize, wilson, write_report
 from lwm.eval.runners import (
+    LLM_ACTIONS,
     ActionChoice,
     BotRunner,
     LLMOnlyRunner,
@@ -216,24 +217,28 @@ class _RecordingFake(GenericFakeChatModel):
 
 
 def _non_success_episode() -> EvalEpisode:
-    """A goto episode that 'left', a no-op, 'forward' and 'right' do not finish."""
+    """A goto episode that 'left', a no-op, 'forward', 'right', a no-op and 'left' do not finish
+    at any step."""
     for e in episodes_for(GOTO, 20, paraphrase_share=0.0):
         env = Referee(GOTO.make_env())
         env.reset(seed=e.seed)
-        for action in (0, 6, 2, 1):
+        for action in (0, 6, 2, 1, 6, 0):
             env.step(action)
+            if env.verdict is not None:
+                break
         if env.verdict is None:
             return e
     raise AssertionError("no such episode")
 
 
 def test_llm_only_runner_with_a_fake_text_model_counts_invalid_answers():
-    episode = _non_success_episode()
+    episode = replace(_non_success_episode(), max_steps=6)
     answers = ["left", "I would fly to the moon", '"forward".', "right", "done", "left"]
     llm = _RecordingFake(messages=iter(AIMessage(a) for a in answers), prompts=[])
     out = LLMOnlyRunner(llm=llm, history=2)()(episode)
-    assert (out.llm_calls, out.invalid_actions, out.steps) == (5, 1, 4)
-    assert out.actions == ["left", "done", "forward", "right"]  # an invalid answer: a no-op
+    # 'done' is not one of the six actions offered (BALROG's): invalid, and the episode goes on
+    assert (out.llm_calls, out.invalid_actions, out.steps) == (6, 2, 6)
+    assert out.actions == ["left", "done", "forward", "right", "done", "left"]  # invalid: a no-op
     assert not out.success and out.agent == "llm-only" and out.plan_ms_per_action > 0
     assert json.dumps(episode.instruction) in llm.prompts[0]
     assert "- none yet" in llm.prompts[0]
@@ -266,12 +271,24 @@ class _StructuredFake(GenericFakeChatModel):
 
 
 def test_llm_only_runner_uses_structured_output_when_the_model_has_it():
-    episode = _non_success_episode()
+    episode = replace(_non_success_episode(), max_steps=3)
     llm = _StructuredFake(messages=iter([AIMessage("x")] * 10), answers=[
-        ActionChoice(action="left"), OutputParserException("cut"), {"action": "forward"},
-        ActionChoice(action="done")])
+        ActionChoice(action="left"), OutputParserException("cut"), {"action": "forward"}])
     out = LLMOnlyRunner(llm=llm)()(episode)
-    assert (out.llm_calls, out.invalid_actions, out.steps) == (4, 1, 3)
+    assert (out.llm_calls, out.invalid_actions, out.steps) == (3, 1, 3)
+    assert out.actions == ["left", "done", "forward"]
+
+
+def test_llm_only_runner_samples_at_its_temperature():
+    from lwm.language import get_chat_model
+
+    assert LLMOnlyRunner()().chat.temperature == 1.0  # BALROG's
+    assert LLMOnlyRunner(temperature=0.0)().chat.temperature == 0.0
+    given = get_chat_model("local", n_threads=1)
+    assert LLMOnlyRunner(llm=given, temperature=0.7)().chat.temperature == 0.7
+    assert given.temperature == 0.0  # the caller's model is left as it was
+    fake = _RecordingFake(messages=iter([]), prompts=[])
+    assert LLMOnlyRunner(llm=fake)().chat is fake  # no temperature to set
 
 
 def test_parse_action():
@@ -280,8 +297,9 @@ def test_parse_action():
     assert parse_action("`pickup`") == "pickup"
     assert parse_action("go forward") is None
     assert parse_action("[1, 2]") is None
+    assert parse_action("done") is None  # minigrid's no-op, not offered (BALROG's six)
     assert set(ActionChoice.model_json_schema()["properties"]["action"]["enum"]) == \
-        set(ACTION_NAMES)
+        set(LLM_ACTIONS) == set(ACTION_NAMES) - {"done"}
 
 
 @pytest.mark.llm

@@ -784,6 +784,27 @@ def test_local_model_uses_constrained_decoding(monkeypatch, tmp_path):
         llm_parse("go to the red box", model, retries=0)
 
 
+def test_local_model_samples_with_a_seed_drawn_from_the_prompt(monkeypatch, tmp_path):
+    """llama.cpp restarts its generator from the seed of each call: above temperature 0 every
+    prompt gets a seed of its own (the same one again for the same prompt)."""
+    import threading
+
+    llama = FakeLlama("ok")
+    monkeypatch.setattr(llm_mod, "_load_llama", lambda *a: (llama, threading.Lock()))
+    greedy = LocalChatModel(gguf_path=str(tmp_path / "m.gguf"), seed=7)
+    sampled = greedy.model_copy(update={"temperature": 1.0})
+    for model in (greedy, sampled):
+        for prompt in ("step one", "step two", "step one"):
+            model.invoke(prompt)
+    seeds = [call["seed"] for call in llama.calls]
+    assert seeds[:3] == [7, 7, 7]
+    assert seeds[3] == seeds[5] != seeds[4] and 7 not in seeds[3:]
+    assert [call["temperature"] for call in llama.calls] == [0.0] * 3 + [1.0] * 3
+    other = sampled.model_copy(update={"seed": 8})
+    other.invoke("step one")
+    assert llama.calls[-1]["seed"] != seeds[3]
+
+
 def test_local_model_keeps_one_context_per_system_prompt(monkeypatch, tmp_path):
     import threading
 

@@ -369,6 +369,12 @@ def _complete_skeleton(llama: Any, formatter: Any, chat: list[dict[str, str]], s
             "usage": out.get("usage") or {}}
 
 
+def _prompt_seed(seed: int, chat: list[dict[str, str]], stop: list[str] | None) -> int:
+    """A sampling seed for one call: a hash of the model's seed and the whole prompt."""
+    text = json.dumps([seed, chat, stop or []], sort_keys=True)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
 def _role(message: BaseMessage) -> str:
     roles = {"system": "system", "human": "user", "ai": "assistant", "tool": "user"}
     if message.type not in roles:
@@ -433,7 +439,10 @@ class LocalChatModel(BaseChatModel):
     max_tokens: int = 384
     """Most tokens generated per call."""
     seed: int = 0
-    """llama.cpp's sampling seed."""
+    """llama.cpp's sampling seed. With a temperature above 0, each call samples with a seed
+    drawn from this one and the prompt: llama.cpp restarts its generator from the seed it is
+    given on every call, so one fixed seed would draw the same random numbers at every step
+    of an episode. The same prompt still gets the same answer."""
 
     model_config = ConfigDict(protected_namespaces=())
 
@@ -485,17 +494,18 @@ class LocalChatModel(BaseChatModel):
         skeleton = None if tools or schema is None else _skeleton(json.dumps(schema))
         temperature = kwargs.pop("temperature", self.temperature)
         max_tokens = kwargs.pop("max_tokens", self.max_tokens)
+        seed = self.seed if temperature <= 0 else _prompt_seed(self.seed, chat, stop)
         with lock:
             formatter = _chat_formatter(llama) if skeleton is not None else None
             if formatter is not None:
                 kwargs.pop("response_format")
                 out = _complete_skeleton(llama, formatter, chat, skeleton, stop=stop,
                                          temperature=temperature, max_tokens=max_tokens,
-                                         seed=self.seed, **kwargs)
+                                         seed=seed, **kwargs)
             else:
                 out = llama.create_chat_completion(
                     messages=chat, temperature=temperature, max_tokens=max_tokens, stop=stop,
-                    seed=self.seed, **kwargs,
+                    seed=seed, **kwargs,
                 )
         choice = out["choices"][0]
         usage = out.get("usage") or {}
