@@ -159,6 +159,20 @@ def test_state_expand_and_index():
     clone = state.clone()
     clone.ssm.add_(1.0)
     assert not torch.equal(clone.ssm, state.ssm)
+    # Integer rows (taken as whole rows: index_select) select as indexing does, negative ones
+    # from the end; the result owns its memory.
+    for idx in (torch.tensor([1, 0, 1, -1, -2]), torch.tensor([], dtype=torch.long),
+                torch.tensor([2, 5, 0], dtype=torch.int32)):
+        taken = big.index(idx)
+        for name in ("conv", "ssm"):
+            expected = getattr(big, name)[idx.long()]
+            torch.testing.assert_close(getattr(taken, name), expected, rtol=0, atol=0)
+        assert taken.t == big.t
+    taken = big.index(torch.tensor([0]))
+    taken.ssm.add_(1.0)
+    assert not torch.equal(taken.ssm[0], big.ssm[0])
+    mask = torch.tensor([True, False, True, False, False, True])
+    assert torch.equal(big.index(mask).ssm, big.ssm[mask])
 
 
 def test_compiled_falls_back_to_eager_with_one_warning(monkeypatch):

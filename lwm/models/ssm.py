@@ -89,7 +89,18 @@ class BatchState:
 
     def index(self, idx: Tensor | slice | int) -> Self:
         """Select batch elements, e.g. the best candidates: `state.index(torch.tensor([3, 7]))`."""
+        if isinstance(idx, Tensor) and idx.dim() == 1 and not idx.is_floating_point() \
+                and idx.dtype != torch.bool:
+            return self.map(lambda t: _take_rows(t, idx))
         return self.map(lambda t: t[idx].contiguous())
+
+
+def _take_rows(t: Tensor, idx: Tensor) -> Tensor:
+    """t[idx] for a 1-D integer index, as one `index_select` of whole rows: on CPU, advanced
+    indexing of a (B, H, P, N) state walks it element by element (measured 7-9x slower at 64-256
+    rows, 1 thread)."""
+    idx = torch.where(idx < 0, idx + t.shape[0], idx)  # negative indices count from the end
+    return t.reshape(t.shape[0], -1).index_select(0, idx).view(len(idx), *t.shape[1:])
 
 
 @dataclass
@@ -288,10 +299,12 @@ def ssd_step_(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor)
             B[:, None],
             C[:, None],  # (B, 1, N)
         )
-    P, N = h.shape[-2:]
     dA = torch.exp(dt * A)  # (B, H)
     dtB = dt[..., None] * B[:, None, :]  # (B, H, N)
-    hC = torch.matmul(h, C[:, None, :, None]).squeeze(-1)  # (B,H,P,N) @ (B,1,N,1) -> (B,H,P)
+    # h C as a product and a sum over N, not a matmul: the matmul is B*H products of (P, N) by
+    # (N, 1), which CPU batched GEMM runs slowly (eager step 1.9-2.3x faster at 64-256 rows,
+    # 1.2x at 1024; compiled, inductor fuses either into the same reduction).
+    hC = (h * C[:, None, None, :]).sum(-1)  # (B, H, P)
     CB = (C * B).sum(-1, keepdim=True)  # (B, 1)
     y = dA[..., None] * hC + (dt * CB)[..., None] * x
     if torch.compiler.is_compiling():
@@ -299,11 +312,9 @@ def ssd_step_(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor)
         # faster than tracing the two in-place ops below).
         h.copy_(dA[..., None, None] * h + x[..., None] * dtB[:, :, None, :])
     else:
-        # Eager: no (B, H, P, N) temporary; decay, then a rank-1 update per head as a batched
-        # matmul. `view` (not reshape) so a non-contiguous state fails loudly instead of
-        # updating a copy.
-        h.mul_(dA[..., None, None])
-        h.view(-1, P, N).baddbmm_(x.reshape(-1, P, 1), dtB.reshape(-1, 1, N))  # (B*H, P, N)
+        # Eager: no (B, H, P, N) temporary; decay, then the rank-1 update of each head as one
+        # broadcast multiply-add (faster than a batched matmul of (P, 1) by (1, N) products).
+        h.mul_(dA[..., None, None]).addcmul_(x[..., None], dtB[:, :, None, :])
     return y
 
 
