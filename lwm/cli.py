@@ -315,7 +315,7 @@ def evaluate(
     suite: str = typer.Option(..., help="task suite (`lwm suites`) or a YAML file"),
     agents: str = typer.Option(
         "lwm,bot,random", help="comma-separated agents: random, bot, lwm, lwm-grammar, "
-        "lwm-no-critic, llm-only"),
+        "lwm-no-critic, llm-only (sampled, as BALROG), llm-only-greedy, dqn"),
     episodes: int = typer.Option(200, min=1, help="episodes per agent (the same for all)"),
     out: Path | None = typer.Option(None, help="report directory (default reports/<suite>)"),
     checkpoint: str | None = typer.Option(
@@ -390,8 +390,8 @@ def evaluate(
         fail(f"unknown agent(s) {unknown or agents!r}; choose from {', '.join(RUNNERS)}")
     if len(set(names)) < len(names):
         fail(f"an agent is named twice in {agents!r}")
-    if "llm-only" in names and llm == "grammar":
-        fail("the llm-only agent needs an LLM: pass --llm local (or a provider string)")
+    if any(a.startswith("llm-only") for a in names) and llm == "grammar":
+        fail("the llm-only agents need an LLM: pass --llm local (or a provider string)")
 
     shared: dict[str, Any] = {"llm": llm, "seed": seed, "planner": planner,
                               "preconditions": preconditions}

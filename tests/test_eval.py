@@ -284,6 +284,9 @@ def test_llm_only_runner_samples_at_its_temperature():
 
     assert LLMOnlyRunner()().chat.temperature == 1.0  # BALROG's
     assert LLMOnlyRunner(temperature=0.0)().chat.temperature == 0.0
+    greedy = make_runner("llm-only-greedy")
+    assert (greedy.temperature, greedy.name) == (0.0, "llm-only-greedy")
+    assert "temperature" not in runner_options("llm-only-greedy")
     given = get_chat_model("local", n_threads=1)
     assert LLMOnlyRunner(llm=given, temperature=0.7)().chat.temperature == 0.7
     assert given.temperature == 0.0  # the caller's model is left as it was
@@ -443,7 +446,8 @@ def test_cli_eval_random_and_bot(tmp_path):
     (["--suite", "babyai-goto", "--agents", "lwm-grammar", "--checkpoint", "/no/such/dir"],
      "no world model at /no/such/dir"),
     (["--suite", "babyai-open", "--agents", "lwm-grammar"], "ships no checkpoint"),
-    (["--suite", "babyai-goto", "--agents", "llm-only", "--llm", "grammar"], "needs an LLM"),
+    (["--suite", "babyai-goto", "--agents", "llm-only", "--llm", "grammar"], "need an LLM"),
+    (["--suite", "babyai-goto", "--agents", "llm-only-greedy", "--llm", "grammar"], "need an LLM"),
     (["--suite", "babyai-goto", "--agents", "dqn"], "needs --dqn-checkpoint"),
 ])
 def test_cli_eval_refuses_bad_input(args, message):

@@ -9,9 +9,10 @@ which process ran it or in what order.
     runner = make_runner("lwm-grammar", checkpoint="runs/train/babyai-goto-mamba2")
     outcomes = collector.map(runner, episodes_for("babyai-goto", 200))
 
-`RUNNERS` names them: random, bot, lwm, lwm-grammar, lwm-no-critic, llm-only. Another runner is
-one line in `RUNNERS` (or a `register_runner` call), its factory given as a class or as
-"module:Class" so its module loads only when it runs (DQN + HER lives in `lwm.baselines`).
+`RUNNERS` names them: random, bot, lwm, lwm-grammar, lwm-no-critic, llm-only, llm-only-greedy,
+dqn. Another runner is one line in `RUNNERS` (or a `register_runner` call), its factory given as
+a class or as "module:Class" so its module loads only when it runs (DQN + HER lives in
+`lwm.baselines`).
 """
 
 from __future__ import annotations
@@ -409,7 +410,10 @@ RUNNERS: dict[str, RunnerEntry] = {
                                {"llm": "grammar"}),
     "lwm-no-critic": RunnerEntry(LwmRunner, "lwm with its default parser but no critic",
                                  {"critic": False}),
-    "llm-only": RunnerEntry(LLMOnlyRunner, "the LLM picks every action from text (BALROG)"),
+    "llm-only": RunnerEntry(LLMOnlyRunner, "the LLM picks every action from text, sampled at "
+                            "temperature 1 (BALROG)"),
+    "llm-only-greedy": RunnerEntry(LLMOnlyRunner, "llm-only with greedy decoding (temperature 0)",
+                                   {"temperature": 0.0}),
     "dqn": RunnerEntry("lwm.baselines.dqn:DQNRunner", "model-free DQN + language hindsight "
                        "relabeling, the same MiniLM goal embeddings (--dqn-checkpoint)"),
 }
