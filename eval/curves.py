@@ -4,10 +4,12 @@
 
 Reads the periodic greedy evaluations that training logs to `metrics.jsonl` (`lwm train`'s
 `eval_every`, the DQN baseline's `eval_every`: success on the suite's first evaluation seeds,
-never trained on) and plots them on a log axis of episodes. BabyAI's criterion (99 % success) is
-a horizontal line; the episodes PPO needs to reach it in BabyAI 1.1 are vertical reference lines
-for the suites that have one. The JSON holds every point and, per run, the first evaluation at
-or above each `--threshold`, with the training wall time it took.
+never trained on) and plots them on a log axis of episodes (linear below 100, so that the
+evaluation `lwm train` makes before training, at episode 0, shows where each curve starts).
+BabyAI's criterion (99 % success) is a horizontal line; the episodes PPO needs to reach it in
+BabyAI 1.1 are vertical reference lines for the suites that have one. The JSON holds every
+point and, per run, the first evaluation at or above each `--threshold`, with the training wall
+time it took.
 """
 
 from __future__ import annotations
@@ -79,8 +81,11 @@ def plot(runs: list[dict[str, Any]], out: Path) -> None:
         ax.axvline(PPO_EPISODES[suite], color="black", linestyle=":", linewidth=1)
         ax.text(PPO_EPISODES[suite], 0.02, f" PPO to 99 % ({suite}, BabyAI 1.1)", rotation=90,
                 fontsize=8, va="bottom", ha="right")
-    ax.set_xscale("log")
-    ax.set_xlabel("training episodes")
+    # Logarithmic from 100 episodes on, linear below, so a run's evaluation before training
+    # (episode 0: the agent's rules with an untrained model) stays on the plot.
+    ax.set_xscale("symlog", linthresh=100)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("training episodes (0: before training)")
     ax.set_ylabel("greedy success on held-out evaluation seeds")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)

@@ -129,7 +129,8 @@ class TrainConfig:
     """Envs stepped in lockstep (one batched model call per step) when the Q policy collects."""
     eval_every: int = 500
     """Evaluate the agent every this many collected episodes (0: never), so a run records its
-    own learning curve (`eval/curves.py` plots it)."""
+    own learning curve (`eval/curves.py` plots it); a run that reaches its first periodic
+    evaluation also evaluates before training (episode 0), and `episodes=0` only does that."""
     eval_episodes: int = 200
     """Evaluation episodes, on the suite's first evaluation seeds (never trained on)."""
     eval_repeat_penalty: float = 0.1

@@ -137,6 +137,15 @@ class Trainer:
                    "{task.total}"), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
         with Progress(*columns, disable=not self.progress) as bar, contextlib.closing(self):
             task = bar.add_task("dyna", total=cfg.episodes, completed=len(self.store), info="")
+            if (cfg.eval_every > 0 and (cfg.eval_every <= cfg.episodes or cfg.episodes == 0)
+                    and len(self.store) == 0 and "evaluated_at" not in self.state):
+                # The curve's first point: what the agent does before it learned anything (its
+                # rules alone, or with --init-from the weights it starts from). A run too short
+                # for any periodic evaluation gets none; `--episodes 0` only evaluates.
+                bar.update(task, info="evaluating")
+                start = time.perf_counter()
+                metrics |= self.evaluate()
+                self._add_time("eval_s", time.perf_counter() - start)
             while len(self.store) < cfg.episodes:
                 n = min(cfg.collect_per_iter, cfg.episodes - len(self.store))
                 start = time.perf_counter()

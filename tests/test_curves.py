@@ -16,7 +16,7 @@ def _run(path: Path, config_file: str, config: dict, successes: list[float]) -> 
     path.mkdir()
     (path / config_file).write_text(json.dumps(config))
     lines = [{"updates": 10, "episodes": 50, "loss": 1.0}]  # a training line: not a point
-    lines += [{"episodes": 100 * (i + 1), "eval_success": s, "train_s": 10.0 * (i + 1)}
+    lines += [{"episodes": 100 * i, "eval_success": s, "train_s": 10.0 * i}
               for i, s in enumerate(successes)]
     (path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return path
@@ -24,14 +24,15 @@ def _run(path: Path, config_file: str, config: dict, successes: list[float]) -> 
 
 def test_curves_read_both_kinds_of_run_and_report_first_crossings(tmp_path):
     wm = _run(tmp_path / "wm", "trainer.json",
-              {"config": {"suite": "babyai-goto", "backbone": "gru"}}, [0.5, 0.92, 0.9, 0.99])
+              {"config": {"suite": "babyai-goto", "backbone": "gru"}},
+              [0.3, 0.5, 0.92, 0.9, 0.99])
     dqn = _run(tmp_path / "dqn", "config.json",
                {"format": "lwm-dqn", "config": {"suite": "babyai-goto", "frames": 3}}, [0.4, 0.6])
     out = curves.main([str(wm), str(dqn), "--out", str(tmp_path / "c.png"),
                        "--json", str(tmp_path / "c.json")])
     first, second = out["runs"]
     assert first["label"] == "wm: world model (gru)" and second["label"].startswith("dqn: DQN")
-    assert [p["episodes"] for p in first["points"]] == [100, 200, 300, 400]
+    assert [p["episodes"] for p in first["points"]] == [0, 100, 200, 300, 400]  # 0: untrained
     assert first["reached"]["0.9"]["episodes"] == 200
     assert first["reached"]["0.99"] == {"episodes": 400, "eval_success": 0.99,
                                         "eval_success_train": None,

@@ -256,8 +256,18 @@ def test_periodic_greedy_evaluation_logs_a_learning_curve_and_leaves_training_al
     curve.run()
     lines = [json.loads(x) for x in (tmp_path / "curve" / "metrics.jsonl").read_text().splitlines()]
     evals = [x for x in lines if "eval_success" in x]
-    assert [x["episodes"] for x in evals] == [6, 12]
-    assert all(0 <= x["eval_success"] <= 1 and x["train_s"] > 0 for x in evals)
+    # the first point is the agent before any training (episode 0)
+    assert [x["episodes"] for x in evals] == [0, 6, 12]
+    assert [x["updates"] for x in evals][0] == 0 and evals[0]["train_s"] == 0
+    assert all(0 <= x["eval_success"] <= 1 for x in evals)
+    assert all(x["train_s"] > 0 for x in evals[1:])
+    # --episodes 0: only the evaluation before training; a run shorter than eval_every: none
+    only = Trainer(TrainConfig(**{**common, "episodes": 0, "eval_every": 6}), tmp_path / "only",
+                   progress=False)
+    assert "eval_success" in only.run() and len(only.store) == 0
+    short = Trainer(TrainConfig(**{**common, "episodes": 6, "eval_every": 50}), tmp_path / "short",
+                    progress=False)
+    assert "eval_success" not in short.run()
     # the logged rate is the deployed agent's (grammar parser, greedy Q with the repeat penalty)
     # on the first evaluation seeds (held out from training)
     assert curve.model.training  # evaluation hands the model back in training mode
