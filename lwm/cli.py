@@ -372,7 +372,7 @@ def evaluate(
     from lwm.eval.episodes import episodes_for
     from lwm.eval.journal import JOURNAL_NAME, EpisodeJournal, JournalError, run_agents
     from lwm.eval.report import paired, summarize, write_report
-    from lwm.eval.runners import RUNNERS, make_runner, runner_options
+    from lwm.eval.runners import RUNNERS, LLMOnlyRunner, make_runner, runner_options
     from lwm.resources import checkpoint as shipped_checkpoint
     from lwm.tasks import TaskSpecError, load_suite
 
@@ -390,7 +390,7 @@ def evaluate(
         fail(f"unknown agent(s) {unknown or agents!r}; choose from {', '.join(RUNNERS)}")
     if len(set(names)) < len(names):
         fail(f"an agent is named twice in {agents!r}")
-    if any(a.startswith("llm-only") for a in names) and llm == "grammar":
+    if llm == "grammar" and any(RUNNERS[a].resolve() is LLMOnlyRunner for a in names):
         fail("the llm-only agents need an LLM: pass --llm local (or a provider string)")
 
     shared: dict[str, Any] = {"llm": llm, "seed": seed, "planner": planner,

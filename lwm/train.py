@@ -142,10 +142,7 @@ class Trainer:
                 # The curve's first point: what the agent does before it learned anything (its
                 # rules alone, or with --init-from the weights it starts from). A run too short
                 # for any periodic evaluation gets none; `--episodes 0` only evaluates.
-                bar.update(task, info="evaluating")
-                start = time.perf_counter()
-                metrics |= self.evaluate()
-                self._add_time("eval_s", time.perf_counter() - start)
+                metrics |= self._timed_evaluation(bar, task)
             while len(self.store) < cfg.episodes:
                 n = min(cfg.collect_per_iter, cfg.episodes - len(self.store))
                 start = time.perf_counter()
@@ -158,10 +155,7 @@ class Trainer:
                 self._add_time("fit_s", time.perf_counter() - collected)
                 self._add_time("train_s", time.perf_counter() - start)
                 if self._eval_due():
-                    bar.update(task, info="evaluating")
-                    start = time.perf_counter()
-                    metrics |= self.evaluate()
-                    self._add_time("eval_s", time.perf_counter() - start)
+                    metrics |= self._timed_evaluation(bar, task)
                 self.save()
                 bar.update(task, info=_fmt(metrics))
             if cfg.updates_after_collection and self.state["updates"] < self._planned_updates():
@@ -174,6 +168,14 @@ class Trainer:
                     self.save()
                     bar.update(fit_task, advance=k, info=_fmt(metrics))
         return metrics
+
+    def _timed_evaluation(self, bar: Any, task: Any) -> dict[str, float]:
+        """`evaluate()`, shown on the progress bar, its wall time added to eval_s."""
+        bar.update(task, info="evaluating")
+        start = time.perf_counter()
+        info = self.evaluate()
+        self._add_time("eval_s", time.perf_counter() - start)
+        return info
 
     def _add_time(self, key: str, seconds: float) -> None:
         """Wall time by phase in trainer.json: train_s = collect_s + fit_s; eval_s apart."""

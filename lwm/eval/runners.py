@@ -22,7 +22,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from langchain_core.callbacks import BaseCallbackHandler
@@ -239,15 +239,15 @@ class _LwmWorker(_Worker):
 # ---------------------------------------------------------------------- LLM only
 
 
-LLM_ACTIONS: tuple[str, ...] = ("left", "right", "forward", "pickup", "drop", "toggle")
-"""The actions the LLM-only agent is offered: BALROG's six for BabyAI (minigrid's `done` is a
-no-op in BabyAI, and BALROG does not offer it)."""
-
-
 class ActionChoice(BaseModel):
     """The LLM-only agent's answer: one action name."""
 
     action: Literal["left", "right", "forward", "pickup", "drop", "toggle"]
+
+
+LLM_ACTIONS: tuple[str, ...] = get_args(ActionChoice.model_fields["action"].annotation)
+"""The actions the LLM-only agent is offered: BALROG's six for BabyAI (minigrid's `done` is a
+no-op in BabyAI, and BALROG does not offer it)."""
 
 
 def parse_action(text: str) -> str | None:
@@ -306,12 +306,9 @@ class _LLMOnlyWorker(_Worker):
             raise ValueError("the llm-only agent needs an LLM ('local' or a provider), "
                              "not 'grammar'")
         self.cfg = cfg
-        if isinstance(cfg.llm, str):
-            self.chat = get_chat_model(cfg.llm, temperature=cfg.temperature)
-        else:
-            self.chat = get_chat_model(cfg.llm)
-            if "temperature" in type(self.chat).model_fields:
-                self.chat = self.chat.model_copy(update={"temperature": cfg.temperature})
+        self.chat = get_chat_model(cfg.llm)
+        if "temperature" in type(self.chat).model_fields:
+            self.chat = self.chat.model_copy(update={"temperature": cfg.temperature})
         try:
             self.structured = self.chat.with_structured_output(ActionChoice)
         except NotImplementedError:
