@@ -53,6 +53,25 @@ def test_relabel_targets():
             assert goals.reward[0, t, k] == (vocab.texts[g] in batch.achieved[0][t + 1])
 
 
+def test_relabel_draws_distinct_future_goals_weighted_by_how_often_they_are_achieved():
+    vocab = GoalVocab([f"go to the {c} ball" for c in ("red", "blue", "green", "grey", "purple",
+                                                       "yellow")])
+    red, blue = "go to the red ball", "go to the blue ball"
+    # nothing is achieved at obs 1; red later at obs 2, 3 and 4, blue once at obs 5
+    batch = _Batch([[[], [], [red], [red], [red], [blue]]], [[True] * 5])
+    rng = np.random.default_rng(0)
+    draws = [relabel(batch, vocab, rng, n_goals=4, n_future=1) for _ in range(2000)]
+    share = np.mean([d.goal[0, 0, 0] == vocab.index[red] for d in draws])
+    assert share == pytest.approx(0.75, abs=0.04)  # red is achieved 3 times of 4 later on
+    # with room for two, step 0 always holds both, once each, and rewards stay 0 (nothing now)
+    two = relabel(batch, vocab, rng, n_goals=4, n_future=2)
+    assert sorted(two.goal[0, 0, :2].tolist()) == sorted([vocab.index[red], vocab.index[blue]])
+    assert not two.reward[0, 0].any()
+    # step 3 arrives where red is achieved: slot 0 holds it; blue (later) follows in slot 1
+    assert two.goal[0, 3, :2].tolist() == [vocab.index[red], vocab.index[blue]]
+    assert two.reward[0, 3].tolist() == [float(g == vocab.index[red]) for g in two.goal[0, 3]]
+
+
 def test_a_small_vocabulary_scores_every_goal_at_every_step():
     vocab = GoalVocab(["go to the red ball", "go to the blue key", "go to the green box"])
     batch = _Batch([[[], ["go to the blue key"], ["go to the red ball", "held out"], []]],

@@ -5,10 +5,15 @@ step is scored against every goal: slot k holds goal k, and nothing is sampled. 
 each step t of a `SequenceBatch` window, `relabel` picks G goal slots:
 
 - slot 0: a goal achieved on arriving at observation t+1, when there is one (a reward positive);
-- slots 1..n_future: goals achieved later in the window (hindsight "future" goals, whose TD
-  targets carry the discounted success back to step t);
+- slots 1..n_future: distinct goals achieved later in the window, drawn with weights = how often
+  each is achieved there (hindsight "future" goals, whose TD targets carry the discounted
+  success back to step t);
 - the rest: negatives, half drawn from goals achieved anywhere in the batch (hard: achievable
   here, just not now) and half uniformly from the vocabulary.
+
+The found slots come first (slot 0 holds a later goal when nothing is achieved now). All of it is
+whole-array numpy over (B, L, V): a batch of 8 x 64 steps with a 320-goal vocabulary relabels in
+a few milliseconds, not the tens a loop over steps took.
 
 The target per slot is `reward` = 1 if the goal is achieved on arriving at o_{t+1}; the world
 model learns Q by TD from these rewards, so future goals need no Monte-Carlo value targets (which
@@ -68,56 +73,61 @@ def relabel(
     if n_goals < n_future + 2:
         raise ValueError(f"n_goals ({n_goals}) must leave room for {n_future} future goals, "
                          "one achieved goal and at least one negative")
+    hit = _hits(batch, vocab)  # (B, L+1, V): achieved on arriving at each observation
     n_windows, length = batch.action.shape
-    # achieved[b][j]: vocabulary indices achieved on arriving at observation j of window b.
-    achieved = [
-        [[vocab.index[g] for g in step if g in vocab.index] for step in window]
-        for window in batch.achieved
-    ]
-    in_batch = np.array(sorted({i for w in achieved for s in w for i in s}), dtype=np.int64)
+    n_vocab = len(vocab)
+    real = np.asarray(batch.mask, bool)[:, :, None]  # (B, L, 1)
+    now = hit[:, 1:]  # (B, L, V): achieved on arriving at observation t+1
+    # How often each goal is achieved at observations t+2 .. L of the window (hindsight goals).
+    later = np.zeros((n_windows, length + 2, n_vocab), np.int32)
+    later[:, : length + 1] = hit[:, ::-1].cumsum(1, dtype=np.int32)[:, ::-1]
+    future = later[:, 2:]  # (B, L, V)
 
-    goal = np.zeros((n_windows, length, n_goals), np.int64)
-    mask = np.zeros((n_windows, length, n_goals), bool)
-    for b in range(n_windows):
-        for t in range(length):
-            if not batch.mask[b, t]:
-                continue
-            now = achieved[b][t + 1]
-            future = [i for step in achieved[b][t + 2 :] for i in step]
-            slots = []
-            if now:
-                slots.append(now[rng.integers(len(now))])
-            if future:
-                picks = rng.choice(len(future), size=min(n_future, len(future)), replace=False)
-                slots += [future[k] for k in picks]
-            n_neg = n_goals - len(slots)
-            n_hard = n_neg // 2 if len(in_batch) else 0
-            negs = np.concatenate([
-                in_batch[rng.integers(len(in_batch), size=n_hard)] if n_hard else [],
-                rng.integers(len(vocab), size=n_neg - n_hard),
-            ]).astype(np.int64)
-            goal[b, t, : len(slots)] = slots
-            goal[b, t, len(slots) :] = negs
-            mask[b, t] = True
+    # Slot 0: one of the goals achieved now, uniformly; then up to n_future distinct goals
+    # achieved later, drawn without replacement with weights w = how often each is achieved
+    # (the top keys w / E, E ~ Exp(1): Efraimidis-Spirakis sampling; 0 for goals never achieved).
+    first = np.where(now, rng.random(now.shape), -1.0).argmax(-1)[..., None]  # (B, L, 1)
+    keys = future / rng.standard_exponential(future.shape, np.float32)
+    top = np.argsort(-keys, axis=-1, kind="stable")[..., :n_future]  # (B, L, n_future)
+    found = np.concatenate([now.any(-1, keepdims=True),
+                            np.take_along_axis(future, top, -1) > 0], axis=-1)
+    picks = np.concatenate([first, top], axis=-1)
+    order = np.argsort(~found, axis=-1, kind="stable")  # found slots first, in slot order
+    picks = np.take_along_axis(picks, order, -1)
+    n_slots = found.sum(-1, keepdims=True)  # (B, L, 1)
 
-    reward = np.zeros(goal.shape, np.float32)
-    for b in range(n_windows):
-        for t in range(length):
-            if batch.mask[b, t]:
-                now = set(achieved[b][t + 1])
-                reward[b, t] = [float(int(i) in now) for i in goal[b, t]]
+    # The rest: negatives, half from goals achieved anywhere in the batch, half uniform.
+    in_batch = np.flatnonzero(hit.any((0, 1)))
+    shape = (n_windows, length, n_goals)
+    n_hard = (n_goals - n_slots) // 2 if len(in_batch) else np.zeros_like(n_slots)
+    slot = np.arange(n_goals)
+    hard = in_batch[rng.integers(len(in_batch), size=shape)] if len(in_batch) else 0
+    negatives = np.where(slot < n_slots + n_hard, hard, rng.integers(n_vocab, size=shape))
+    padded = np.zeros(shape, np.int64)
+    padded[..., : picks.shape[-1]] = picks
+    goal = np.where(slot < n_slots, padded, negatives).astype(np.int64) * real
+    mask = np.broadcast_to(real, shape).copy()
+    reward = (np.take_along_axis(now, goal, -1) & mask).astype(np.float32)
     return RelabeledGoals(goal=goal, reward=reward, mask=mask)
+
+
+def _hits(batch: SequenceBatch, vocab: GoalVocab) -> np.ndarray:
+    """(B, L+1, V) bool: vocabulary goal v is achieved on arriving at observation j of window
+    b (goals outside the vocabulary are left out)."""
+    n_windows, length = batch.action.shape
+    hit = np.zeros((n_windows, length + 1, len(vocab)), bool)
+    for b, window in enumerate(batch.achieved):
+        for j, step in enumerate(window):
+            for text in step:
+                if (i := vocab.index.get(text)) is not None:
+                    hit[b, j, i] = True
+    return hit
 
 
 def _every_goal(batch: SequenceBatch, vocab: GoalVocab) -> RelabeledGoals:
     """Slot k of every real step holds vocabulary goal k (G = len(vocab))."""
     n_windows, length = batch.action.shape
-    hit = np.zeros((n_windows, length + 1, len(vocab)), np.float32)  # achieved on arrival
-    for b, window in enumerate(batch.achieved):
-        for j, step in enumerate(window):
-            for text in step:
-                if text in vocab.index:
-                    hit[b, j, vocab.index[text]] = 1.0
+    hit = _hits(batch, vocab).astype(np.float32)  # achieved on arrival
     mask = np.broadcast_to(batch.mask[:, :, None], (n_windows, length, len(vocab))).copy()
     goal = np.broadcast_to(np.arange(len(vocab)), mask.shape).copy()
     return RelabeledGoals(goal=goal, reward=hit[:, 1:] * mask, mask=mask)
