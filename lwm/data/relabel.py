@@ -87,7 +87,8 @@ def relabel(
     # achieved later, drawn without replacement with weights w = how often each is achieved
     # (the top keys w / E, E ~ Exp(1): Efraimidis-Spirakis sampling; 0 for goals never achieved).
     first = np.where(now, rng.random(now.shape), -1.0).argmax(-1)[..., None]  # (B, L, 1)
-    keys = future / rng.standard_exponential(future.shape, np.float32)
+    # (+1e-30: a float32 draw can be exactly 0, and 0 / 0 would be NaN)
+    keys = future / (rng.standard_exponential(future.shape, np.float32) + np.float32(1e-30))
     top = np.argsort(-keys, axis=-1, kind="stable")[..., :n_future]  # (B, L, n_future)
     found = np.concatenate([now.any(-1, keepdims=True),
                             np.take_along_axis(future, top, -1) > 0], axis=-1)
