@@ -56,6 +56,8 @@ never the no-op `done`."""
 
 EXPLORATIONS = ("plain", "affordance")
 """Random policies for exploration (`TrainConfig.exploration`)."""
+PRECISIONS = ("fp32", "bf16", "auto")
+"""Matmul precisions of training updates (`TrainConfig.precision`)."""
 
 
 def random_actions(rng: np.random.Generator, exploration: str, obs: list[dict]) -> np.ndarray:
@@ -97,6 +99,7 @@ class Trainer:
         if cfg.exploration not in EXPLORATIONS:
             raise ValueError(f"unknown exploration {cfg.exploration!r}; expected one of "
                              f"{EXPLORATIONS}")
+        self.bf16 = _use_bf16(cfg.precision)
         if not 0.0 <= cfg.stepping_stones <= 1.0:
             raise ValueError(f"stepping_stones is a share in [0, 1], got {cfg.stepping_stones}")
         self.suite: TaskSuite = load_suite(cfg.suite)
@@ -299,7 +302,9 @@ class Trainer:
         self.model.train()
         sums: dict[str, float] = {}
         for _ in range(updates):
-            loss, parts = self.model.loss(self.sample_batch(), self.goal_table)
+            batch = self.sample_batch()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                loss, parts = self.model.loss(batch, self.goal_table)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"non-finite loss {parts} at update {self.state['updates']}; the last "
@@ -581,6 +586,15 @@ def trim_padding(batch: dict[str, Any]) -> dict[str, Any]:
     return {key: value[:, : steps + value.shape[1] - length]
             if torch.is_tensor(value) and value.dim() >= 2 else value
             for key, value in batch.items()}
+
+
+def _use_bf16(precision: str) -> bool:
+    """Whether `TrainConfig.precision` means bf16 autocast on this CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+    if precision == "auto":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return precision == "bf16"
 
 
 def _fmt(metrics: dict[str, float]) -> str:

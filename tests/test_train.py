@@ -105,6 +105,31 @@ def test_trimming_padding_leaves_the_loss_unchanged(tmp_path):
     assert a == pytest.approx(b, rel=1e-5)
 
 
+def test_bf16_precision_runs_the_loss_in_bf16_and_keeps_fp32_weights(tmp_path):
+    trainer = Trainer(TrainConfig(episodes=8, precision="bf16", **DEBUG), tmp_path,
+                      progress=False)
+    trainer.collect(8)
+    seen = []
+    hook = trainer.model.reward_head.state_mlp[0].register_forward_hook(
+        lambda module, args, out: seen.append(out.dtype))
+    metrics = trainer.fit(2)
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    assert np.isfinite(list(metrics.values())).all()
+    seen.clear()
+    trainer.bf16 = False
+    hook = trainer.model.reward_head.state_mlp[0].register_forward_hook(
+        lambda module, args, out: seen.append(out.dtype))
+    trainer.fit(1)
+    hook.remove()
+    assert set(seen) == {torch.float32}
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        Trainer(TrainConfig(episodes=8, precision="fp16", **DEBUG), tmp_path / "other",
+                progress=False)
+    assert not (tmp_path / "other").exists()
+
+
 def test_trainer_runs_saves_and_refuses_a_different_setup(tmp_path):
     cfg = TrainConfig(episodes=12, **DEBUG)
     metrics = Trainer(cfg, tmp_path, progress=False).run()
