@@ -9,6 +9,7 @@ per round: with the goal heads' batched `pairwise` scoring (what training uses) 
 straightforward broadcast reference of the same math, so the ratio between them is measured under
 the same load. The loss of both is checked to agree before timing. A third path samples whole
 windows without cutting the trailing padding (`lwm.train.trim_padding`), which training does.
+A fourth runs the batched update under CPU bf16 autocast (`--precision bf16` of `lwm train`).
 
     python eval/bench_train.py --from-run runs/wm-goto-h --seq-len 64 --batch-size 16
 
@@ -36,7 +37,7 @@ from lwm.config import TrainConfig  # noqa: E402
 from lwm.data import EpisodeStore, SequenceSampler  # noqa: E402
 from lwm.models.world_model import MAP_CELLS, _GoalHead  # noqa: E402
 from lwm.report import machine_info, time_interleaved, write_json  # noqa: E402
-from lwm.train import Trainer, trim_padding  # noqa: E402
+from lwm.train import Trainer, native_bf16, trim_padding  # noqa: E402
 
 
 def reference_pairwise(head: _GoalHead, h: torch.Tensor, psi: torch.Tensor,
@@ -90,18 +91,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             trainer.sampler.refresh()
         heads = (trainer.model.q_head, trainer.model.q_target, trainer.model.reward_head)
 
-        def update(reference: bool, trim: bool = True) -> None:
+        def update(reference: bool, trim: bool = True, bf16: bool = False) -> None:
             _use_reference(heads, reference)
             lwm.train.trim_padding = trim_padding if trim else (lambda batch: batch)
+            trainer.bf16 = bf16
             try:
                 trainer.fit(1)
             finally:
                 lwm.train.trim_padding = trim_padding
+                trainer.bf16 = False
 
         batch_check = _loss_agreement(trainer, heads)
         seconds = time_interleaved({"batched": lambda: update(False),
                                     "untrimmed": lambda: update(False, trim=False),
-                                    "reference": lambda: update(True)}, rounds=args.rounds)
+                                    "reference": lambda: update(True),
+                                    "bf16": lambda: update(False, bf16=True)},
+                                   rounds=args.rounds)
         _use_reference(heads, False)
 
     result = {
@@ -116,6 +121,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "trim_speedup": seconds["untrimmed"] / seconds["batched"],
             "stored_episodes": trainer.sampler.num_episodes,
             "updates_per_minute": 60 / seconds["batched"],
+            "bf16_update_ms": seconds["bf16"] * 1e3,
+            "bf16_speedup": seconds["batched"] / seconds["bf16"],
+            "bf16_native": native_bf16(),
             "loss_max_abs_diff": batch_check,
         },
     }
@@ -159,10 +167,13 @@ def report(result: dict[str, Any]) -> None:
                   f"{60e3 / fig['reference_update_ms']:.0f}")
     table.add_row("untrimmed windows", f"{fig['untrimmed_update_ms']:.0f}",
                   f"{60e3 / fig['untrimmed_update_ms']:.0f}")
+    table.add_row("batched, bf16 autocast", f"{fig['bf16_update_ms']:.0f}",
+                  f"{60e3 / fig['bf16_update_ms']:.0f}")
     Console().print(table)
     Console().print(f"batched vs reference {fig['speedup']:.2f}x; trimmed vs untrimmed windows "
                     f"{fig['trim_speedup']:.2f}x; largest loss difference "
-                    f"{fig['loss_max_abs_diff']:.2e}")
+                    f"{fig['loss_max_abs_diff']:.2e}; bf16 vs fp32 {fig['bf16_speedup']:.2f}x "
+                    f"(native bf16 matmuls: {'yes' if fig['bf16_native'] else 'no'})")
 
 
 if __name__ == "__main__":

@@ -94,9 +94,9 @@ class TrainConfig:
     """Adam learning rate."""
     precision: str = "fp32"
     """Matmul precision of the training updates: 'fp32', 'bf16' (the loss runs under CPU bf16
-    autocast: matmuls in bf16, weights, optimizer and losses in fp32; a 1.4x faster update at 2
-    threads on a CPU with AVX-512 bf16, far slower on one without) or 'auto' (bf16 where the CPU
-    has native bf16 matmuls, else fp32)."""
+    autocast: matmuls in bf16, weights, optimizer and losses in fp32; a 1.35x faster update at 2
+    threads on a CPU with AVX-512 bf16, slower on one without) or 'auto' (bf16 where the CPU
+    multiplies bf16 natively, else fp32)."""
     grad_clip: float = 10.0
     """Gradient-norm clip."""
     n_goals: int = 16

@@ -593,8 +593,15 @@ def _use_bf16(precision: str) -> bool:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     if precision == "auto":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return native_bf16()
     return precision == "bf16"
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 bf16 or AMX). oneDNN also runs bf16 on
+    plain AVX-512 by converting, which is slower than fp32, so that does not count."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import lwm.train
 from lwm.agent import Agent
 from lwm.data.relabel import GoalVocab, relabel
 from lwm.goals import parse_goal
@@ -128,6 +129,17 @@ def test_bf16_precision_runs_the_loss_in_bf16_and_keeps_fp32_weights(tmp_path):
         Trainer(TrainConfig(episodes=8, precision="fp16", **DEBUG), tmp_path / "other",
                 progress=False)
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [
+    (False, False, False), (True, False, True), (False, True, True)])
+def test_auto_precision_is_bf16_only_on_cpus_that_multiply_bf16_natively(
+        monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16,
+                        raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert lwm.train._use_bf16("auto") is expected
+    assert lwm.train._use_bf16("bf16") and not lwm.train._use_bf16("fp32")
 
 
 def test_trainer_runs_saves_and_refuses_a_different_setup(tmp_path):
