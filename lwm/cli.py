@@ -238,7 +238,10 @@ def train(
     run_dir = run_dir or Path("runs/train") / f"{Path(cfg.suite).stem}-{cfg.backbone}"
     console.print(f"training a [bold]{cfg.preset}[/bold] {cfg.backbone} world model on "
                   f"[bold]{cfg.suite}[/bold] in {run_dir}")
-    metrics = Trainer(cfg, run_dir).run()
+    trainer = Trainer(cfg, run_dir)
+    console.print(f"updates in {'bf16' if trainer.bf16 else 'fp32'} "
+                  f"(--precision {cfg.precision}), {cfg.threads} torch thread(s)")
+    metrics = trainer.run()
     console.print("final: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 

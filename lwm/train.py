@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -594,6 +595,10 @@ def _use_bf16(precision: str) -> bool:
         raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     if precision == "auto":
         return native_bf16()
+    if precision == "bf16" and not native_bf16():
+        warnings.warn("this CPU has no native bf16 matmuls (AVX-512 bf16 or AMX): bf16 training "
+                      "updates will be slower than fp32 here; --precision auto picks fp32",
+                      RuntimeWarning, stacklevel=3)
     return precision == "bf16"
 
 

@@ -48,6 +48,7 @@ def test_train_options_come_from_the_config_dataclass(tmp_path):
     ])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "model" / "config.json").exists()
+    assert "updates in fp32 (--precision fp32)" in result.output
 
 
 def test_agent_demo_and_plan_with_a_small_checkpoint(tmp_path):
