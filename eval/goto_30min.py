@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,12 +29,17 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from eval.agent import main as agent_main  # noqa: E402
+from eval.curves import read_run  # noqa: E402
 from lwm.config import TrainConfig  # noqa: E402
 from lwm.eval.report import wilson  # noqa: E402
 from lwm.report import machine_info, write_json  # noqa: E402
-from lwm.train import Trainer  # noqa: E402
+from lwm.train import PRECISIONS, Trainer  # noqa: E402
 
 BUDGET_S = 30 * 60
+FURTHER_SKIP = 400
+"""Further seeds start after the first 400: training evaluates on the first 200, and settings
+were tuned on the next 200."""
 
 
 def recipe(args: argparse.Namespace) -> TrainConfig:
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--run-dir", type=Path, default=Path("runs/train/goto-30min"))
     parser.add_argument("--episodes", type=int, default=3000)
     parser.add_argument("--updates-per-iter", type=int, default=300)
-    parser.add_argument("--precision", default="auto", choices=("fp32", "bf16", "auto"))
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--further", type=int, default=1000,
@@ -64,10 +68,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer = Trainer(cfg, args.run_dir)
     trainer.run()
     state = trainer.state
-    rows = [json.loads(line) for line in (args.run_dir / "metrics.jsonl").read_text().splitlines()]
-    curve = [{"episodes": r["episodes"], "train_s": r["train_s"], "success": r["eval_success"],
-              "success_held_out": r["eval_success_held_out"]}
-             for r in rows if "eval_success" in r]
+    curve = [{"episodes": p["episodes"], "train_s": p["train_s"], "success": p["eval_success"],
+              "success_held_out": p["eval_success_held_out"]}
+             for p in read_run(args.run_dir)["points"]]
     last = curve[-1]
     n200 = cfg.eval_episodes
     figures: dict[str, Any] = {
@@ -97,15 +100,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def further_seeds(args: argparse.Namespace) -> dict[str, Any]:
-    """The final model on `--further` evaluation seeds after the first 400 (eval/agent.py)."""
+    """The final model on `--further` evaluation seeds after the first `FURTHER_SKIP`
+    (eval/agent.py)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "agent.json"
-        subprocess.run([sys.executable, str(Path(__file__).with_name("agent.py")),
-                        str(args.run_dir), "--planner", "greedy", "--repeat-penalty", "0.1",
-                        "--skip", "400", "--episodes", str(args.further),
-                        "--threads", str(args.threads), "--json", str(out)], check=True)
+        agent_main([str(args.run_dir), "--planner", "greedy", "--repeat-penalty", "0.1",
+                    "--skip", str(FURTHER_SKIP), "--episodes", str(args.further),
+                    "--threads", str(args.threads), "--json", str(out)])
         figures = json.loads(out.read_text())["figures"]
-    return {"episodes": args.further, "skip": 400,
+    return {"episodes": args.further, "skip": FURTHER_SKIP,
             **{k: figures[k] for k in ("all", "trained combos", "held-out combos")}}
 
 
