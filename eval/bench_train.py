@@ -10,6 +10,8 @@ straightforward broadcast reference of the same math, so the ratio between them 
 the same load. The loss of both is checked to agree before timing. A third path samples whole
 windows without cutting the trailing padding (`lwm.train.trim_padding`), which training does.
 A fourth runs the batched update under CPU bf16 autocast (`--precision bf16` of `lwm train`).
+A fifth and sixth run it, in fp32 and bf16, for a model with the other next-view decoder
+(`--decoder`: mlp or ego), trained on the same stored episodes.
 
     python eval/bench_train.py --from-run runs/wm-goto-h --seq-len 64 --batch-size 16
 
@@ -23,6 +25,7 @@ import argparse
 import math
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import lwm.train  # noqa: E402
 from lwm.config import TrainConfig  # noqa: E402
 from lwm.data import EpisodeStore, SequenceSampler  # noqa: E402
-from lwm.models.world_model import MAP_CELLS, _GoalHead  # noqa: E402
+from lwm.models.world_model import DECODERS, MAP_CELLS, _GoalHead  # noqa: E402
 from lwm.report import machine_info, time_interleaved, write_json  # noqa: E402
 from lwm.train import Trainer, native_bf16, trim_padding  # noqa: E402
 
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--suite", default="babyai-goto")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--backbone", default="mamba2")
+    parser.add_argument("--decoder", default="mlp", choices=DECODERS)
     parser.add_argument("--episodes", type=int, default=100, help="exploration episodes stored")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=32)
@@ -77,11 +81,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
 
     cfg = TrainConfig(suite=args.suite, preset=args.preset, backbone=args.backbone,
+                      decoder=args.decoder,
                       episodes=args.episodes, batch_size=args.batch_size, seq_len=args.seq_len,
                       n_goals=args.n_goals, goal_vocab=args.goal_vocab, seed=args.seed,
                       threads=args.threads,
                       warmup_episodes=args.episodes)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as tmp_other:
         trainer = Trainer(cfg, tmp, progress=False)
         if args.from_run:
             store = EpisodeStore(args.from_run / "episodes", mode="r")
@@ -90,6 +95,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             trainer.collect(args.episodes)
             trainer.sampler.refresh()
         heads = (trainer.model.q_head, trainer.model.q_target, trainer.model.reward_head)
+        other = next(d for d in DECODERS if d != args.decoder)
+        other_trainer = Trainer(replace(cfg, decoder=other), tmp_other, progress=False)
+        other_trainer.sampler = trainer.sampler  # the same stored episodes
 
         def update(reference: bool, trim: bool = True, bf16: bool = False) -> None:
             _use_reference(heads, reference)
@@ -101,11 +109,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 lwm.train.trim_padding = trim_padding
                 trainer.bf16 = False
 
+        def other_update(bf16: bool) -> None:
+            other_trainer.bf16 = bf16
+            other_trainer.fit(1)
+
         batch_check = _loss_agreement(trainer, heads)
         seconds = time_interleaved({"batched": lambda: update(False),
                                     "untrimmed": lambda: update(False, trim=False),
                                     "reference": lambda: update(True),
-                                    "bf16": lambda: update(False, bf16=True)},
+                                    "bf16": lambda: update(False, bf16=True),
+                                    "other_decoder": lambda: other_update(False),
+                                    "other_decoder_bf16": lambda: other_update(True)},
                                    rounds=args.rounds)
         _use_reference(heads, False)
 
@@ -124,6 +138,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "bf16_update_ms": seconds["bf16"] * 1e3,
             "bf16_speedup": seconds["batched"] / seconds["bf16"],
             "bf16_native": native_bf16(),
+            "decoder": args.decoder,
+            "other_decoder": other,
+            "other_decoder_update_ms": seconds["other_decoder"] * 1e3,
+            "other_decoder_bf16_update_ms": seconds["other_decoder_bf16"] * 1e3,
             "loss_max_abs_diff": batch_check,
         },
     }
@@ -169,6 +187,10 @@ def report(result: dict[str, Any]) -> None:
                   f"{60e3 / fig['untrimmed_update_ms']:.0f}")
     table.add_row("batched, bf16 autocast", f"{fig['bf16_update_ms']:.0f}",
                   f"{60e3 / fig['bf16_update_ms']:.0f}")
+    for suffix, label in (("", ""), ("_bf16", ", bf16 autocast")):
+        ms = fig[f"other_decoder{suffix}_update_ms"]
+        table.add_row(f"batched, {fig['other_decoder']} decoder{label} (this run: "
+                      f"{fig['decoder']})", f"{ms:.0f}", f"{60e3 / ms:.0f}")
     Console().print(table)
     Console().print(f"batched vs reference {fig['speedup']:.2f}x; trimmed vs untrimmed windows "
                     f"{fig['trim_speedup']:.2f}x; largest loss difference "

@@ -33,6 +33,7 @@ from eval.agent import main as agent_main  # noqa: E402
 from eval.curves import read_run  # noqa: E402
 from lwm.config import TrainConfig  # noqa: E402
 from lwm.eval.report import wilson  # noqa: E402
+from lwm.models.world_model import DECODERS  # noqa: E402
 from lwm.report import machine_info, write_json  # noqa: E402
 from lwm.train import PRECISIONS, Trainer  # noqa: E402
 
@@ -47,7 +48,7 @@ def recipe(args: argparse.Namespace) -> TrainConfig:
                        threads=args.threads, episodes=args.episodes, collect_per_iter=100,
                        updates_per_iter=args.updates_per_iter, batch_size=8, seq_len=64,
                        goal_vocab="all", eval_every=500, eval_episodes=200,
-                       precision=args.precision)
+                       precision=args.precision, decoder=args.decoder)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decoder", default="mlp", choices=DECODERS,
+                        help="next-view decoder of the world model (see WorldModelConfig)")
     parser.add_argument("--further", type=int, default=1000,
                         help="evaluation seeds after the first 400 played by the final model "
                         "(0: none)")

@@ -11,6 +11,13 @@ seen in training). For each run directory (written by `lwm train`):
 - reward AUROC: teacher-forced reward probabilities of every concrete goal at every step,
   achieved (positive) vs not achieved (negative), for goals of trained (colour, type)
   combinations and, separately, of held-out ones.
+- one-step accuracy by kind of cell: the view is partial, so not every cell of the next view can
+  be known. Every step's one-step prediction (the real history through o_t, then a_t) is scored
+  per cell of o_t+1, by where that cell's grid position was seen (from the agent's true pose):
+  "in view" (visible in o_t), "recalled" (visible earlier, not in o_t: only memory knows it),
+  "new" (never visible before) and "unseen" (not visible in o_t+1 either). `known share` is the
+  share of cells that are not new: a model that knew every cell it had seen and missed every
+  new one would score that.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from minigrid.core.constants import DIR_TO_VEC
 from rich.console import Console
 from rich.table import Table
 
@@ -35,9 +43,71 @@ STARTS = (0, 8, 16, 24)
 HORIZONS = (1, 5, 15)
 
 
+KINDS = ("in view", "recalled", "new", "unseen")
+
+
 def collect(suite, n: int, seed: int) -> list:
     env, rng, recorder = suite.make_env(), np.random.default_rng(seed), EpisodeRecorder()
-    return [explore_episode(env, s, rng, recorder) for s in suite.seeds_for(None, n)]
+    return [explore_episode(env, s, rng, recorder, meta={"seed": s})
+            for s in suite.seeds_for(None, n)]
+
+
+def view_positions(pos: tuple[int, int], direction: int) -> np.ndarray:
+    """Grid positions (7, 7, 2) of the egocentric view's cells [x, y] for an agent at `pos`
+    facing `direction`: the agent stands at view cell (3, 6) looking towards y = 0."""
+    forward = np.array(DIR_TO_VEC[direction])
+    right = np.array([-forward[1], forward[0]])
+    x, y = np.meshgrid(np.arange(7), np.arange(7), indexing="ij")
+    return np.asarray(pos) + (6 - y)[..., None] * forward + (x - 3)[..., None] * right
+
+
+def cell_kinds(suite, episode) -> np.ndarray:
+    """(T, 7, 7) index into `KINDS` of every cell of o_1..o_T (module docstring), from the
+    agent's poses when the episode's actions are replayed from its seed."""
+    env = suite.make_env()
+    env.reset(seed=episode.meta["seed"])
+    base = env.unwrapped
+    poses = [view_positions(tuple(base.agent_pos), base.agent_dir)]
+    for action in episode.action:
+        env.step(int(action))
+        poses.append(view_positions(tuple(base.agent_pos), base.agent_dir))
+    visible = episode.image[..., 0] != 0  # (T+1, 7, 7)
+    seen: set[tuple[int, int]] = set()
+    kinds = np.empty((episode.num_steps, 7, 7), np.int64)
+    for t in range(episode.num_steps):
+        in_view = {tuple(p) for p in poses[t][visible[t]]}
+        seen |= in_view
+        for x in range(7):
+            for y in range(7):
+                p = tuple(poses[t + 1][x, y])
+                kinds[t, x, y] = (3 if not visible[t + 1, x, y] else 0 if p in in_view
+                                  else 1 if p in seen else 2)
+    return kinds
+
+
+@torch.no_grad()
+def one_step_by_kind(model: WorldModel, suite, episodes: list) -> dict:
+    """Share of cells and one-step accuracy for each of `KINDS`, over every step of every
+    episode, and the known share (module docstring)."""
+    right, total = np.zeros(len(KINDS)), np.zeros(len(KINDS))
+    for e in episodes:
+        image, action = torch.from_numpy(e.image), torch.from_numpy(e.action)
+        steps = e.num_steps
+        z = model.encode(image[None, :steps], torch.from_numpy(e.direction)[None, :steps],
+                         torch.from_numpy(e.carrying)[None, :steps])
+        prev = torch.cat([torch.tensor([model.START]), action[:-1]])[None]
+        h = model.sequence(z, prev)[0]  # (T, latent)
+        pred = model.most_likely(model.decode(h, action))["image"]  # (T, 7, 7, 3)
+        ok = (pred == image[1:].long()).all(-1).numpy()  # (T, 7, 7)
+        kinds = cell_kinds(suite, e)
+        right += np.bincount(kinds[ok], minlength=len(KINDS))
+        total += np.bincount(kinds.ravel(), minlength=len(KINDS))
+    out = {kind: {"share": float(total[i] / total.sum()),
+                  "accuracy": float(right[i] / total[i]) if total[i] else float("nan")}
+           for i, kind in enumerate(KINDS)}
+    out["all"] = {"share": 1.0, "accuracy": float(right.sum() / total.sum())}
+    out["known_share"] = 1.0 - out["new"]["share"]
+    return out
 
 
 def evaluate(model: WorldModel, episodes: list, suite, goal_texts, goal_table) -> dict:
@@ -85,6 +155,7 @@ def evaluate(model: WorldModel, episodes: list, suite, goal_texts, goal_table) -
     figures["reward_auroc_held_out"] = auroc(s[:, held].ravel(), y[:, held].ravel())
     figures["positives_trained"] = int(y[:, ~held].sum())
     figures["positives_held_out"] = int(y[:, held].sum())
+    figures["one_step_by_kind"] = one_step_by_kind(model, suite, episodes)
     return figures
 
 
@@ -132,6 +203,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"{figures['reward_auroc_trained']:.4f}",
                       f"{figures['reward_auroc_held_out']:.4f}")
     console.print(table)
+    kinds = Table(title="one-step accuracy by kind of cell (share of cells in brackets)")
+    for c in ["run", *KINDS, "all", "known share"]:
+        kinds.add_column(c)
+    for run, figures in results.items():
+        by = figures["one_step_by_kind"]
+        kinds.add_row(run, *(f"{by[k]['accuracy']:.4f} ({by[k]['share']:.3f})"
+                             for k in (*KINDS, "all")), f"{by['known_share']:.4f}")
+    console.print(kinds)
     if args.json:
         write_json(args.json, {"machine": machine_info(), "seed": args.seed, "suite": suite.name,
                                "goals": args.goals,

@@ -80,6 +80,9 @@ class TrainConfig:
     """World-model size preset: debug, small or base."""
     backbone: str = "mamba2"
     """Sequence backbone: mamba2, gru or transformer."""
+    decoder: str = "mlp"
+    """Next-view decoder: 'mlp' (from the history alone) or 'ego' (also copies the current
+    view's cells along the action's view shift, gated per cell; see `WorldModelConfig`)."""
     episodes: int = 2000
     """Episodes to collect in total."""
     collect_per_iter: int = 100

@@ -106,7 +106,8 @@ class Trainer:
         self.suite: TaskSuite = load_suite(cfg.suite)
         torch.set_num_threads(cfg.threads)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.model_cfg: WorldModelConfig = preset(cfg.preset, backbone=cfg.backbone)
+        self.model_cfg: WorldModelConfig = preset(cfg.preset, backbone=cfg.backbone,
+                                                   decoder=cfg.decoder)
         self.state: dict[str, Any] = {"updates": 0, "iterations": 0}
         resumed = (self.dir / "trainer.json").exists()
         if resumed:
@@ -377,7 +378,8 @@ class Trainer:
         saved = json.loads((self.dir / "trainer.json").read_text())["config"]
         ours = dataclasses.asdict(self.cfg)
         saved.setdefault("goal_vocab", "all")  # runs from before the option used every goal
-        fixed = ("suite", "preset", "backbone", "seq_len", "seed", "goal_vocab")
+        saved.setdefault("decoder", "mlp")  # ... and the MLP decoder
+        fixed = ("suite", "preset", "backbone", "decoder", "seq_len", "seed", "goal_vocab")
         diff = [f"{k}: run has {saved.get(k)!r}, asked for {ours[k]!r}" for k in fixed
                 if saved.get(k) != ours[k]]
         if diff:

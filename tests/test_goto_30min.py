@@ -14,8 +14,9 @@ _spec.loader.exec_module(goto)
 
 def test_the_recipe_is_the_documented_one():
     args = goto.argparse.Namespace(seed=0, threads=2, episodes=3000, updates_per_iter=300,
-                                   precision="auto")
+                                   precision="auto", decoder="ego")
     cfg = goto.recipe(args)
+    assert cfg.decoder == "ego"
     assert (cfg.suite, cfg.preset, cfg.backbone, cfg.goal_vocab) == (
         "babyai-goto", "small", "mamba2", "all")
     assert (cfg.collect_per_iter, cfg.updates_per_iter, cfg.batch_size, cfg.seq_len) == (

@@ -34,10 +34,11 @@ def small_planner(name: str, **overrides) -> CEM | MPPI:
     return make_planner(name, cfg_cls(**{**SMALL, **overrides}))
 
 
-@pytest.fixture(scope="module", params=["mamba2", "gru", "transformer"])
+@pytest.fixture(scope="module", params=["mamba2", "gru", "transformer", "mamba2+ego"])
 def model(request) -> WorldModel:
     torch.manual_seed(0)
-    return WorldModel(preset("debug", backbone=request.param)).eval()
+    backbone, _, decoder = request.param.partition("+")
+    return WorldModel(preset("debug", backbone=backbone, decoder=decoder or "mlp")).eval()
 
 
 def history(model: WorldModel, batch: int, steps: int = 3):

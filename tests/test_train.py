@@ -162,6 +162,8 @@ def test_trainer_runs_saves_and_refuses_a_different_setup(tmp_path):
     assert len(lines) == 2 and json.loads(lines[-1])["episodes"] == 12
     with pytest.raises(CheckpointError, match="backbone: run has 'mamba2', asked for 'gru'"):
         Trainer(TrainConfig(episodes=12, backbone="gru", **DEBUG), tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="decoder: run has 'mlp', asked for 'ego'"):
+        Trainer(TrainConfig(episodes=12, decoder="ego", **DEBUG), tmp_path, progress=False)
 
 
 def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path):

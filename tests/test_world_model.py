@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from lwm.models.metrics import auroc, open_loop_accuracy
-from lwm.models.world_model import MAP_CELLS, CheckpointError, WorldModel, _GoalHead, preset
+from lwm.models.world_model import (
+    MAP_CELLS,
+    N_CELLS,
+    OBS_LOGITS,
+    CheckpointError,
+    WorldModel,
+    _GoalHead,
+    ego_sources,
+    preset,
+)
 
 
 def _batch(b=3, length=6, goals=4, vocab=10, seed=0):
@@ -255,3 +264,109 @@ def test_pairwise_from_a_goal_table_equals_gathered_goals_with_gradients(maps):
 
     for a, b in zip(scores_and_grads(True), scores_and_grads(False), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- the ego decoder
+
+
+@pytest.mark.parametrize("level", ["lwm/BabyAI-GoToLocal-v0", "lwm/BabyAI-PickupLoc-v0"])
+def test_ego_sources_are_where_real_views_move(level):
+    """Under random play, every next-view cell with a source shows what the current view showed
+    there (both visible), except the cell in front (pick-up, drop, toggle change it) and the
+    agent's own cell (it shows what is carried)."""
+    import gymnasium as gym
+
+    import lwm.envs  # noqa: F401 - registers the lwm/ ids
+
+    sources = ego_sources()
+    env = gym.make(level)
+    rng = np.random.default_rng(0)
+    checked, mismatched = {}, []
+    for seed in range(12):
+        obs, _ = env.reset(seed=seed)
+        for _ in range(40):
+            action = int(rng.integers(0, 6))
+            pos = tuple(env.unwrapped.agent_pos)
+            new, *_ = env.step(action)
+            moved = int(tuple(env.unwrapped.agent_pos) != pos)
+            before, after = obs["image"].reshape(49, 3), new["image"].reshape(49, 3)
+            for cell, src in enumerate(sources[action, moved].tolist()):
+                if src == N_CELLS or cell in (3 * 7 + 5, 3 * 7 + 6):
+                    continue
+                if before[src, 0] == 0 or after[cell, 0] == 0:  # unseen on either side
+                    continue
+                key = (action, moved)
+                checked[key] = checked.get(key, 0) + 1
+                if not (before[src] == after[cell]).all():
+                    mismatched.append((action, moved, divmod(cell, 7)))
+            obs = new
+    assert not mismatched, mismatched[:5]
+    for key in [(0, 0), (1, 0), (2, 1), (2, 0), (3, 0), (5, 0)]:  # turns, moves, blocked moves
+        assert checked.get(key, 0) > 100, (key, checked)
+    # no source where the view shows something new
+    assert (sources[0, 0].view(7, 7)[:3] == N_CELLS).all()  # left turn: the left of the view
+    assert (sources[2, 1].view(7, 7)[:, 0] == N_CELLS).all()  # moved: the far row
+
+
+def test_ego_decoder_adds_gated_reads_of_the_source_cells():
+    """With the MLP's cell logits at zero, source-0 gates open and source-1 gates shut, the
+    type logit 0 of each next-view cell is the read of the cell it comes from."""
+    torch.manual_seed(0)
+    model = WorldModel(preset("debug", decoder="ego")).eval()
+    d, e = model.cfg.d_model, model.cfg.cell_dim
+    last = model.decoders[0][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+        last.bias[OBS_LOGITS : OBS_LOGITS + N_CELLS] = 30.0  # source 0: open
+        last.bias[OBS_LOGITS + N_CELLS :] = -30.0  # source 1: shut
+    read = torch.nn.Linear(e, 20, bias=False)
+    with torch.no_grad():
+        read.weight.zero_()
+        read.weight[0, 0] = 1.0  # type logit 0 = the embedding's first entry
+    model.cell_read = read
+    h = torch.zeros(2, model.latent_dim)
+    h[:, d : d + N_CELLS * e].view(2, N_CELLS, e)[..., 0] = torch.arange(1, N_CELLS + 1.0)
+    with torch.no_grad():
+        logits = model.decode(h, torch.tensor([0, 3]))["type"][..., 0].reshape(2, N_CELLS)
+    src = ego_sources()[[0, 3], 0]  # left turn, pick-up
+    expected = torch.where(src == N_CELLS, 0.0, src.float() + 1)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    assert logits[0, 6 * 7 + 6] == 3 * 7 + 3 + 1  # after a left turn (6, 6) shows (3, 3)
+
+
+def test_ego_decoder_trains_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    cfg = preset("debug", decoder="ego", goal_maps=0)  # the decoder alone makes h carry cells
+    model = WorldModel(cfg)
+    assert model.latent_dim == cfg.d_model + MAP_CELLS * cfg.cell_dim
+    batch, table = _batch(), torch.nn.functional.normalize(torch.randn(10, 384), dim=-1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(40):
+        loss, parts = model.loss(batch, table)
+        first = first if first is not None else parts
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert parts["obs"] < 0.6 * first["obs"]
+    model.eval().save_pretrained(tmp_path / "ego")
+    loaded = WorldModel.from_pretrained(tmp_path / "ego", expect=cfg).eval()
+    z = model.encode(batch["image"], batch["direction"], batch["carrying"])
+    h = model.sequence(z[:, :6], batch["action"])
+    for key, value in model.decode(h, batch["action"]).items():
+        torch.testing.assert_close(loaded.decode(h, batch["action"])[key], value)
+    with pytest.raises(ValueError, match="reads the current cells from h"):
+        model.decode(h[..., : cfg.d_model], batch["action"])
+
+
+def test_configs_without_a_decoder_are_mlp_and_unknown_decoders_are_refused(tmp_path):
+    WorldModel(preset("debug")).save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    del data["config"]["decoder"]  # a checkpoint from before the option
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert WorldModel.from_pretrained(tmp_path).cfg.decoder == "mlp"
+    data["config"]["decoder"] = "unet"
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="unknown decoder 'unet'"):
+        WorldModel.from_pretrained(tmp_path)
