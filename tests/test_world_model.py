@@ -66,19 +66,24 @@ def test_imagine_shapes_and_state_is_consumed_not_shared():
     torch.testing.assert_close(again["h"], out["h"])
 
 
-def test_training_reduces_the_loss():
-    torch.manual_seed(0)
-    model = WorldModel(preset("debug"))
-    batch, table = _batch(), torch.nn.functional.normalize(torch.randn(10, 384), dim=-1)
+def _fit(model: WorldModel, batch: dict, updates: int) -> tuple[dict, dict]:
+    """Adam on one batch for `updates` steps -> the loss parts of the first and the last."""
+    table = torch.nn.functional.normalize(torch.randn(10, 384), dim=-1)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     first = None
-    for _ in range(60):
+    for _ in range(updates):
         loss, parts = model.loss(batch, table)
         first = first if first is not None else parts
         opt.zero_grad()
         loss.backward()
         opt.step()
         model.update_target()
+    return first, parts
+
+
+def test_training_reduces_the_loss():
+    torch.manual_seed(0)
+    first, parts = _fit(WorldModel(preset("debug")), _batch(), 60)
     assert all(np.isfinite(list(parts.values())))
     assert parts["loss"] < 0.6 * first["loss"]
     assert parts["reward"] < first["reward"] and parts["q"] < first["q"]
@@ -340,15 +345,8 @@ def test_ego_decoder_trains_saves_and_loads(tmp_path):
     cfg = preset("debug", decoder="ego", goal_maps=0)  # the decoder alone makes h carry cells
     model = WorldModel(cfg)
     assert model.latent_dim == cfg.d_model + MAP_CELLS * cfg.cell_dim
-    batch, table = _batch(), torch.nn.functional.normalize(torch.randn(10, 384), dim=-1)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    first = None
-    for _ in range(40):
-        loss, parts = model.loss(batch, table)
-        first = first if first is not None else parts
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    batch = _batch()
+    first, parts = _fit(model, batch, 40)
     assert parts["obs"] < 0.6 * first["obs"]
     model.eval().save_pretrained(tmp_path / "ego")
     loaded = WorldModel.from_pretrained(tmp_path / "ego", expect=cfg).eval()
