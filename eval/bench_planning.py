@@ -2,19 +2,19 @@
 
     python eval/bench_planning.py --json runs/bench_planning.json
 
-1 torch thread, world model preset `small` with random weights, and with `--model` a trained
-checkpoint too (how much prefix sharing saves depends on how far the search concentrates), one
-environment, 512 candidates x horizon 8 x 4 iterations = 16,384 candidate transitions an
-action. Each planner plans from the state after a 16-step random history; "cold" is a call from
-the uniform distribution (the first of an episode), "warm" the median of MPC calls warm-started
-from the previous plan. Planners step each distinct action prefix once (`score_sequences`), so
-the rows actually stepped by the backbone (with a compiled step: padded to powers of two) are
-reported beside the candidate transitions; "dense" is the same 4 x 512 x 8 imagination with
-every candidate stepped separately, for scale. A breakdown of one more warm call shows which
-world-model parts the time goes to. Analytic FLOPs of the
-stepped rows (backbone, decoder, encoder, heads; elementwise work not counted) over the
-machine's measured matmul FLOP/s show how close each path is to the hardware limit. Paths are
-timed in interleaved rounds so that ratios are taken under the same load.
+1 torch thread (`--threads`), world model preset `small` with random weights, and with `--model` a
+trained checkpoint (or several) too (how much prefix sharing saves depends on how far the search
+concentrates), one environment, 512 candidates x horizon 8 x 4 iterations = 16,384 candidate
+transitions an action. Each planner plans from the state after a 16-step random history; "cold" is
+a call from the uniform distribution (the first of an episode), "warm" the median of MPC calls
+warm-started from the previous plan. Planners step each distinct action prefix once
+(`score_sequences`), so the rows actually stepped by the backbone (with a compiled step: padded to
+powers of two) are reported beside the candidate transitions; "dense" is the same 4 x 512 x 8
+imagination with every candidate stepped separately, for scale. A breakdown of one more warm call
+shows which world-model parts the time goes to. Analytic FLOPs of the stepped rows (backbone,
+decoder, encoder, heads; elementwise work not counted) over the machine's measured matmul FLOP/s
+show how close each path is to the hardware limit. Paths are timed in interleaved rounds so that
+ratios are taken under the same load.
 """
 
 from __future__ import annotations
@@ -42,7 +42,13 @@ from eval.bench_ssm import (  # noqa: E402
     transformer_flops_per_token,
 )
 from lwm.models.ssm import BatchState  # noqa: E402
-from lwm.models.world_model import N_CELLS, OBS_LOGITS, WorldModel, preset  # noqa: E402
+from lwm.models.world_model import (  # noqa: E402
+    CELL_LOGITS,
+    N_CELLS,
+    OBS_LOGITS,
+    WorldModel,
+    preset,
+)
 from lwm.planning import PLANNERS, SearchConfig, make_planner  # noqa: E402
 from lwm.planning.base import imagine_candidates  # noqa: E402
 from lwm.report import machine_info, write_json  # noqa: E402
@@ -56,8 +62,9 @@ TARGET_MS = 100.0
 
 
 def row_flops(model: WorldModel, context: float) -> float:
-    """Matmul FLOPs of one stepped (history, action) pair: decoder, encoder, backbone step,
-    reward and cont heads (the Q head runs on the last step's rows only and is left out)."""
+    """Matmul FLOPs of one stepped (history, action) pair: decoder (with the ego decoder's gates
+    and cell reads), encoder, backbone step, reward and cont heads (the Q head runs on the last
+    step's rows only and is left out)."""
     cfg, bb = model.cfg, model.cfg.backbone_cfg
     d, hid = cfg.d_model, cfg.hidden
     backbone = {
@@ -66,10 +73,18 @@ def row_flops(model: WorldModel, context: float) -> float:
         "transformer": lambda: transformer_flops_per_token(bb, context),
     }[cfg.backbone]()
     decode = 2 * (d * hid + hid * OBS_LOGITS)
+    if cfg.decoder == "ego":  # gates for two sources per cell, and each cell's read
+        e = cfg.cell_dim
+        decode += 2 * hid * 2 * N_CELLS + 2 * N_CELLS * (e * 2 * e + 2 * e * CELL_LOGITS)
     encode = 2 * N_CELLS * cfg.cell_dim * d
     reward = 2 * (d * hid + hid * hid) + 2 * hid  # state stream, then a dot with the goal's
     cont = 2 * (d * hid + hid)
     return backbone + decode + encode + reward + cont
+
+
+def run_name(checkpoint: Path) -> str:
+    """What a trained path is called: its run's directory name (runs/NAME/model -> NAME)."""
+    return checkpoint.parent.name if checkpoint.name == "model" else checkpoint.name
 
 
 def build(backbone: str, mode: str, seed: int, checkpoint: Path | None = None) -> WorldModel:
@@ -110,7 +125,8 @@ class Bench:
     def __init__(
         self, backbone: str, mode: str, planner: str, seed: int, checkpoint: Path | None = None
     ):
-        self.name = f"{backbone} {mode} {planner}" + (" (trained)" if checkpoint else "")
+        self.name = f"{backbone} {mode} {planner}" + (f" ({run_name(checkpoint)})" if checkpoint
+                                                       else "")
         self.backbone, self.mode, self.planner_name = backbone, mode, planner
         self.model = build(backbone, mode, seed, checkpoint)
         self.state, self.h, self.goal = history(self.model, seed)
@@ -205,13 +221,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=6, help="MPC calls timed per path")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled paths")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: the documented setup; this machine has 2 cores)")
     parser.add_argument(
-        "--model", type=Path,
-        help="also time a trained checkpoint (e.g. runs/NAME/model), eager, for the run's first "
-        "goal (runs/NAME/goals.safetensors)",
+        "--model", type=Path, nargs="+", default=[],
+        help="also time trained checkpoints (e.g. runs/NAME/model), eager, each for its run's "
+        "first goal (runs/NAME/goals.safetensors)",
     )
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
@@ -225,9 +243,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for mode in modes.get(backbone, ["eager"])
         for planner in SEARCH_PLANNERS
     ]
-    if args.model:
-        trained = WorldModel.from_pretrained(args.model).cfg.backbone
-        paths += [Bench(trained, "eager", p, args.seed, args.model) for p in SEARCH_PLANNERS]
+    for checkpoint in args.model:
+        trained = WorldModel.from_pretrained(checkpoint).cfg.backbone
+        paths += [Bench(trained, "eager", p, args.seed, checkpoint) for p in SEARCH_PLANNERS]
     for path in paths:
         path.warm_up()
     for _ in range(args.rounds):  # round 0 is cold (uniform start), the rest warm-started
@@ -266,11 +284,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "setup": {
             "preset": "small", "envs": 1, "candidates": K, "horizon": H,
             "iterations": ITERATIONS, "history": HISTORY, "rounds": args.rounds,
+            "threads": args.threads,
         },
         "matmul_peak_flops": peak,
         "row_flops": {b: row_flops(build(b, "eager", args.seed), HISTORY + H / 2)
                       for b in ("mamba2", "gru", "transformer")},
-        "checkpoint": str(args.model) if args.model else None,
+        "checkpoints": [str(c) for c in args.model],
         "paths": results,
         "dense_ms_per_action": {b: 1e3 * s for b, s in dense.items()},
         "target_ms_per_action": TARGET_MS,
@@ -288,7 +307,8 @@ def report(result: dict[str, Any]) -> None:
     console = Console(width=130)
     m = result["machine"]
     console.print(
-        f"[bold]{m['cpu_model']}[/] ({m['cpu_capability']}), 1 thread, torch {m['torch_version']}:"
+        f"[bold]{m['cpu_model']}[/] ({m['cpu_capability']}), {m['torch_threads']} thread(s), "
+        f"torch {m['torch_version']}:"
         f" matmul peak {result['matmul_peak_flops']['fp32'] / 1e9:.0f} GFLOP/s fp32, "
         f"{result['matmul_peak_flops']['bf16'] / 1e9:.0f} bf16"
     )
