@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from minigrid.core.constants import DIR_TO_VEC
 from rich.console import Console
 from rich.table import Table
 
 from lwm.data import EpisodeRecorder
-from lwm.models.metrics import auroc, open_loop_accuracy, reward_scores
+from lwm.envs.spatial import view_positions
+from lwm.models.metrics import auroc, open_loop_accuracy, reward_scores, teacher_forced
 from lwm.models.world_model import WorldModel, model_dir
 from lwm.report import machine_info, write_json
 from lwm.tasks import load_suite
@@ -50,15 +50,6 @@ def collect(suite, n: int, seed: int) -> list:
     env, rng, recorder = suite.make_env(), np.random.default_rng(seed), EpisodeRecorder()
     return [explore_episode(env, s, rng, recorder, meta={"seed": s})
             for s in suite.seeds_for(None, n)]
-
-
-def view_positions(pos: tuple[int, int], direction: int) -> np.ndarray:
-    """Grid positions (7, 7, 2) of the egocentric view's cells [x, y] for an agent at `pos`
-    facing `direction`: the agent stands at view cell (3, 6) looking towards y = 0."""
-    forward = np.array(DIR_TO_VEC[direction])
-    right = np.array([-forward[1], forward[0]])
-    x, y = np.meshgrid(np.arange(7), np.arange(7), indexing="ij")
-    return np.asarray(pos) + (6 - y)[..., None] * forward + (x - 3)[..., None] * right
 
 
 def cell_kinds(suite, episode) -> np.ndarray:
@@ -92,11 +83,8 @@ def one_step_by_kind(model: WorldModel, suite, episodes: list) -> dict:
     right, total = np.zeros(len(KINDS)), np.zeros(len(KINDS))
     for e in episodes:
         image, action = torch.from_numpy(e.image), torch.from_numpy(e.action)
-        steps = e.num_steps
-        z = model.encode(image[None, :steps], torch.from_numpy(e.direction)[None, :steps],
-                         torch.from_numpy(e.carrying)[None, :steps])
-        prev = torch.cat([torch.tensor([model.START]), action[:-1]])[None]
-        h = model.sequence(z, prev)[0]  # (T, latent)
+        h = teacher_forced(model, image, torch.from_numpy(e.direction),
+                           torch.from_numpy(e.carrying), action)  # (T, latent)
         pred = model.most_likely(model.decode(h, action))["image"]  # (T, 7, 7, 3)
         ok = (pred == image[1:].long()).all(-1).numpy()  # (T, 7, 7)
         kinds = cell_kinds(suite, e)

@@ -9,7 +9,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.world_model import KINDS, cell_kinds, collect, main, view_positions  # noqa: E402
+from eval.world_model import KINDS, cell_kinds, collect, main  # noqa: E402
+from lwm.envs.spatial import view_positions  # noqa: E402
 from lwm.models.world_model import WorldModel, preset  # noqa: E402
 from lwm.tasks import load_suite  # noqa: E402
 

@@ -26,13 +26,23 @@ from minigrid.core.constants import DIR_TO_VEC, IDX_TO_COLOR, IDX_TO_OBJECT
 
 from lwm.goals import OBJECT_TYPES, Goal, ObjRef
 
-__all__ = ["StartFrame", "start_locations"]
+__all__ = ["StartFrame", "start_locations", "view_positions"]
 
 VIEW = 7
 """The egocentric view's size: the agent stands at column 3 of the bottom row, facing up."""
 _FORWARD = 2  # minigrid's action index
 _ENTERABLE = {"empty", "floor", "goal", "lava"}
 _UNSEEN = "unseen"
+
+
+def view_positions(pos: tuple[int, int], direction: int) -> np.ndarray:
+    """Grid positions (7, 7, 2) of the view's cells [x, y] for an agent at `pos` facing
+    `direction`: cell (x, y) lies 6 - y ahead of the agent and x - 3 to its right."""
+    forward = np.asarray(DIR_TO_VEC[direction])
+    right = np.array([-forward[1], forward[0]])
+    x, y = np.meshgrid(np.arange(VIEW), np.arange(VIEW), indexing="ij")
+    ahead, aside = VIEW - 1 - y, x - VIEW // 2
+    return np.asarray(pos) + ahead[..., None] * forward + aside[..., None] * right
 
 
 def enterable(cell: np.ndarray) -> bool:
@@ -78,16 +88,13 @@ class StartFrame:
         """Note the cells of this view not seen before."""
         image = np.asarray(obs["image"])
         self.faced.add(int(obs["direction"]))
-        d = DIR_TO_VEC[int(obs["direction"])]
-        r = (-d[1], d[0])
+        positions = view_positions(self.pos, int(obs["direction"]))
         for i in range(VIEW):
             for j in range(VIEW):
                 kind = IDX_TO_OBJECT[int(image[i, j, 0])]
                 if kind == _UNSEEN:
                     continue
-                ahead, right = VIEW - 1 - j, i - VIEW // 2
-                cell = (self.pos[0] + ahead * d[0] + right * r[0],
-                        self.pos[1] + ahead * d[1] + right * r[1])
+                cell = (int(positions[i, j, 0]), int(positions[i, j, 1]))
                 if cell not in self.cells:
                     self.cells[cell] = (ObjRef(kind, IDX_TO_COLOR[int(image[i, j, 1])])
                                         if kind in OBJECT_TYPES else None)

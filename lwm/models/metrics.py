@@ -8,7 +8,7 @@ from torch import Tensor
 
 from lwm.models.world_model import WorldModel
 
-__all__ = ["auroc", "open_loop_accuracy", "reward_scores"]
+__all__ = ["auroc", "open_loop_accuracy", "reward_scores", "teacher_forced"]
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -57,6 +57,19 @@ def open_loop_accuracy(
 
 
 @torch.no_grad()
+def teacher_forced(
+    model: WorldModel, image: Tensor, direction: Tensor, carrying: Tensor, action: Tensor,
+) -> Tensor:
+    """The histories h (T, latent_dim) through o_0..o_T-1 of one real episode: image (T+1, 7, 7,
+    3), direction (T+1,), carrying (T+1, 2), action (T,), each observation taken in with the
+    action that led to it."""
+    steps = action.shape[0]
+    z = model.encode(image[None, :steps], direction[None, :steps], carrying[None, :steps])
+    prev = torch.cat([torch.tensor([model.START]), action[:-1]])[None]  # (1, T)
+    return model.sequence(z, prev)[0]
+
+
+@torch.no_grad()
 def reward_scores(
     model: WorldModel, image: Tensor, direction: Tensor, carrying: Tensor, action: Tensor,
     goal_table: Tensor,
@@ -67,9 +80,6 @@ def reward_scores(
     (V, goal_dim) -> (T, V) probabilities that the action taken at step t achieves each goal on
     arriving at the next observation.
     """
-    steps = action.shape[0]
-    z = model.encode(image[None, :steps], direction[None, :steps], carrying[None, :steps])
-    prev = torch.cat([torch.tensor([model.START]), action[:-1]])[None]  # (1, T)
-    h = model.sequence(z, prev)[0]  # (T, d)
+    h = teacher_forced(model, image, direction, carrying, action)  # (T, d)
     psi = model.goal_features(goal_table)["reward"]  # (V, k + 1)
     return torch.sigmoid(model.reward(h[:, None, :], action[:, None], psi=psi[None]))  # (T, V)
