@@ -62,9 +62,9 @@ TARGET_MS = 100.0
 
 
 def row_flops(model: WorldModel, context: float) -> float:
-    """Matmul FLOPs of one stepped (history, action) pair: decoder (with the ego decoder's gates
-    and cell reads), encoder, backbone step, reward and cont heads (the Q head runs on the last
-    step's rows only and is left out)."""
+    """Matmul FLOPs of one stepped (history, action) pair: decoder (with the ego and map
+    decoders' gates, and the ego decoder's cell reads), encoder, backbone step, reward and cont
+    heads (the Q head runs on the last step's rows only and is left out)."""
     cfg, bb = model.cfg, model.cfg.backbone_cfg
     d, hid = cfg.d_model, cfg.hidden
     backbone = {
@@ -73,9 +73,11 @@ def row_flops(model: WorldModel, context: float) -> float:
         "transformer": lambda: transformer_flops_per_token(bb, context),
     }[cfg.backbone]()
     decode = 2 * (d * hid + hid * OBS_LOGITS)
-    if cfg.decoder == "ego":  # gates for two sources per cell, and each cell's read
-        e = cfg.cell_dim
-        decode += 2 * hid * 2 * N_CELLS + 2 * N_CELLS * (e * 2 * e + 2 * e * CELL_LOGITS)
+    if cfg.decoder in ("ego", "map"):  # gates for two sources per cell
+        decode += 2 * hid * 2 * N_CELLS
+    if cfg.decoder == "ego":  # each cell's read (the map decoder reads a table of cell ids
+        e = cfg.cell_dim      # once per call instead)
+        decode += 2 * N_CELLS * (e * 2 * e + 2 * e * CELL_LOGITS)
     encode = 2 * N_CELLS * cfg.cell_dim * d
     reward = 2 * (d * hid + hid * hid) + 2 * hid  # state stream, then a dot with the goal's
     cont = 2 * (d * hid + hid)

@@ -81,8 +81,9 @@ class TrainConfig:
     backbone: str = "mamba2"
     """Sequence backbone: mamba2, gru or transformer."""
     decoder: str = "mlp"
-    """Next-view decoder: 'mlp' (from the history alone) or 'ego' (also copies the current
-    view's cells along the action's view shift, gated per cell; see `WorldModelConfig`)."""
+    """Next-view decoder: 'mlp' (from the history alone), 'ego' (also copies the current
+    view's cells along the action's view shift, gated per cell) or 'map' (copies them from a
+    map of every cell seen so far); see `WorldModelConfig`."""
     episodes: int = 2000
     """Episodes to collect in total."""
     collect_per_iter: int = 100

@@ -34,7 +34,8 @@ def small_planner(name: str, **overrides) -> CEM | MPPI:
     return make_planner(name, cfg_cls(**{**SMALL, **overrides}))
 
 
-@pytest.fixture(scope="module", params=["mamba2", "gru", "transformer", "mamba2+ego"])
+@pytest.fixture(scope="module", params=["mamba2", "gru", "transformer", "mamba2+ego",
+                                                "gru+map"])
 def model(request) -> WorldModel:
     torch.manual_seed(0)
     backbone, _, decoder = request.param.partition("+")

@@ -7,16 +7,26 @@ import numpy as np
 import pytest
 import torch
 
+from lwm.envs.spatial import enterable, view_positions
 from lwm.models.metrics import auroc, open_loop_accuracy
 from lwm.models.world_model import (
+    CELL_IDS,
     MAP_CELLS,
+    MAP_RADIUS,
+    MAP_SIDE,
+    MAP_SIZE,
     N_CELLS,
     OBS_LOGITS,
     CheckpointError,
     WorldModel,
     _GoalHead,
     ego_sources,
+    enterable_cells,
+    map_sources,
+    map_view,
+    pack_cells,
     preset,
+    unpack_cells,
 )
 
 
@@ -36,10 +46,11 @@ def _batch(b=3, length=6, goals=4, vocab=10, seed=0):
     }
 
 
-@pytest.mark.parametrize("backbone", ["mamba2", "gru", "transformer"])
+@pytest.mark.parametrize("backbone", ["mamba2", "gru", "transformer", "mamba2+map"])
 def test_stepping_matches_the_sequence_pass(backbone):
     torch.manual_seed(0)
-    model = WorldModel(preset("debug", backbone=backbone)).eval()
+    backbone, _, decoder = backbone.partition("+")
+    model = WorldModel(preset("debug", backbone=backbone, decoder=decoder or "mlp")).eval()
     batch = _batch()
     z = model.encode(batch["image"][:, :6], batch["direction"][:, :6], batch["carrying"][:, :6])
     prev = torch.cat([torch.full((3, 1), model.START), batch["action"][:, :5]], dim=1)
@@ -313,18 +324,23 @@ def test_ego_sources_are_where_real_views_move(level):
     assert (sources[2, 1].view(7, 7)[:, 0] == N_CELLS).all()  # moved: the far row
 
 
-def test_ego_decoder_adds_gated_reads_of_the_source_cells():
-    """With the MLP's cell logits at zero, source-0 gates open and source-1 gates shut, the
-    type logit 0 of each next-view cell is the read of the cell it comes from."""
-    torch.manual_seed(0)
-    model = WorldModel(preset("debug", decoder="ego")).eval()
-    d, e = model.cfg.d_model, model.cfg.cell_dim
+def _copy_source_0_only(model: WorldModel) -> None:
+    """Zero the decoder MLP's cell logits, open every source-0 gate and shut every source-1 one."""
     last = model.decoders[0][-1]
     with torch.no_grad():
         last.weight.zero_()
         last.bias.zero_()
         last.bias[OBS_LOGITS : OBS_LOGITS + N_CELLS] = 30.0  # source 0: open
         last.bias[OBS_LOGITS + N_CELLS :] = -30.0  # source 1: shut
+
+
+def test_ego_decoder_adds_gated_reads_of_the_source_cells():
+    """With the MLP's cell logits at zero, source-0 gates open and source-1 gates shut, the
+    type logit 0 of each next-view cell is the read of the cell it comes from."""
+    torch.manual_seed(0)
+    model = WorldModel(preset("debug", decoder="ego")).eval()
+    d, e = model.cfg.d_model, model.cfg.cell_dim
+    _copy_source_0_only(model)
     read = torch.nn.Linear(e, 20, bias=False)
     with torch.no_grad():
         read.weight.zero_()
@@ -340,21 +356,53 @@ def test_ego_decoder_adds_gated_reads_of_the_source_cells():
     assert logits[0, 6 * 7 + 6] == 3 * 7 + 3 + 1  # after a left turn (6, 6) shows (3, 3)
 
 
-def test_ego_decoder_trains_saves_and_loads(tmp_path):
+def test_map_decoder_adds_gated_reads_of_the_remembered_cells():
+    """With the MLP's cell logits at zero, source-0 gates open and source-1 gates shut, each
+    next-view cell reads the map cell it comes from (`map_sources`) through the table of cell
+    reads; cells without a source read nothing."""
     torch.manual_seed(0)
-    cfg = preset("debug", decoder="ego", goal_maps=0)  # the decoder alone makes h carry cells
+    model = WorldModel(preset("debug", decoder="map")).eval()
+    _copy_source_0_only(model)
+    h = torch.zeros(2, model.latent_dim)
+    grid = torch.randint(0, CELL_IDS, (2, MAP_SIZE))
+    h[:, model.feature_dim :] = grid.float()
+    with torch.no_grad():
+        logits = model.decode(h, torch.tensor([0, 3]))  # left turn, pick-up
+        table = model.cell_read(model._embed_cells(unpack_cells(torch.arange(CELL_IDS))))
+    got = torch.cat([logits[k] for k in ("type", "color", "state")], -1).reshape(2, N_CELLS, -1)
+    src = map_sources()[[0, 3], 0]
+    for row in range(2):
+        for cell in range(N_CELLS):
+            s = int(src[row, cell])
+            want = torch.zeros(20) if s == MAP_SIZE else table[grid[row, s]]
+            torch.testing.assert_close(got[row, cell], want, atol=1e-4, rtol=1e-4)
+    # after a left turn the view shows the agent's left: view cell (0, 6), 3 to the left,
+    # shows what was 3 behind, map (7, 10); with the pose kept, the view is where it was
+    assert src[0, 0 * 7 + 6] == 7 * MAP_SIDE + 10
+    assert (src[1] == map_view()).all()
+    assert (src[0] == MAP_SIZE).sum() == 0  # the map reaches every cell a turn brings in
+
+
+@pytest.mark.parametrize("decoder", ["ego", "map"])
+def test_copy_decoders_train_save_and_load(tmp_path, decoder):
+    torch.manual_seed(0)
+    cfg = preset("debug", decoder=decoder, goal_maps=0)
     model = WorldModel(cfg)
-    assert model.latent_dim == cfg.d_model + MAP_CELLS * cfg.cell_dim
+    if decoder == "ego":  # the decoder alone makes h carry the current cells
+        assert model.latent_dim == model.feature_dim == cfg.d_model + MAP_CELLS * cfg.cell_dim
+    else:  # h carries the map's cell ids, which no head but the decoder reads
+        assert model.feature_dim == cfg.d_model and model.latent_dim == cfg.d_model + MAP_SIZE
     batch = _batch()
     first, parts = _fit(model, batch, 40)
     assert parts["obs"] < 0.6 * first["obs"]
-    model.eval().save_pretrained(tmp_path / "ego")
-    loaded = WorldModel.from_pretrained(tmp_path / "ego", expect=cfg).eval()
+    model.eval().save_pretrained(tmp_path / decoder)
+    loaded = WorldModel.from_pretrained(tmp_path / decoder, expect=cfg).eval()
     z = model.encode(batch["image"], batch["direction"], batch["carrying"])
     h = model.sequence(z[:, :6], batch["action"])
     for key, value in model.decode(h, batch["action"]).items():
         torch.testing.assert_close(loaded.decode(h, batch["action"])[key], value)
-    with pytest.raises(ValueError, match="reads the current cells from h"):
+    reads = "the current cells" if decoder == "ego" else "the map"
+    with pytest.raises(ValueError, match=f"reads {reads} from h"):
         model.decode(h[..., : cfg.d_model], batch["action"])
 
 
@@ -368,3 +416,58 @@ def test_configs_without_a_decoder_are_mlp_and_unknown_decoders_are_refused(tmp_
     (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="unknown decoder 'unet'"):
         WorldModel.from_pretrained(tmp_path)
+
+
+def test_the_maps_move_rule_is_the_environments():
+    """The map moves forward where the last front cell was enterable: the rule on packed ids
+    agrees with `lwm.envs.spatial.enterable` for every cell there is."""
+    cells = unpack_cells(torch.arange(CELL_IDS))
+    assert pack_cells(cells.view(-1, 1, 1, 3)).flatten().tolist() == list(range(CELL_IDS))
+    ours = enterable_cells(cells)
+    assert ours.tolist() == [enterable(c) for c in cells.numpy()]
+    assert 0 < int(ours.sum()) < CELL_IDS
+
+
+@pytest.mark.parametrize("level", ["lwm/BabyAI-GoToLocal-v0", "lwm/BabyAI-PickupLoc-v0"])
+def test_the_map_remembers_the_real_grid(level):
+    """Kept by dead reckoning from real observations under random play (turns, moves, blocked
+    moves, pick-ups, drops, toggles), every cell the map knows shows what the real grid holds
+    at that place, and the map knows every cell the agent has seen."""
+    import gymnasium as gym
+    from minigrid.core.constants import DIR_TO_VEC
+
+    import lwm.envs  # noqa: F401 - registers the lwm/ ids
+
+    model = WorldModel(preset("debug", decoder="map")).eval()
+    env = gym.make(level)
+    rng = np.random.default_rng(0)
+    r = MAP_RADIUS
+    checked, wrong, forgotten = 0, [], 0
+    for seed in range(8):
+        obs, _ = env.reset(seed=seed)
+        state, prev, ever = model.init_state(1), model.START, set()
+        for _ in range(40):
+            z = model.encode(*(torch.as_tensor(np.asarray(obs[k]))[None]
+                               for k in ("image", "direction", "carrying")))
+            _, state = model.next(state, z, torch.tensor([prev]))
+            base = env.unwrapped
+            forward = np.asarray(DIR_TO_VEC[base.agent_dir])
+            right = np.array([-forward[1], forward[0]])
+            for u, v in np.ndindex(MAP_SIDE, MAP_SIDE):
+                pos = tuple(base.agent_pos + (r - v) * forward + (u - r) * right)
+                known = int(state.grid[0, u * MAP_SIDE + v])
+                if known == 0:
+                    forgotten += pos in ever
+                    continue
+                checked += 1
+                cell = base.grid.get(*pos)
+                real = (1, 0, 0) if cell is None else cell.encode()
+                if tuple(unpack_cells(torch.tensor(known)).tolist()) != tuple(real):
+                    wrong.append((seed, pos, known, real))
+            seen = obs["image"][..., 0] > 0
+            seen[3, 6] = False
+            ever |= {tuple(p) for p in view_positions(base.agent_pos, base.agent_dir)[seen]}
+            prev = int(rng.integers(0, 6))
+            obs, *_ = env.step(prev)
+    assert not wrong, wrong[:5]
+    assert checked > 10_000 and forgotten == 0

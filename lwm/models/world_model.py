@@ -19,7 +19,10 @@ likely decoded observation back through `encode`, so imagined futures are grids 
 shown, scored and compared with real ones. An optional ensemble of decoder heads measures
 uncertainty by disagreement. The `ego` decoder adds to each next-view cell what the current view
 holds where that cell comes from under the action (`ego_sources`), gated per cell, so it copies
-what stays in view and only has to predict what comes into it.
+what stays in view and only has to predict what comes into it. The `map` decoder copies the same
+way from a memory of every cell seen so far: an egocentric map carried in the recurrent state
+(`MapState`), moved under each action by dead reckoning (`map_moves`) and overwritten by each
+observation, so cells that left the view come back as they were.
 
 Tensors only: goal embeddings and observations arrive as tensors; this module knows neither the
 language layer nor the environments.
@@ -51,11 +54,22 @@ CELL_LOGITS = N_TYPES + N_COLORS + N_STATES
 OBS_LOGITS = N_CELLS * CELL_LOGITS + N_DIRECTIONS + N_TYPES + N_COLORS
 MAP_CELLS = N_CELLS + 1
 """Cells a goal-match map scores: the 7x7 view and the carried object."""
-DECODERS = ("mlp", "ego")
+DECODERS = ("mlp", "ego", "map")
 """Decoder kinds: "mlp" predicts the next view from the history alone; "ego" adds, per cell, a
-gated read of the current view's cell it comes from (`ego_sources`)."""
+gated read of the current view's cell it comes from (`ego_sources`); "map" reads it from a map
+of everything seen so far (`map_moves`)."""
 LEFT, RIGHT, FORWARD = 0, 1, 2
 """minigrid's turn and move actions (the other actions leave the view where it is)."""
+MAP_RADIUS = 7
+"""The map decoder remembers cells up to this many steps from the agent along each axis (a 15 x
+15 map): a whole 8 x 8 BabyAI room from anywhere in it. What falls off the edge is forgotten."""
+MAP_SIDE = 2 * MAP_RADIUS + 1
+MAP_SIZE = MAP_SIDE * MAP_SIDE
+CELL_IDS = N_TYPES * N_COLORS * N_STATES
+"""Packed cell ids, (type * 6 + colour) * 3 + state (`pack_cells`); 0 is an unseen cell, which
+on the map means a cell never seen."""
+FRONT, AGENT = 3 * VIEW + 5, 3 * VIEW + 6
+"""The view cells in front of the agent and under it, x * 7 + y."""
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "lwm-world-model"
@@ -81,6 +95,85 @@ def ego_sources(n_actions: int = 7) -> Tensor:
     src[RIGHT, 0, :4, 3:] = index[3:, 3:].flip(0).T  # (x, y) <- (9 - y, 3 + x)
     src[FORWARD, 1, :, 1:] = index[:, :-1]  # (x, y) <- (x, y - 1)
     return src.flatten(-2)
+
+
+def pack_cells(image: Tensor) -> Tensor:
+    """image (..., 7, 7, 3) -> (..., 49) int64 packed cell ids (`CELL_IDS`), cell x * 7 + y."""
+    image = image.long()
+    state = image[..., 2].clamp(max=N_STATES - 1)
+    return ((image[..., 0] * N_COLORS + image[..., 1]) * N_STATES + state).flatten(-2)
+
+
+def map_moves(n_actions: int = 7) -> Tensor:
+    """(n_actions + 1, 2, MAP_SIZE) int64: for each previous action (the last row is `START`)
+    and whether it moved the agent forward (1) or not (0), the cell of the old map that each
+    cell of the new map shows; MAP_SIZE where none does.
+
+    The map is egocentric like minigrid's view: the agent sits at its centre facing towards
+    v = 0, and cell (u, v), index u * 15 + v, lies u - 7 cells to the agent's right and 7 - v
+    behind it (view cell (x, y) is map cell (x + 4, y + 1)). Turns rotate it about the agent,
+    (dx, dy) showing (dy, -dx) after a left turn and (-dy, dx) after a right one (as in
+    `ego_sources`); a forward move that succeeds shifts it, (dx, dy) showing (dx, dy - 1).
+    """
+    r = MAP_RADIUS
+    offsets = torch.arange(-r, r + 1)
+    dx, dy = torch.meshgrid(offsets, offsets, indexing="ij")
+
+    def at(sx: Tensor, sy: Tensor) -> Tensor:
+        inside = (sx.abs() <= r) & (sy.abs() <= r)
+        return torch.where(inside, (sx + r) * MAP_SIDE + sy + r, MAP_SIZE).flatten()
+
+    moves = at(dx, dy).repeat(n_actions + 1, 2, 1)
+    moves[LEFT] = at(dy, -dx)
+    moves[RIGHT] = at(-dy, dx)
+    moves[FORWARD, 1] = at(dx, dy - 1)
+    return moves
+
+
+def map_view() -> Tensor:
+    """(N_CELLS,) int64: the map cell of each view cell x * 7 + y."""
+    x, y = torch.meshgrid(torch.arange(VIEW), torch.arange(VIEW), indexing="ij")
+    return ((x - VIEW // 2 + MAP_RADIUS) * MAP_SIDE + y - (VIEW - 1) + MAP_RADIUS).flatten()
+
+
+def map_sources(n_actions: int = 7) -> Tensor:
+    """(n_actions, 2, N_CELLS) int64: like `ego_sources`, but cells of the current map (after
+    it took in the current view): for each action and next-view cell, the map cell it shows if
+    the pose stays (source 0) or a forward move succeeds (source 1); MAP_SIZE where none."""
+    src = map_moves(n_actions)[:n_actions, :, map_view()]
+    src[torch.arange(n_actions) != FORWARD, 1] = MAP_SIZE  # only a forward move moves
+    return src
+
+
+def unpack_cells(ids: Tensor) -> Tensor:
+    """Packed cell ids (...) -> (..., 3) type, colour, state (the inverse of `pack_cells`)."""
+    return torch.stack([ids // (N_COLORS * N_STATES), ids // N_STATES % N_COLORS,
+                        ids % N_STATES], -1)
+
+
+ENTERABLE_TYPES, DOOR, OPEN = (1, 3, 8, 9), 4, 0
+"""minigrid's empty cell, floor, goal and lava, which the agent can step into, as it can into a
+door whose state is open (the rule of `lwm.envs.spatial.enterable`, on type ids)."""
+
+
+def enterable_cells(cells: Tensor) -> Tensor:
+    """cells (..., 3) type, colour, state -> (...) bool: whether the agent can step into each."""
+    kind, state = cells[..., 0], cells[..., 2]
+    return torch.isin(kind, torch.tensor(ENTERABLE_TYPES)) | ((kind == DOOR) & (state == OPEN))
+
+
+@dataclass
+class MapState(BatchState):
+    """Recurrent state of a world model with the map decoder: the backbone's, and the map.
+
+    grid: (B, MAP_SIZE) int64 packed cell ids (`pack_cells`) of the egocentric map, 0 where
+    never seen. front_open: (B,) bool, whether the agent could step into the cell in front of it
+    in the last observation (the next forward move succeeds).
+    """
+
+    backbone: BatchState
+    grid: Tensor
+    front_open: Tensor
 
 
 class CheckpointError(ValueError):
@@ -114,8 +207,9 @@ class WorldModelConfig:
     goal_maps: int = 0
     """Goal-match maps of the reward and Q heads (0: two-stream heads on the history alone)."""
     decoder: str = "mlp"
-    """Next-view decoder (`DECODERS`): "mlp" or "ego" (gated copies of the current view's
-    cells along the action's view shift, plus the MLP's prediction)."""
+    """Next-view decoder (`DECODERS`): "mlp", "ego" (gated copies of the current view's cells
+    along the action's view shift, plus the MLP's prediction) or "map" (the same copies from
+    the map of every cell seen so far)."""
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
@@ -126,6 +220,11 @@ class WorldModelConfig:
         """Whether h carries the current view's cell embeddings (the goal maps and the ego
         decoder read them)."""
         return self.goal_maps > 0 or self.decoder == "ego"
+
+    @property
+    def copies(self) -> bool:
+        """Whether the decoder adds gated copies of known cells (the ego and map decoders)."""
+        return self.decoder in ("ego", "map")
 
     @property
     def d_model(self) -> int:
@@ -230,7 +329,8 @@ class _GoalHead(nn.Module):
         dot = (phi * psi[..., None, :k]).sum(-1)  # (..., n_out)
         out = dot / math.sqrt(k) + psi[..., k : k + n]
         if self.maps:
-            cells = h[..., self.d :].unflatten(-1, (MAP_CELLS, self.cell_dim))  # (..., C, e)
+            cells = h[..., self.d : self.d + MAP_CELLS * self.cell_dim].unflatten(
+                -1, (MAP_CELLS, self.cell_dim))  # (..., C, e)
             query = psi[..., k + n :].unflatten(-1, (self.maps, self.cell_dim + 1))
             match = cells @ query[..., :-1].transpose(-1, -2) + query[..., None, :, -1]
             out = out + self.map_out(self.read(match.flatten(-2))
@@ -263,7 +363,7 @@ class _GoalHead(nn.Module):
         out = dot / math.sqrt(k) + bias
         if query is not None:
             *lead, n_goals, _ = query.shape
-            cells = h[..., self.d :].unflatten(-1, (MAP_CELLS, e))  # (B, L, C, e)
+            cells = h[..., self.d : self.d + MAP_CELLS * e].unflatten(-1, (MAP_CELLS, e))
             # The maps come out goal-major, (B, L, G * maps, C), so the read is one matmul
             # over a view; the read weight (hidden, C, maps) is permuted to match (it is small).
             match = query.reshape(*lead, n_goals * self.maps, e) @ cells.transpose(-1, -2)
@@ -297,17 +397,25 @@ class WorldModel(nn.Module):
         self.prev_action_emb = nn.Embedding(cfg.n_actions + 1, d)  # + START
         self.backbone = make_backbone(cfg.backbone, cfg.backbone_cfg)
         self.action_emb = nn.Embedding(cfg.n_actions, d)
-        ego = cfg.decoder == "ego"
-        out = OBS_LOGITS + (2 * N_CELLS if ego else 0)  # + a gate per cell and source
+        out = OBS_LOGITS + (2 * N_CELLS if cfg.copies else 0)  # + a gate per cell and source
         self.decoders = nn.ModuleList(
             nn.Sequential(nn.Linear(d, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, out))
             for _ in range(cfg.ensemble)
         )
-        if ego:  # reads a cell embedding as cell logits, shared by all cells and heads
+        if cfg.copies:  # reads a cell embedding as cell logits, shared by all cells and heads
             self.cell_read = nn.Sequential(
                 nn.Linear(e, 2 * e), nn.SiLU(), nn.Linear(2 * e, CELL_LOGITS)
             )
+        if cfg.decoder == "ego":
             self.register_buffer("ego_sources", ego_sources(cfg.n_actions), persistent=False)
+        if cfg.decoder == "map":
+            self.register_buffer("map_moves", map_moves(cfg.n_actions), persistent=False)
+            self.register_buffer("map_view", map_view(), persistent=False)
+            self.register_buffer("map_sources", map_sources(cfg.n_actions).flatten(-2),
+                                 persistent=False)
+            self.register_buffer("cell_parts", unpack_cells(torch.arange(CELL_IDS)),
+                                 persistent=False)
+            self.register_buffer("enterable", enterable_cells(self.cell_parts), persistent=False)
         maps = dict(maps=cfg.goal_maps, cell_dim=cfg.cell_dim)
         self.reward_head = _GoalHead(d, cfg.goal_dim, cfg.hidden, **maps)
         self.q_head = _GoalHead(d, cfg.goal_dim, cfg.hidden, n_out=cfg.n_actions, **maps)
@@ -324,57 +432,110 @@ class WorldModel(nn.Module):
     # ------------------------------------------------------------------ the math
 
     @property
-    def latent_dim(self) -> int:
-        """Width of z and h: d, plus the cell embeddings the goal-match maps and the ego decoder
-        read."""
+    def feature_dim(self) -> int:
+        """Width of what the heads read of z and h: d, plus the cell embeddings the goal-match
+        maps and the ego decoder read."""
         return self.cfg.d_model + (MAP_CELLS * self.cfg.cell_dim if self.cfg.carries_cells else 0)
 
+    @property
+    def latent_dim(self) -> int:
+        """Width of h: `feature_dim`, plus with the map decoder the map's packed cell ids (as
+        floats; only the decoder reads them)."""
+        return self.feature_dim + (MAP_SIZE if self.cfg.decoder == "map" else 0)
+
     def encode(self, image: Tensor, direction: Tensor, carrying: Tensor) -> Tensor:
-        """image (..., 7, 7, 3), direction (...), carrying (..., 2) -> z (..., latent_dim): the
-        d-wide observation latent, followed (with goal maps) by the embeddings of the 49 cells
-        and the carried object, which `next` passes on into h for the goal heads."""
-        image = image.long()
-        cells = (
-            self.type_emb(image[..., 0]) + self.color_emb(image[..., 1])
-            + self.state_emb(image[..., 2].clamp(max=N_STATES - 1))
-        )  # (..., 7, 7, e)
+        """image (..., 7, 7, 3), direction (...), carrying (..., 2) -> z (..., feature_dim [+
+        49]): the d-wide observation latent, followed (with goal maps or the ego decoder) by the
+        embeddings of the 49 cells and the carried object, which `next` passes on into h for
+        the goal heads, and (with the map decoder) the view's packed cell ids, which `next`
+        writes into the map."""
+        cells = self._embed_cells(image)  # (..., 7, 7, e)
         z = self.cell_proj(cells.flatten(-3))  # (..., d)
         z = z + self.dir_emb(direction.long())
         z = z + self.carry_type_emb(carrying[..., 0].long())
         z = z + self.carry_color_emb(carrying[..., 1].long())
         z = self.z_norm(F.silu(z))
-        if not self.cfg.carries_cells:
-            return z
-        carried = self.type_emb(carrying[..., 0].long()) + self.color_emb(carrying[..., 1].long())
-        return torch.cat([z, cells.flatten(-3), carried], dim=-1)
+        parts = [z]
+        if self.cfg.carries_cells:
+            carrying = carrying.long()
+            carried = self.type_emb(carrying[..., 0]) + self.color_emb(carrying[..., 1])
+            parts += [cells.flatten(-3), carried]
+        if self.cfg.decoder == "map":
+            parts.append(pack_cells(image).to(z.dtype))
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else z
+
+    def _embed_cells(self, cells: Tensor) -> Tensor:
+        """cells (..., 3) type, colour, state -> embeddings (..., cell_dim)."""
+        cells = cells.long()
+        return (self.type_emb(cells[..., 0]) + self.color_emb(cells[..., 1])
+                + self.state_emb(cells[..., 2].clamp(max=N_STATES - 1)))
 
     def token(self, z: Tensor, prev_action: Tensor) -> Tensor:
         """The backbone input for latent z (..., latent_dim) and the action (...) that led to
         it."""
         return z[..., : self.cfg.d_model] + self.prev_action_emb(prev_action.long())
 
-    def _history(self, y: Tensor, z: Tensor) -> Tensor:
+    def _history(self, y: Tensor, z: Tensor, grid: Tensor | None = None) -> Tensor:
         """Backbone output y (..., d) -> h: with goal maps or the ego decoder, the current cells
-        ride along."""
-        return torch.cat([y, z[..., self.cfg.d_model :]], dim=-1) if self.cfg.carries_cells else y
+        ride along; with the map decoder, the map after the current view (`grid`)."""
+        parts = [y]
+        if self.cfg.carries_cells:
+            parts.append(z[..., self.cfg.d_model : self.feature_dim])
+        if grid is not None:
+            parts.append(grid.to(y.dtype))
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else y
+
+    def _remember(self, grid: Tensor, front_open: Tensor, prev_action: Tensor,
+                  z: Tensor) -> tuple[Tensor, Tensor]:
+        """One step of the map: move the map (B, MAP_SIZE) by prev_action (B,) (a forward move
+        succeeds where the last view's front cell was open), then write the cells of the new
+        view that z (B, ...) shows. Unseen cells keep what the map remembers, and so does the
+        agent's own cell: the view shows what the agent carries there, the map what it stepped
+        onto. Returns the new map and its front_open."""
+        view = z[..., self.feature_dim :].long()  # (B, 49) packed ids
+        moved = (prev_action.long() == FORWARD) & front_open
+        src = self.map_moves[prev_action.long(), moved.long()]  # (B, MAP_SIZE)
+        grid = F.pad(grid, (0, 1)).gather(1, src)  # column MAP_SIZE: never seen
+        seen = view > 0
+        seen[:, AGENT] = False
+        grid[:, self.map_view] = torch.where(seen, view, grid[:, self.map_view])
+        return grid, self.enterable[view[:, FRONT]]
 
     def sequence(self, z: Tensor, prev_action: Tensor) -> Tensor:
-        """Teacher-forced pass: z (B, T, latent_dim), prev_action (B, T) -> h (B, T,
-        latent_dim)."""
-        return self._history(self.backbone(self.token(z, prev_action)), z)
+        """Teacher-forced pass: z (B, T, ...) (`encode`), prev_action (B, T) -> h (B, T,
+        latent_dim). With the map decoder, the map starts empty at the first step."""
+        y = self.backbone(self.token(z, prev_action))
+        if self.cfg.decoder != "map":
+            return self._history(y, z)
+        state = self.init_state(z.shape[0])
+        grid, front, grids = state.grid, state.front_open, []
+        for t in range(z.shape[1]):
+            grid, front = self._remember(grid, front, prev_action[:, t], z[:, t])
+            grids.append(grid)
+        return self._history(y, z, torch.stack(grids, 1))
 
     def init_state(self, batch: int) -> BatchState:
-        """The backbone state before the first observation."""
-        return self.backbone.init_state(batch)
+        """The recurrent state before the first observation: the backbone's (and an empty map,
+        `MapState`, with the map decoder)."""
+        state = self.backbone.init_state(batch)
+        if self.cfg.decoder != "map":
+            return state
+        device = self.cell_parts.device
+        return MapState(state, torch.zeros(batch, MAP_SIZE, dtype=torch.long, device=device),
+                        torch.zeros(batch, dtype=torch.bool, device=device))
 
     def next(self, state: BatchState, z: Tensor, prev_action: Tensor) -> tuple[Tensor, BatchState]:
-        """Take in observation latent z (B, d) reached by prev_action (B,) (`START` at reset)
-        -> h (B, d), the history through it, and the state after it.
+        """Take in observation latent z (B, ...) (`encode`) reached by prev_action (B,) (`START`
+        at reset) -> h (B, latent_dim), the history through it, and the state after it.
 
         The state may be updated in place (see `Backbone.step`): clone one you want to keep.
         """
-        y, state = self.backbone.step(state, self.token(z, prev_action))
-        return self._history(y, z), state
+        if self.cfg.decoder != "map":
+            y, state = self.backbone.step(state, self.token(z, prev_action))
+            return self._history(y, z), state
+        y, inner = self.backbone.step(state.backbone, self.token(z, prev_action))
+        grid, front = self._remember(state.grid, state.front_open, prev_action, z)
+        return self._history(y, z, grid), MapState(inner, grid, front)
 
     def with_action(self, h: Tensor, action: Tensor) -> Tensor:
         """h (..., latent_dim) and the action about to be taken (...) -> the features of the
@@ -384,7 +545,8 @@ class WorldModel(nn.Module):
         if h.shape[-1] == d:
             return h + a
         core = h[..., :d] + a
-        return torch.cat([core, h[..., d:].expand(*core.shape[:-1], -1)], dim=-1)
+        cells = h[..., d : self.feature_dim]
+        return torch.cat([core, cells.expand(*core.shape[:-1], -1)], dim=-1)
 
     def decode(self, h: Tensor, action: Tensor, head: int = 0) -> dict[str, Tensor]:
         """h (..., latent_dim), action (...) -> logits of the next observation: cells (..., 7, 7,
@@ -396,6 +558,8 @@ class WorldModel(nn.Module):
         cells = out[..., : N_CELLS * CELL_LOGITS].unflatten(-1, (N_CELLS, CELL_LOGITS))
         if self.cfg.decoder == "ego":
             cells = cells + self._ego_copy(h, action, out[..., OBS_LOGITS:])
+        elif self.cfg.decoder == "map":
+            cells = cells + self._map_copy(h, action, out[..., OBS_LOGITS:])
         cells = cells.unflatten(-2, (VIEW, VIEW))
         rest = out[..., N_CELLS * CELL_LOGITS : OBS_LOGITS]
         return {
@@ -430,6 +594,23 @@ class WorldModel(nn.Module):
         weight = torch.sigmoid(gates).reshape(-1, 1)
         return (weight * copied).view(-1, 2, N_CELLS, CELL_LOGITS).sum(1).view(
             *lead, N_CELLS, CELL_LOGITS)
+
+    def _map_copy(self, h: Tensor, action: Tensor, gates: Tensor) -> Tensor:
+        """The map decoder's copy term (..., 49, 20): as `_ego_copy`, with the sources on the
+        map h carries (`map_sources`). A cell's read depends on its packed id alone, so every
+        id is read once (`cell_read` of its embedding) and the copies index that table."""
+        if h.shape[-1] != self.latent_dim:
+            raise ValueError(f"the map decoder reads the map from h: need h of width "
+                             f"{self.latent_dim}, got {h.shape[-1]}")
+        lead = torch.broadcast_shapes(h.shape[:-1], action.shape)
+        # Column MAP_SIZE, no source, holds id CELL_IDS: the table's row of zero logits.
+        grid = F.pad(h[..., self.feature_dim :].long(), (0, 1), value=CELL_IDS)
+        src = self.map_sources[action.expand(lead).long()]  # (*lead, 98)
+        ids = grid.expand(*lead, -1).gather(-1, src)
+        table = F.pad(self.cell_read(self._embed_cells(self.cell_parts)), (0, 0, 0, 1))
+        copied = table.index_select(0, ids.reshape(-1))  # (M * 98, 20)
+        weight = torch.sigmoid(gates).reshape(-1, 1)
+        return (weight * copied).view(*lead, 2, N_CELLS, CELL_LOGITS).sum(-3)
 
     def reward(self, h: Tensor, action: Tensor, g: Tensor | None = None,
                psi: Tensor | None = None) -> Tensor:

@@ -135,6 +135,7 @@ class _Head(nn.Module):
 
     def forward(self, h: Tensor, g: Tensor) -> Tensor:
         scale, shift = self.g_in(g).chunk(2, dim=-1)
+        h = h[..., : self.h_in.in_features]  # the features: not the map decoder's cell ids
         x = F.silu(F.layer_norm(self.h_in(h), (self.h_in.out_features,)) * (1 + scale) + shift)
         return self.out(F.silu(self.mid(x)))
 
@@ -148,8 +149,8 @@ class GoalPolicy(nn.Module):
         self.model_config = model.cfg.to_dict()
         mc = model.cfg
         self.n_actions = mc.n_actions
-        self.actor = _Head(model.latent_dim, mc.goal_dim, cfg.hidden, mc.n_actions)
-        self.critic = _Head(model.latent_dim, mc.goal_dim, cfg.hidden, 1)
+        self.actor = _Head(model.feature_dim, mc.goal_dim, cfg.hidden, mc.n_actions)
+        self.critic = _Head(model.feature_dim, mc.goal_dim, cfg.hidden, 1)
         if cfg.q_base:  # start exactly as softmax(Q / T)
             nn.init.zeros_(self.actor.out.weight)
             nn.init.zeros_(self.actor.out.bias)
