@@ -52,7 +52,8 @@ def reference_pairwise(head: _GoalHead, h: torch.Tensor, psi: torch.Tensor,
     phi = head.state_mlp(h[..., : head.d]).unflatten(-1, (n, k))
     out = torch.einsum("blnk,blgk->blgn", phi, psi[..., :k]) / math.sqrt(k) + psi[..., k : k + n]
     if head.maps:
-        cells = h[..., head.d :].unflatten(-1, (MAP_CELLS, head.cell_dim))
+        cells = h[..., head.d : head.d + MAP_CELLS * head.cell_dim].unflatten(
+            -1, (MAP_CELLS, head.cell_dim))
         query = psi[..., k + n :].unflatten(-1, (head.maps, head.cell_dim + 1))
         match = cells[:, :, None] @ query[..., :-1].transpose(-1, -2) + query[..., None, :, -1]
         out = out + head.map_out(head.read(match.flatten(-2))
