@@ -23,6 +23,7 @@ cd "$(dirname "$0")/.."
 RUN=${1:-runs/train/balrog-babyai-mamba2}
 EPISODES=${2:-4000}
 .venv/bin/lwm train --run-dir "$RUN" --suite balrog-babyai --preset small --backbone mamba2 \
+    --decoder mlp \
     --seed 0 --threads 1 --episodes "$EPISODES" --collect-per-iter 100 --updates-per-iter 300 \
     --batch-size 8 --seq-len 64 --goal-vocab all --eval-every 1000 --eval-episodes 100 \
     --warmup-episodes 100 --init-from shipped:babyai-goto --stepping-stones 0.3 \

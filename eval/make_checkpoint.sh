@@ -24,10 +24,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/train/babyai-goto-mamba2}
 .venv/bin/lwm train --run-dir "$RUN" --suite babyai-goto --preset small --backbone mamba2 \
+    --decoder mlp \
     --seed 0 --threads 1 --episodes 2600 --collect-per-iter 100 --updates-per-iter 300 \
     --batch-size 8 --seq-len 64 --goal-vocab all --eval-every 500 --eval-episodes 200
 FT=${2:-$RUN-ft}
 .venv/bin/lwm train --run-dir "$FT" --suite babyai-goto --preset small --backbone mamba2 \
+    --decoder mlp \
     --init-from "$RUN" --seed 1 --threads 1 --episodes 2400 --warmup-episodes 0 \
     --collect-per-iter 100 --updates-per-iter 300 --batch-size 8 --seq-len 64 --goal-vocab all \
     --eval-every 800 --eval-episodes 200

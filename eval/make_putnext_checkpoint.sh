@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 RUN=${1:-runs/train/babyai-putnext-mamba2}
 EPISODES=${2:-3000}
 .venv/bin/lwm train --run-dir "$RUN" --suite babyai-putnext --preset small --backbone mamba2 \
+    --decoder mlp \
     --seed 1 --threads 1 --episodes "$EPISODES" --collect-per-iter 100 --updates-per-iter 300 \
     --batch-size 8 --seq-len 64 --goal-vocab all --eval-every 1000 --eval-episodes 100 \
     --warmup-episodes 0 --init-from shipped:balrog-babyai --stepping-stones 0.3 \

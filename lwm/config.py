@@ -80,10 +80,11 @@ class TrainConfig:
     """World-model size preset: debug, small or base."""
     backbone: str = "mamba2"
     """Sequence backbone: mamba2, gru or transformer."""
-    decoder: str = "mlp"
+    decoder: str = "auto"
     """Next-view decoder: 'mlp' (from the history alone), 'ego' (also copies the current
-    view's cells along the action's view shift, gated per cell) or 'map' (copies them from a
-    map of every cell seen so far); see `WorldModelConfig`."""
+    view's cells along the action's view shift, gated per cell), 'map' (copies them from a map
+    of every cell seen so far; see `WorldModelConfig`) or 'auto': the run's own when resuming,
+    the starting checkpoint's with --init-from, otherwise 'map'."""
     episodes: int = 2000
     """Episodes to collect in total."""
     collect_per_iter: int = 100

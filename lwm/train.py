@@ -40,6 +40,7 @@ from lwm.models.world_model import (
     CheckpointError,
     WorldModel,
     WorldModelConfig,
+    load_config,
     model_dir,
     preset,
 )
@@ -106,10 +107,12 @@ class Trainer:
         self.suite: TaskSuite = load_suite(cfg.suite)
         torch.set_num_threads(cfg.threads)
         self.dir.mkdir(parents=True, exist_ok=True)
+        resumed = (self.dir / "trainer.json").exists()
+        if cfg.decoder == "auto":
+            cfg = self.cfg = dataclasses.replace(cfg, decoder=self._auto_decoder(resumed))
         self.model_cfg: WorldModelConfig = preset(cfg.preset, backbone=cfg.backbone,
                                                    decoder=cfg.decoder)
         self.state: dict[str, Any] = {"updates": 0, "iterations": 0}
-        resumed = (self.dir / "trainer.json").exists()
         if resumed:
             self._check_resumable()
         torch.manual_seed(cfg.seed)
@@ -374,11 +377,25 @@ class Trainer:
             "saved_at": time.time(),
         })
 
-    def _check_resumable(self) -> None:
+    def _saved_config(self) -> dict[str, Any]:
+        """The config a run directory was trained with (fields added since: their old values)."""
         saved = json.loads((self.dir / "trainer.json").read_text())["config"]
-        ours = dataclasses.asdict(self.cfg)
         saved.setdefault("goal_vocab", "all")  # runs from before the option used every goal
         saved.setdefault("decoder", "mlp")  # ... and the MLP decoder
+        return saved
+
+    def _auto_decoder(self, resumed: bool) -> str:
+        """What decoder "auto" means here: the run's own when resuming, the starting
+        checkpoint's with `init_from` (its weights must fit), otherwise "map"."""
+        if resumed:
+            return self._saved_config()["decoder"]
+        if self.cfg.init_from:
+            return load_config(model_dir(self.cfg.init_from)).decoder
+        return "map"
+
+    def _check_resumable(self) -> None:
+        saved = self._saved_config()
+        ours = dataclasses.asdict(self.cfg)
         fixed = ("suite", "preset", "backbone", "decoder", "seq_len", "seed", "goal_vocab")
         diff = [f"{k}: run has {saved.get(k)!r}, asked for {ours[k]!r}" for k in fixed
                 if saved.get(k) != ours[k]]

@@ -162,8 +162,26 @@ def test_trainer_runs_saves_and_refuses_a_different_setup(tmp_path):
     assert len(lines) == 2 and json.loads(lines[-1])["episodes"] == 12
     with pytest.raises(CheckpointError, match="backbone: run has 'mamba2', asked for 'gru'"):
         Trainer(TrainConfig(episodes=12, backbone="gru", **DEBUG), tmp_path, progress=False)
-    with pytest.raises(CheckpointError, match="decoder: run has 'mlp', asked for 'ego'"):
+    with pytest.raises(CheckpointError, match="decoder: run has 'map', asked for 'ego'"):
         Trainer(TrainConfig(episodes=12, decoder="ego", **DEBUG), tmp_path, progress=False)
+
+
+def test_the_auto_decoder_is_map_for_new_runs_and_the_runs_own_otherwise(tmp_path):
+    new = Trainer(TrainConfig(episodes=6, **DEBUG), tmp_path / "new", progress=False)
+    assert TrainConfig().decoder == "auto"
+    assert new.cfg.decoder == new.model.cfg.decoder == "map"
+    new.store.close()
+    Trainer(TrainConfig(episodes=6, decoder="mlp", **DEBUG), tmp_path / "mlp", progress=False).run()
+    resumed = Trainer(TrainConfig(episodes=12, **DEBUG), tmp_path / "mlp", progress=False)
+    assert resumed.cfg.decoder == resumed.model.cfg.decoder == "mlp"
+    assert resumed.state["updates"] == 3  # resumed (one iteration of 3 updates), not refused
+    resumed.store.close()
+    started = Trainer(TrainConfig(episodes=0, init_from=str(tmp_path / "mlp"), **DEBUG),
+                      tmp_path / "tuned", progress=False)
+    assert started.model.cfg.decoder == "mlp"  # the weights it starts from fit
+    started.save()
+    saved = json.loads((tmp_path / "tuned" / "trainer.json").read_text())["config"]
+    assert saved["decoder"] == "mlp"  # what "auto" meant is written down
 
 
 def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path):
