@@ -226,7 +226,23 @@ class Trainer:
         info["eval_s"] = time.perf_counter() - start
         self.state["evaluated_at"] = len(self.store)
         self._log(info | {"train_s": self.state.get("train_s", 0.0)})
+        self._write_agent_settings(info, len(seeds))
         return info
+
+    def _write_agent_settings(self, info: dict[str, float], episodes: int) -> None:
+        """Recommend the agent just evaluated in the run's `model/agent.json`, so that
+        `lwm plan`, `lwm eval` and `Agent.from_pretrained` on this run act as it did."""
+        from lwm.agent import AGENT_SETTINGS
+
+        model = self.dir / "model"
+        model.mkdir(parents=True, exist_ok=True)
+        _write_json(model / AGENT_SETTINGS, {
+            "planner": "greedy",
+            "planner_cfg": {"epsilon": 0.0, "repeat_penalty": self.cfg.eval_repeat_penalty},
+            "measured": (f"the trainer's evaluation after {len(self.store)} episodes: "
+                         f"{info['eval_success']:.1%} of the suite's first {episodes} "
+                         "evaluation seeds, with BabyAI's grammar parser"),
+        })
 
     def _planned_updates(self) -> int:
         cfg = self.cfg

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lwm.train
-from lwm.agent import Agent
+from lwm.agent import Agent, agent_settings
 from lwm.data.relabel import GoalVocab, relabel
 from lwm.goals import parse_goal
 from lwm.language.mission import BabyAIMissionParser
@@ -358,6 +358,13 @@ def test_periodic_greedy_evaluation_logs_a_learning_curve_and_leaves_training_al
     env = curve.suite.make_env()
     again = [agent.run(env.reset(seed=s)[0]["mission"], env, seed=s).success for s in seeds]
     assert evals[-1]["eval_success"] == np.mean(again)
+    # ... and the run recommends that agent: loaded from the run, it acts as it was evaluated
+    assert not (tmp_path / "plain" / "model" / "agent.json").exists()
+    settings = agent_settings(tmp_path / "curve")
+    assert settings["planner"] == "greedy" and settings["planner_cfg"]["repeat_penalty"] == 0.1
+    assert f"after 12 episodes: {evals[-1]['eval_success']:.1%}" in settings["measured"]
+    loaded = Agent.from_pretrained(tmp_path / "curve", llm="grammar")
+    assert isinstance(loaded.planner, GreedyQ) and loaded.planner.cfg.repeat_penalty == 0.1
     assert not set(seeds) & {curve.store[i].meta["seed"] for i in range(len(curve.store))}
     # evaluating draws nothing from the run's RNG: the same episodes are collected and trained on
     for i in range(12):
