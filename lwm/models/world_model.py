@@ -507,8 +507,7 @@ class WorldModel(nn.Module):
         y = self.backbone(self.token(z, prev_action))
         if self.cfg.decoder != "map":
             return self._history(y, z)
-        state = self.init_state(z.shape[0])
-        grid, front, grids = state.grid, state.front_open, []
+        (grid, front), grids = self._empty_map(z.shape[0]), []
         for t in range(z.shape[1]):
             grid, front = self._remember(grid, front, prev_action[:, t], z[:, t])
             grids.append(grid)
@@ -518,11 +517,13 @@ class WorldModel(nn.Module):
         """The recurrent state before the first observation: the backbone's (and an empty map,
         `MapState`, with the map decoder)."""
         state = self.backbone.init_state(batch)
-        if self.cfg.decoder != "map":
-            return state
+        return MapState(state, *self._empty_map(batch)) if self.cfg.decoder == "map" else state
+
+    def _empty_map(self, batch: int) -> tuple[Tensor, Tensor]:
+        """A map that has seen nothing (B, MAP_SIZE), and front_open (B,) all False."""
         device = self.cell_parts.device
-        return MapState(state, torch.zeros(batch, MAP_SIZE, dtype=torch.long, device=device),
-                        torch.zeros(batch, dtype=torch.bool, device=device))
+        return (torch.zeros(batch, MAP_SIZE, dtype=torch.long, device=device),
+                torch.zeros(batch, dtype=torch.bool, device=device))
 
     def next(self, state: BatchState, z: Tensor, prev_action: Tensor) -> tuple[Tensor, BatchState]:
         """Take in observation latent z (B, ...) (`encode`) reached by prev_action (B,) (`START`
@@ -542,8 +543,8 @@ class WorldModel(nn.Module):
         pair (the action is added to the d-wide history; cell embeddings pass unchanged)."""
         a = self.action_emb(action.long())
         d = self.cfg.d_model
-        if h.shape[-1] == d:
-            return h + a
+        if h.shape[-1] == d or self.feature_dim == d:  # no cells to carry along
+            return h[..., :d] + a
         core = h[..., :d] + a
         cells = h[..., d : self.feature_dim]
         return torch.cat([core, cells.expand(*core.shape[:-1], -1)], dim=-1)
