@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, default=None, help="override the planner's K")
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--horizon", type=int, default=None)
+    parser.add_argument("--terminal", default=None, choices=("value", "q"),
+                        help="search planners: score the last action by Q (q) or step it (value)")
     parser.add_argument("--epsilon", type=float, default=None,
                         help="greedy planner: chance of a random (move-biased) action")
     parser.add_argument("--reward-floor", default=None, action=argparse.BooleanOptionalAction,
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                                   search=args.search)
     cfg = agent.planner.cfg
     planner = next(name for name, (cls, _) in PLANNERS.items() if isinstance(agent.planner, cls))
-    for name in ("candidates", "iterations", "horizon", "epsilon", "reward_floor",
+    for name in ("candidates", "iterations", "horizon", "terminal", "epsilon", "reward_floor",
                  "repeat_penalty"):
         if getattr(args, name) is not None:
             if not hasattr(cfg, name):

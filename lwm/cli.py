@@ -335,6 +335,9 @@ def evaluate(
     candidates: int | None = typer.Option(None, min=1, help="override the planner's K"),
     iterations: int | None = typer.Option(None, min=1, help="override the planner's rounds"),
     horizon: int | None = typer.Option(None, min=1, help="override the planner's H"),
+    terminal: str | None = typer.Option(
+        None, help="search planners: score a sequence's last action by Q ('q': one imagined "
+        "transition fewer) or step it and read v ('value', the default)"),
     epsilon: float | None = typer.Option(
         None, min=0.0, max=1.0, help="greedy planner: chance of a random (move-biased) action"),
     reward_floor: bool | None = typer.Option(
@@ -376,6 +379,7 @@ def evaluate(
     from lwm.eval.journal import JOURNAL_NAME, EpisodeJournal, JournalError, run_agents
     from lwm.eval.report import paired, summarize, write_report
     from lwm.eval.runners import RUNNERS, LLMOnlyRunner, make_runner, runner_options
+    from lwm.planning.base import TERMINALS
     from lwm.resources import checkpoint as shipped_checkpoint
     from lwm.tasks import TaskSpecError, load_suite
 
@@ -399,9 +403,12 @@ def evaluate(
     shared: dict[str, Any] = {"llm": llm, "seed": seed, "planner": planner,
                               "preconditions": preconditions}
     overrides = {k: v for k, v in (("candidates", candidates), ("iterations", iterations),
-                                   ("horizon", horizon), ("epsilon", epsilon),
+                                   ("horizon", horizon), ("terminal", terminal),
+                                   ("epsilon", epsilon),
                                    ("reward_floor", reward_floor),
                                    ("repeat_penalty", repeat_penalty)) if v is not None}
+    if terminal is not None and terminal not in TERMINALS:
+        fail(f"--terminal must be one of {', '.join(TERMINALS)}, got {terminal!r}")
     if overrides:
         shared["planner_cfg"] = overrides
     if "dqn" in names and dqn_checkpoint is None:

@@ -449,6 +449,8 @@ def test_cli_eval_random_and_bot(tmp_path):
     (["--suite", "babyai-goto", "--agents", "llm-only", "--llm", "grammar"], "need an LLM"),
     (["--suite", "babyai-goto", "--agents", "llm-only-greedy", "--llm", "grammar"], "need an LLM"),
     (["--suite", "babyai-goto", "--agents", "dqn"], "needs --dqn-checkpoint"),
+    (["--suite", "babyai-goto", "--agents", "bot", "--terminal", "mean"],
+     "--terminal must be one of value, q, got 'mean'"),
 ])
 def test_cli_eval_refuses_bad_input(args, message):
     result = CliRunner().invoke(app, ["eval", *args, "--episodes", "1"], terminal_width=200)

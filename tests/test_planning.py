@@ -135,20 +135,72 @@ def test_warm_start_shifts_the_last_plan(name):
     torch.testing.assert_close(planner.warm.start(2, 7, h.device), uniform[:2])
 
 
-def test_shared_prefixes_score_as_if_stepped_separately(model):
+@pytest.mark.parametrize("terminal", ["value", "q"])
+def test_shared_prefixes_score_as_if_stepped_separately(model, terminal):
     B, K, H = 2, 40, 4
     state, h, goal = history(model, B)
     gen = torch.Generator().manual_seed(3)
     # Few distinct actions, so prefixes repeat a lot; plus one sequence that is all different.
     actions = torch.randint(0, 2, (B, K, H), generator=gen)
     actions[:, 0] = torch.arange(H) + 3
-    shared = score_sequences(model, state, h, goal, actions, 0.9)
+    shared = score_sequences(model, state, h, goal, actions, 0.9, terminal)
     flat = actions.flatten(0, 1)  # (B*K, H)
-    separate = imagine_candidates(model, state, h, goal, K, H, 0.9, lambda t, h: flat[:, t])
+    separate = imagine_candidates(model, state, h, goal, K, H, 0.9, lambda t, h: flat[:, t],
+                                  terminal)
     for name in ("reward", "cont", "value", "objective"):
         torch.testing.assert_close(
             getattr(shared, name), getattr(separate, name), atol=1e-5, rtol=1e-4
         )
+
+
+def test_the_q_terminal_scores_a_greedy_last_action_as_the_value_of_the_step_before(model):
+    # J_q of a_0..a_{H-2} followed by argmax_a Q(h_{H-1}, a) is J of a_0..a_{H-2} with the
+    # value terminal: the same terms, with v = max_a Q at h_{H-1}.
+    B, K, H = 2, 24, 4
+    state, h, goal = history(model, B)
+    actions = torch.randint(0, 6, (B, K, H - 1), generator=torch.Generator().manual_seed(4))
+    flat, goal_k = actions.flatten(0, 1), goal.repeat_interleave(K, dim=0)
+
+    def act(t: int, h_t: Tensor) -> Tensor:
+        return flat[:, t] if t < H - 1 else model.q(h_t, goal_k).argmax(-1)
+
+    greedy_last = imagine_candidates(model, state, h, goal, K, H, 0.9, act, "q")
+    shorter = score_sequences(model, state, h, goal, actions, 0.9, "value")
+    torch.testing.assert_close(greedy_last.value, shorter.value, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(greedy_last.objective, shorter.objective, atol=1e-5, rtol=1e-4)
+    # Any other last action scores no higher than the greedy one.
+    other = (greedy_last.actions[..., -1] + 1) % 6
+    scored = score_sequences(model, state, h, goal, torch.cat(
+        [actions, other[..., None]], dim=-1), 0.9, "q")
+    assert bool((scored.value <= greedy_last.value + 1e-6).all())
+
+
+@pytest.mark.parametrize("name", SEARCH_PLANNERS)
+def test_the_q_terminal_steps_no_transition_for_the_last_action(model, name):
+    state, h, goal = history(model, 1)
+    stepped: dict[str, int] = {}
+    for terminal in ("value", "q"):
+        rows: list[int] = []
+        model.next = lambda s, z, a, _next=type(model).next.__get__(model): (
+            rows.append(len(a)) or _next(s, z, a))
+        try:
+            small_planner(name, terminal=terminal).plan(
+                model, state, h, goal, generator=torch.Generator().manual_seed(0))
+        finally:
+            del model.next
+        stepped[terminal] = len(rows)
+    per_call = SMALL["iterations"] * SMALL["horizon"]
+    assert stepped == {"value": per_call + (name == "mppi") * SMALL["horizon"],
+                       "q": per_call - SMALL["iterations"]
+                       + (name == "mppi") * (SMALL["horizon"] - 1)}
+
+
+def test_an_unknown_terminal_is_refused():
+    with pytest.raises(ValueError, match="terminal must be one of value, q, got 'mean'"):
+        small_planner("cem", terminal="mean")
+    reward = torch.rand(2, 3)
+    with pytest.raises(ValueError, match="terminal must be one of"):
+        objective(reward, reward, reward[:, 0], 0.9, terminal="mean")
 
 
 @pytest.mark.parametrize("name", SEARCH_PLANNERS)

@@ -19,6 +19,15 @@ J is the discounted probability of achieving the goal, in [0, 1]; unrolled, it i
 model's own TD target for Q, Q(h_t, a_t) = p_t + gamma (1 - p_t) c_t max_a Q(h_{t+1}, a), so
 gamma must be the discount Q was trained with.
 
+That identity gives a cheaper terminal (`SearchConfig.terminal = "q"`): score the last action by
+q = sigmoid(Q(h_{H-1}, a_{H-1}, g)), the model's own estimate of the two terms it replaces,
+
+    J_q = sum_{t<H-1} gamma^t alive_t p_t  +  gamma^(H-1) alive_(H-1) q
+
+so the H actions of a sequence take H - 1 imagined transitions instead of H. The last level of
+the prefix tree is its widest (about a third of the rows a CEM call steps), and its transitions
+are the ones only the terminal value reads.
+
 The caller's state is never stepped: candidates run on copies (`BatchState.index`, `expand`).
 """
 
@@ -35,6 +44,10 @@ from torch import Tensor
 
 from lwm.models.ssm import BatchState
 from lwm.models.world_model import WorldModel
+
+
+TERMINALS = ("value", "q")
+"""How a search scores the end of a sequence (`SearchConfig.terminal`)."""
 
 
 @dataclass
@@ -61,6 +74,14 @@ class SearchConfig:
     repeat_penalty: float = 0.0
     """Subtracted from J once for each time a candidate's first action was already taken from
     the same real observation this episode (`tried`, counted by the agent)."""
+    terminal: str = "value"
+    """How a sequence's tail is scored (module docstring): "value" steps all H transitions and
+    bootstraps with v(h_H); "q" scores the last action by Q(h_{H-1}, a_{H-1}) and steps H - 1."""
+
+    def __post_init__(self) -> None:
+        if self.terminal not in TERMINALS:
+            raise ValueError(f"terminal must be one of {', '.join(TERMINALS)}, "
+                             f"got {self.terminal!r}")
 
 
 class PolicyPrior(Protocol):
@@ -85,7 +106,8 @@ class PlanResult:
     cont: Tensor
     """(B, H): predicted probability that the episode goes on after o_{t+1}."""
     value: Tensor
-    """(B,): predicted terminal value, the discounted chance of achieving the goal from o_H on."""
+    """(B,): predicted terminal value, the discounted chance of achieving the goal from o_H on
+    (with the "q" terminal: by taking the last action from o_{H-1}, `SearchConfig.terminal`)."""
     objective: Tensor
     """(B,): J of `actions`, the discounted probability of achieving the goal (module docstring)."""
     probs: Tensor
@@ -167,7 +189,7 @@ class Candidates:
     cont: Tensor
     """(B, K, H) continuation probabilities c_t."""
     value: Tensor
-    """(B, K) terminal value probabilities v."""
+    """(B, K) terminal probabilities: v(h_H), or with the "q" terminal q(h_{H-1}, a_{H-1})."""
     objective: Tensor
     """(B, K) J."""
 
@@ -192,8 +214,14 @@ class Candidates:
         return self.select(self.objective.topk(k, dim=1).indices)
 
 
-def objective(reward: Tensor, cont: Tensor, value: Tensor, discount: float) -> Tensor:
-    """J (module docstring) from p_t, c_t: (..., H) and terminal v: (...) -> (...)."""
+def objective(reward: Tensor, cont: Tensor, value: Tensor, discount: float,
+              terminal: str = "value") -> Tensor:
+    """J (module docstring) from p_t, c_t: (..., H) and terminal v: (...) -> (...); with the "q"
+    terminal, `value` is q(h_{H-1}, a_{H-1}) and stands for the last step's p and c."""
+    if terminal not in TERMINALS:
+        raise ValueError(f"terminal must be one of {', '.join(TERMINALS)}, got {terminal!r}")
+    if terminal == "q":
+        reward, cont = reward[..., :-1], cont[..., :-1]
     H = reward.shape[-1]
     survive = (1 - reward) * cont  # (..., H): the task goes on past o_{t+1}
     alive = torch.cumprod(F.pad(survive, (1, 0), value=1.0), dim=-1)  # (..., H+1): alive_0..H
@@ -211,12 +239,13 @@ def imagine_candidates(
     horizon: int,
     discount: float,
     act: Callable[[int, Tensor], Tensor],
+    terminal: str = "value",
 ) -> Candidates:
     """Roll K candidates per environment forward H steps, each separately, and score them.
 
     state, h (B, d): as for `Planner.plan` (state is not modified); goal: (B, goal_dim).
     act(t, h) -> (B*K,) actions at step t given the histories h (B*K, d); the candidates of an
-    environment are consecutive rows.
+    environment are consecutive rows. terminal: `SearchConfig.terminal`.
     """
     B = h.shape[0]
     psi = model.goal_features(goal)  # goal streams, once per environment
@@ -228,14 +257,20 @@ def imagine_candidates(
         a = act(t, h)
         rewards.append(model.reward(h, a, psi=psi["reward"][env]))
         conts.append(model.cont(h, a))
+        actions.append(a)
+        if t == horizon - 1 and terminal == "q":
+            q = model.q(h, psi=psi["q"][env]).gather(-1, a[:, None])[:, 0]
+            break
         obs = model.most_likely(model.decode(h, a))
         h, s = model.next(s, model.encode(obs["image"], obs["direction"], obs["carrying"]), a)
-        actions.append(a)
+    else:
+        q = model.value(h, psi=psi["q"][env])
     reward = torch.sigmoid(torch.stack(rewards, dim=1)).view(B, k, horizon)
     cont = torch.sigmoid(torch.stack(conts, dim=1)).view(B, k, horizon)
-    value = torch.sigmoid(model.value(h, psi=psi["q"][env])).view(B, k)
+    value = torch.sigmoid(q).view(B, k)
     actions_ = torch.stack(actions, dim=1).view(B, k, horizon)  # (B, K, H)
-    return Candidates(actions_, reward, cont, value, objective(reward, cont, value, discount))
+    return Candidates(actions_, reward, cont, value,
+                      objective(reward, cont, value, discount, terminal))
 
 
 def padded_rows(model: WorldModel, m: int) -> int:
@@ -250,9 +285,10 @@ def padded_rows(model: WorldModel, m: int) -> int:
 @torch.no_grad()
 def score_sequences(
     model: WorldModel, state: BatchState, h: Tensor, goal: Tensor, actions: Tensor,
-    discount: float,
+    discount: float, terminal: str = "value",
 ) -> Candidates:
-    """Score given action sequences (B, K, H) from (state, h (B, d)) for goal (B, goal_dim).
+    """Score given action sequences (B, K, H) from (state, h (B, d)) for goal (B, goal_dim);
+    terminal: `SearchConfig.terminal`.
 
     Imagination is deterministic (it feeds back the most likely observation), so candidates
     that share a prefix a_0..a_t share its imagined future up to t. Each distinct prefix is
@@ -278,6 +314,13 @@ def score_sequences(
         )
         parent, a = prefix[first], flat[first, t]  # (M,) history rows of a_0..a_t-1, a_t
         h_parent = h_rows[parent]  # (M, d)
+        h_pairs.append(h_parent)
+        a_pairs.append(a)
+        env_pairs.append(env[first])
+        rows.append(offset + prefix_next)
+        prefix, offset = prefix_next, offset + m
+        if t == H - 1 and terminal == "q":  # the last action is scored by Q, not stepped
+            break
         obs = model.most_likely(model.decode(h_parent, a))
         z = model.encode(obs["image"], obs["direction"], obs["carrying"])  # (M, d)
         n_rows = padded_rows(model, m)  # M' >= M: rows past M are stepped and ignored
@@ -287,29 +330,30 @@ def score_sequences(
         if t == 0 or not same:
             s = s.index(F.pad(parent, (0, n_rows - m)))  # (M', ...)
         h_next, s = model.next(s, F.pad(z, (0, 0, 0, n_rows - m)), F.pad(a, (0, n_rows - m)))
-        h_pairs.append(h_parent)
-        a_pairs.append(a)
-        env_pairs.append(env[first])
-        rows.append(offset + prefix_next)
-        h_rows, prefix, offset, state_rows = h_next[:m], prefix_next, offset + m, n_rows
+        h_rows, state_rows = h_next[:m], n_rows
     # The heads run once on the pairs of all steps: a few large matmuls, not 2H small ones.
     h_all, a_all = torch.cat(h_pairs), torch.cat(a_pairs)  # (R, d), (R,)
     rows_ = torch.stack(rows, dim=1)  # (B*K, H): each candidate's pair at each step
     reward = torch.sigmoid(model.reward(h_all, a_all, psi=psi["reward"][torch.cat(env_pairs)]))
     cont = torch.sigmoid(model.cont(h_all, a_all))
-    value = torch.sigmoid(model.value(h_rows, psi=psi["q"][env_pairs[-1]]))  # (M_H,)
+    if terminal == "q":  # q(h_{H-1}, a_{H-1}) of each last pair: (M_{H-1},)
+        q = model.q(h_pairs[-1], psi=psi["q"][env_pairs[-1]]).gather(-1, a_pairs[-1][:, None])
+        value = torch.sigmoid(q[:, 0])
+    else:  # v(h_H) of each last prefix: (M_{H-1},)
+        value = torch.sigmoid(model.value(h_rows, psi=psi["q"][env_pairs[-1]]))
     reward, cont = reward[rows_].view(B, K, H), cont[rows_].view(B, K, H)
     value = value[prefix].view(B, K)
-    return Candidates(actions, reward, cont, value, objective(reward, cont, value, discount))
+    return Candidates(actions, reward, cont, value,
+                      objective(reward, cont, value, discount, terminal))
 
 
 def sample_prior(
     model: WorldModel, state: BatchState, h: Tensor, goal: Tensor, prior: PolicyPrior, k: int,
     horizon: int, discount: float, generator: torch.Generator | None = None,
-    forbid: Tensor | None = None,
+    forbid: Tensor | None = None, terminal: str = "value",
 ) -> Candidates:
     """K sequences per environment drawn step by step from `prior` in imagination, scored;
-    `forbid` (B, A) rules actions out of the first step."""
+    `forbid` (B, A) rules actions out of the first step; terminal: `SearchConfig.terminal`."""
     goal_k = goal.repeat_interleave(k, dim=0)  # (B*K, goal_dim)
     forbid_k = None if forbid is None else forbid.repeat_interleave(k, dim=0)  # (B*K, A)
 
@@ -319,7 +363,7 @@ def sample_prior(
             logits = logits.masked_fill(forbid_k, float("-inf"))
         return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
-    return imagine_candidates(model, state, h, goal, k, horizon, discount, act)
+    return imagine_candidates(model, state, h, goal, k, horizon, discount, act, terminal)
 
 
 def penalize_repeats(c: Candidates, tried: Tensor | None, penalty: float) -> Candidates:

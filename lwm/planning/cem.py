@@ -68,7 +68,7 @@ class CEM(Planner):
         for _ in range(cfg.iterations):
             actions = sample_sequences(probs, cfg.candidates, generator)  # (B, K, H)
             scored = penalize_repeats(
-                score_sequences(model, state, h, goal, actions, cfg.discount), tried,
+                score_sequences(model, state, h, goal, actions, cfg.discount, cfg.terminal), tried,
                 cfg.repeat_penalty)
             elites = scored.top(cfg.elites)  # (B, E, ...)
             # step 0 of every candidate avoids `forbid`, so the refit keeps it at zero there

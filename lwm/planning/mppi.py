@@ -111,13 +111,14 @@ class MPPI(Planner):
         pool: Candidates | None = None  # the prior's rollouts, scored once, in every pool
         if n_prior:
             pool = penalize_repeats(sample_prior(
-                model, state, h, goal, prior, n_prior, cfg.horizon, cfg.discount, generator, forbid
+                model, state, h, goal, prior, n_prior, cfg.horizon, cfg.discount, generator, forbid,
+                cfg.terminal,
             ), tried, cfg.repeat_penalty)
         best = None
         for _ in range(cfg.iterations):
             actions = sample_sequences(probs, cfg.candidates - n_prior, generator)  # (B, K', H)
             scored = penalize_repeats(
-                score_sequences(model, state, h, goal, actions, cfg.discount), tried,
+                score_sequences(model, state, h, goal, actions, cfg.discount, cfg.terminal), tried,
                 cfg.repeat_penalty)
             # Fresh samples first: top-k breaks ties by position, and a flat objective must not
             # refit to the same prior rollouts every iteration.
