@@ -45,7 +45,6 @@ from torch import Tensor
 from lwm.models.ssm import BatchState
 from lwm.models.world_model import WorldModel
 
-
 TERMINALS = ("value", "q")
 """How a search scores the end of a sequence (`SearchConfig.terminal`)."""
 
