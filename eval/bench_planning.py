@@ -10,7 +10,9 @@ a call from the uniform distribution (the first of an episode), "warm" the media
 warm-started from the previous plan. Planners step each distinct action prefix once
 (`score_sequences`), so the rows actually stepped by the backbone (with a compiled step: padded to
 powers of two) are reported beside the candidate transitions; "dense" is the same 4 x 512 x 8
-imagination with every candidate stepped separately, for scale. A breakdown of one more warm call
+imagination with every candidate stepped separately, for scale. Each search path runs with both
+terminals (`--terminal`): "value" steps all H transitions, "q" scores the last action by Q and
+steps H - 1 (`lwm.planning.base`). A breakdown of one more warm call
 shows which world-model parts the time goes to. Analytic FLOPs of the stepped rows (backbone,
 decoder, encoder, heads; elementwise work not counted) over the machine's measured matmul FLOP/s
 show how close each path is to the hardware limit. Paths are timed in interleaved rounds so that
