@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--horizon", type=int, default=None)
     parser.add_argument("--terminal", default=None, choices=("value", "q"),
-                        help="search planners: score the last action by Q (q) or step it (value)")
+                        help="search planners: score the last action by Q (q, the default) or "
+                        "step it (value)")
     parser.add_argument("--epsilon", type=float, default=None,
                         help="greedy planner: chance of a random (move-biased) action")
     parser.add_argument("--reward-floor", default=None, action=argparse.BooleanOptionalAction,

@@ -336,8 +336,8 @@ def evaluate(
     iterations: int | None = typer.Option(None, min=1, help="override the planner's rounds"),
     horizon: int | None = typer.Option(None, min=1, help="override the planner's H"),
     terminal: str | None = typer.Option(
-        None, help="search planners: score a sequence's last action by Q ('q': one imagined "
-        "transition fewer) or step it and read v ('value', the default)"),
+        None, help="search planners: score a sequence's last action by Q ('q', the default: "
+        "one imagined transition fewer) or step it and read v ('value')"),
     epsilon: float | None = typer.Option(
         None, min=0.0, max=1.0, help="greedy planner: chance of a random (move-biased) action"),
     reward_floor: bool | None = typer.Option(

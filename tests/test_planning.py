@@ -79,7 +79,8 @@ def test_shapes_for_a_batch_of_envs(model, name):
     assert result.image.shape == (B, H, 7, 7, 3)
     assert result.direction.shape == (B, H) and result.carrying.shape == (B, H, 2)
     assert ((result.reward >= 0) & (result.reward <= 1)).all()
-    expect = objective(result.reward, result.cont, result.value, PLANNERS[name][1].discount)
+    cfg = PLANNERS[name][1]
+    expect = objective(result.reward, result.cont, result.value, cfg.discount, cfg.terminal)
     torch.testing.assert_close(result.objective, expect)
 
 
@@ -208,11 +209,15 @@ def test_an_unknown_terminal_is_refused():
         objective(reward, reward, reward[:, 0], 0.9, terminal="mean")
 
 
+@pytest.mark.parametrize("terminal", ["value", "q"])
 @pytest.mark.parametrize("name", SEARCH_PLANNERS)
-def test_plan_agrees_with_the_world_models_imagination(model, name):
+def test_plan_agrees_with_the_world_models_imagination(model, name, terminal):
     state, h, goal = history(model, 2)
-    result = small_planner(name).plan(model, state, h, goal, decode=True)
+    result = small_planner(name, terminal=terminal).plan(model, state, h, goal, decode=True)
     ref = model.imagine(state.clone(), h, result.actions, goal, decode_frames=True)
+    if terminal == "q":  # Q of the last action, from the history before it
+        q = model.q(ref["h"][:, -2], goal).gather(-1, result.actions[:, -1:])[:, 0]
+        ref["value"] = q
     # Batches of other sizes round differently, and an untrained decoder has near-ties that an
     # argmax can then flip in a cell, so agreement is close, not bitwise.
     for key in ("reward", "cont", "value"):

@@ -73,9 +73,11 @@ class SearchConfig:
     repeat_penalty: float = 0.0
     """Subtracted from J once for each time a candidate's first action was already taken from
     the same real observation this episode (`tried`, counted by the agent)."""
-    terminal: str = "value"
-    """How a sequence's tail is scored (module docstring): "value" steps all H transitions and
-    bootstraps with v(h_H); "q" scores the last action by Q(h_{H-1}, a_{H-1}) and steps H - 1."""
+    terminal: str = "q"
+    """How a sequence's tail is scored (module docstring): "q" scores the last action by
+    Q(h_{H-1}, a_{H-1}) and steps H - 1 transitions; "value" steps all H and bootstraps with
+    v(h_H). "q" is the default: 10-36 % faster a warm CEM call, and on three GoToLocal models
+    (100 episodes each) it succeeded as often as "value" or more (README)."""
 
     def __post_init__(self) -> None:
         if self.terminal not in TERMINALS:
