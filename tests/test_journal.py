@@ -107,6 +107,24 @@ def test_runner_key_follows_settings_and_the_contents_of_a_named_checkpoint(tmp_
     assert runner_key(runner) != before
 
 
+def test_runner_key_of_a_planning_runner_follows_the_planners_defaults(monkeypatch):
+    from lwm import planning
+
+    runner = make_runner("lwm-grammar", checkpoint="some/checkpoint")
+    before, random_before = runner_key(runner), runner_key(RandomRunner())
+    planner, cfg = planning.PLANNERS["cem"]
+
+    @dataclass
+    class OldDefaults(cfg):
+        terminal: str = "value"
+
+    monkeypatch.setitem(planning.PLANNERS, "cem", (planner, OldDefaults))
+    assert runner_key(runner) != before
+    assert runner_key(RandomRunner()) == random_before  # it plans nothing
+    monkeypatch.undo()
+    assert runner_key(runner) == before
+
+
 def test_a_torn_last_line_is_dropped_and_a_damaged_earlier_line_refused(tmp_path):
     path = tmp_path / JOURNAL_NAME
     run_agents({"random": Counting()}, EPISODES[:2], LocalCollector(), EpisodeJournal(path),

@@ -6,7 +6,8 @@ the episodes in progress, and the same command resumes where it stopped.
     outcomes = run_agents({"bot": make_runner("bot")}, episodes, collector, journal)
 
 An entry is reused for an episode only when the runner's settings are equal (`runner_key`: every
-field of the runner, the contents of the checkpoint files it names, lwm's version) and the
+field of the runner, the contents of the checkpoint files it names, lwm's version, and for
+runners that plan the planners' default settings) and the
 episode is equal (suite, seed, instruction, step limit, ...). Anything else runs again, so a
 journal can never hand one agent's or one model's results to another; more episodes of the same
 run (`--episodes 200` after `--episodes 50`) reuse the first ones.
@@ -54,8 +55,10 @@ def _files_digest(path: Path) -> str:
 
 def runner_key(runner: Any) -> str:
     """A string that is equal for two runners exactly when they would play an episode alike:
-    lwm's version, the runner's class, its fields (a dataclass's; else its repr), and the
-    contents of every existing file or directory a string field names (checkpoints)."""
+    lwm's version, the runner's class, its fields (a dataclass's; else its repr), the contents
+    of every existing file or directory a string field names (checkpoints), and for a runner
+    that overrides planner settings (`planner_cfg`) the defaults it overrides, so that a new
+    default (the search planners' terminal, say) plays the episodes again."""
     from lwm import __version__
 
     if is_dataclass(runner):
@@ -65,6 +68,11 @@ def runner_key(runner: Any) -> str:
             settings[f.name] = value
             if isinstance(value, str) and value and Path(value).exists():
                 settings[f"{f.name}.sha256"] = _files_digest(Path(value))
+        if "planner_cfg" in settings:
+            from lwm.planning import PLANNERS
+
+            settings["planner_defaults"] = {name: asdict(cfg()) for name, (_, cfg)
+                                            in sorted(PLANNERS.items())}
     else:
         settings = {"repr": repr(runner)}
     kind = f"{type(runner).__module__}.{type(runner).__qualname__}"
