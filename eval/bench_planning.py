@@ -156,6 +156,7 @@ class Bench:
         self.model.next = counting_next  # counts the rows the planner steps
         self.seconds: list[float] = []
         self.rows_per_call: list[int] = []
+        self.last_level_rows: list[int] = []  # CEM with the value terminal: rows of step H-1
         self.first_call_s = 0.0
         self.fell_back = False
 
@@ -165,6 +166,8 @@ class Bench:
         self.planner.plan(self.model, self.state, self.h, self.goal, generator=self.gen)
         self.seconds.append(time.perf_counter() - start)
         self.rows_per_call.append(sum(self.rows))
+        if self.planner_name == "cem" and self.terminal == "value":  # H rows lists an iteration
+            self.last_level_rows.append(sum(self.rows[H - 1 :: H]))
 
     def breakdown(self) -> dict[str, float]:
         """ms spent in each world-model part during one more warm call; "planner" is the rest
@@ -195,6 +198,8 @@ class Bench:
             self.model.next = self.counting_next
         spent["planner"] = 1e3 * self.seconds.pop() - sum(spent.values())
         self.rows_per_call.pop()
+        if self.last_level_rows:
+            self.last_level_rows.pop()
         return spent
 
     def warm_up(self) -> None:
@@ -208,6 +213,7 @@ class Bench:
         self.fell_back = any("eager" in str(w.message).lower() for w in caught)
         self.seconds.clear()
         self.rows_per_call.clear()
+        self.last_level_rows.clear()
         self.planner.reset()
 
 
@@ -283,6 +289,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "warm_ms": 1e3 * warm_s,
             "calls_ms": [1e3 * s for s in path.seconds],
             "cold_rows_stepped": path.rows_per_call[0],
+            # the transitions the q terminal does not step: the last level's share of the rows
+            "warm_last_level_share": (
+                sum(path.last_level_rows[1:]) / sum(path.rows_per_call[1:])
+                if path.last_level_rows else None),
             "warm_rows_stepped": warm_rows,
             "candidate_transitions_per_s": K * H * ITERATIONS / warm_s,
             "stepped_transitions_per_s": warm_rows / warm_s,
@@ -354,6 +364,11 @@ def report(result: dict[str, Any]) -> None:
     for name, r in result["paths"].items():
         parts.add_row(name, *(f"{r['breakdown_ms'].get(n, 0.0):.0f}" for n in names))
     console.print(parts)
+    shares = ", ".join(f"{name} {100 * r['warm_last_level_share']:.0f} %"
+                       for name, r in result["paths"].items()
+                       if r.get("warm_last_level_share") is not None)
+    console.print(f"share of a warm CEM call's rows at its last level (what the q terminal "
+                  f"does not step): {shares}")
     dense = ", ".join(f"{b} {ms:.0f} ms" for b, ms in result["dense_ms_per_action"].items())
     console.print(f"every candidate stepped separately (eager): {dense}")
     for terminal, met in result["target_met_mamba2"].items():
