@@ -19,7 +19,7 @@ from lwm.planning import (
     make_planner,
     objective,
 )
-from lwm.planning.base import imagine_candidates, score_sequences
+from lwm.planning.base import SearchConfig, imagine_candidates, score_sequences
 
 torch.set_num_threads(1)
 
@@ -199,6 +199,18 @@ def test_the_q_terminal_steps_no_transition_for_the_last_action(model, name):
     assert stepped == {"value": per_call + (name == "mppi") * SMALL["horizon"],
                        "q": per_call - SMALL["iterations"]
                        + (name == "mppi") * (SMALL["horizon"] - 1)}
+
+
+def test_one_step_search_with_the_q_terminal_is_greedy_q(model):
+    # Horizon 1 steps nothing: each candidate is one action scored by Q, so the plan is Q's
+    # argmax over the actions the planner proposes (all but the excluded no-op).
+    state, h, goal = history(model, 3)
+    result = small_planner("cem", horizon=1, terminal="q").plan(
+        model, state, h, goal, generator=torch.Generator().manual_seed(0))
+    q = torch.sigmoid(model.q(h, goal))  # (B, A)
+    q[:, list(SearchConfig.excluded)] = -1.0
+    assert torch.equal(result.action, q.argmax(-1))
+    torch.testing.assert_close(result.objective, q.amax(-1))
 
 
 def test_an_unknown_terminal_is_refused():
