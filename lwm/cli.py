@@ -379,7 +379,7 @@ def evaluate(
     from lwm.eval.journal import JOURNAL_NAME, EpisodeJournal, JournalError, run_agents
     from lwm.eval.report import paired, summarize, write_report
     from lwm.eval.runners import RUNNERS, LLMOnlyRunner, make_runner, runner_options
-    from lwm.planning.base import TERMINALS
+    from lwm.planning.base import check_terminal
     from lwm.resources import checkpoint as shipped_checkpoint
     from lwm.tasks import TaskSpecError, load_suite
 
@@ -407,8 +407,11 @@ def evaluate(
                                    ("epsilon", epsilon),
                                    ("reward_floor", reward_floor),
                                    ("repeat_penalty", repeat_penalty)) if v is not None}
-    if terminal is not None and terminal not in TERMINALS:
-        fail(f"--terminal must be one of {', '.join(TERMINALS)}, got {terminal!r}")
+    if terminal is not None:
+        try:
+            check_terminal(terminal)
+        except ValueError as err:
+            fail(f"--{err}")
     if overrides:
         shared["planner_cfg"] = overrides
     if "dqn" in names and dqn_checkpoint is None:

@@ -56,8 +56,8 @@ def _files_digest(path: Path) -> str:
 def runner_key(runner: Any) -> str:
     """A string that is equal for two runners exactly when they would play an episode alike:
     lwm's version, the runner's class, its fields (a dataclass's; else its repr), the contents
-    of every existing file or directory a string field names (checkpoints), and for a runner
-    that overrides planner settings (`planner_cfg`) the defaults it overrides, so that a new
+    of every existing file or directory a string field names (checkpoints), and what a runner's
+    `defaults()` returns (the library defaults its settings fall back on), so that a new
     default (the search planners' terminal, say) plays the episodes again."""
     from lwm import __version__
 
@@ -68,11 +68,9 @@ def runner_key(runner: Any) -> str:
             settings[f.name] = value
             if isinstance(value, str) and value and Path(value).exists():
                 settings[f"{f.name}.sha256"] = _files_digest(Path(value))
-        if "planner_cfg" in settings:
-            from lwm.planning import PLANNERS
-
-            settings["planner_defaults"] = {name: asdict(cfg()) for name, (_, cfg)
-                                            in sorted(PLANNERS.items())}
+        defaults = getattr(runner, "defaults", None)
+        if callable(defaults):
+            settings["defaults"] = defaults()
     else:
         settings = {"repr": repr(runner)}
     kind = f"{type(runner).__module__}.{type(runner).__qualname__}"

@@ -21,7 +21,7 @@ import importlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -196,6 +196,13 @@ class LwmRunner:
 
     def __call__(self) -> Worker:
         return _LwmWorker(self)
+
+    def defaults(self) -> dict[str, Any]:
+        """The planners' default settings, which `planner_cfg` overrides (part of the journal's
+        key: a changed default plays the episodes again)."""
+        from lwm.planning import PLANNERS
+
+        return {name: asdict(cfg()) for name, (_, cfg) in sorted(PLANNERS.items())}
 
 
 class _LwmWorker(_Worker):

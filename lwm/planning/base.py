@@ -49,6 +49,12 @@ TERMINALS = ("value", "q")
 """How a search scores the end of a sequence (`SearchConfig.terminal`)."""
 
 
+def check_terminal(terminal: str) -> None:
+    """Refuse a terminal that is not one of `TERMINALS`, naming the choices."""
+    if terminal not in TERMINALS:
+        raise ValueError(f"terminal must be one of {', '.join(TERMINALS)}, got {terminal!r}")
+
+
 @dataclass
 class SearchConfig:
     """What every sequence-search planner is configured by: budget, discount, warm start."""
@@ -80,9 +86,7 @@ class SearchConfig:
     (100 episodes each) it succeeded as often as "value" or more (README)."""
 
     def __post_init__(self) -> None:
-        if self.terminal not in TERMINALS:
-            raise ValueError(f"terminal must be one of {', '.join(TERMINALS)}, "
-                             f"got {self.terminal!r}")
+        check_terminal(self.terminal)
 
 
 class PolicyPrior(Protocol):
@@ -219,8 +223,7 @@ def objective(reward: Tensor, cont: Tensor, value: Tensor, discount: float,
               terminal: str = "value") -> Tensor:
     """J (module docstring) from p_t, c_t: (..., H) and terminal v: (...) -> (...); with the "q"
     terminal, `value` is q(h_{H-1}, a_{H-1}) and stands for the last step's p and c."""
-    if terminal not in TERMINALS:
-        raise ValueError(f"terminal must be one of {', '.join(TERMINALS)}, got {terminal!r}")
+    check_terminal(terminal)
     if terminal == "q":
         reward, cont = reward[..., :-1], cont[..., :-1]
     H = reward.shape[-1]
@@ -260,15 +263,15 @@ def imagine_candidates(
         conts.append(model.cont(h, a))
         actions.append(a)
         if t == horizon - 1 and terminal == "q":
-            q = model.q(h, psi=psi["q"][env]).gather(-1, a[:, None])[:, 0]
+            last = model.q(h, psi=psi["q"][env]).gather(-1, a[:, None])[:, 0]
             break
         obs = model.most_likely(model.decode(h, a))
         h, s = model.next(s, model.encode(obs["image"], obs["direction"], obs["carrying"]), a)
     else:
-        q = model.value(h, psi=psi["q"][env])
+        last = model.value(h, psi=psi["q"][env])
     reward = torch.sigmoid(torch.stack(rewards, dim=1)).view(B, k, horizon)
     cont = torch.sigmoid(torch.stack(conts, dim=1)).view(B, k, horizon)
-    value = torch.sigmoid(q).view(B, k)
+    value = torch.sigmoid(last).view(B, k)
     actions_ = torch.stack(actions, dim=1).view(B, k, horizon)  # (B, K, H)
     return Candidates(actions_, reward, cont, value,
                       objective(reward, cont, value, discount, terminal))
