@@ -93,13 +93,16 @@ def run_name(checkpoint: Path) -> str:
 
 def build(backbone: str, mode: str, seed: int, checkpoint: Path | None = None) -> WorldModel:
     """A `small` world model (or a trained checkpoint's); mode "eager", "compile" or
-    "compile+bf16" (Mamba-2 only)."""
+    "compile+bf16" (Mamba-2 only), or "plain": eager with every imagined branch an independent
+    state, as before `Backbone.branch` (Mamba-2's shared-root branches, `Mamba2Branches`)."""
     torch.manual_seed(seed)
     if checkpoint is None:
         model = WorldModel(preset("small", backbone=backbone)).eval()
     else:
         model = WorldModel.from_pretrained(checkpoint).eval()
-    if mode != "eager":
+    if mode == "plain":
+        model.branch = lambda state: state.clone()  # type: ignore[method-assign]
+    elif mode != "eager":
         model = copy.deepcopy(model)
         model.cfg.backbone_cfg.compile = True  # the same object the backbone reads
         model.cfg.backbone_cfg.bf16_matmul = mode == "compile+bf16"
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     compiled = [] if args.no_compile else ["compile"]
     if not args.no_compile and peak["bf16"] > peak["fp32"]:  # no AVX-512 bf16: far slower
         compiled.append("compile+bf16")
-    modes = {"mamba2": ["eager", *compiled]}
+    modes = {"mamba2": ["eager", "plain", *compiled]}
     paths = [
         Bench(backbone, mode, planner, args.seed, terminal=terminal)
         for backbone in ("mamba2", "gru", "transformer")
@@ -264,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     for checkpoint in args.model:
         trained = WorldModel.from_pretrained(checkpoint).cfg.backbone
-        paths += [Bench(trained, "eager", p, args.seed, checkpoint, terminal)
+        paths += [Bench(trained, mode, p, args.seed, checkpoint, terminal)
+                  for mode in (["eager", "plain"] if trained == "mamba2" else ["eager"])
                   for p in SEARCH_PLANNERS for terminal in args.terminal]
     for path in paths:
         path.warm_up()
@@ -302,6 +306,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "compile_fell_back_to_eager": path.fell_back,
             "breakdown_ms": breakdown[path.name],
         }
+    # Same-run ratios: each Mamba-2 path's warm ms with independent branch states over its
+    # ms with shared-root branches (the default).
+    branch_speedup = {name: r["warm_ms"] / results[name.replace(" plain ", " eager ", 1)]["warm_ms"]
+                      for name, r in results.items() if r["mode"] == "plain"}
     best = {t: min(r["warm_ms"] for r in results.values()
                    if r["backbone"] == "mamba2" and r["terminal"] == t) for t in args.terminal}
     result = {
@@ -319,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "paths": results,
         "dense_ms_per_action": {b: 1e3 * s for b, s in dense.items()},
         "target_ms_per_action": TARGET_MS,
+        "branch_speedup": branch_speedup,
         "best_mamba2_warm_ms": best,
         "target_met_mamba2": {t: ms <= TARGET_MS for t, ms in best.items()},
         "bf16_skipped": "compile+bf16" not in modes["mamba2"] and not args.no_compile,
@@ -369,6 +378,10 @@ def report(result: dict[str, Any]) -> None:
                        if r.get("warm_last_level_share") is not None)
     console.print(f"share of a warm CEM call's rows at its last level (what the q terminal "
                   f"does not step): {shares}")
+    speedup = ", ".join(f"{name.replace(' plain', '')} {ratio:.2f}x"
+                        for name, ratio in result["branch_speedup"].items())
+    console.print(f"mamba2 warm calls, independent branch states over shared-root branches: "
+                  f"{speedup}")
     dense = ", ".join(f"{b} {ms:.0f} ms" for b, ms in result["dense_ms_per_action"].items())
     console.print(f"every candidate stepped separately (eager): {dense}")
     for terminal, met in result["target_met_mamba2"].items():

@@ -290,6 +290,9 @@ class TargetSequenceModel(WorldModel):
         h[:, 0] = 1.0
         return MatchState(torch.ones(batch)), h
 
+    def branch(self, state: MatchState) -> MatchState:
+        return state.clone()
+
     def next(self, state: MatchState, z: Tensor, prev_action: Tensor) -> tuple[Tensor, MatchState]:
         want = self.target[state.t] if state.t < len(self.target) else -1
         matched = state.matched * (prev_action == want)

@@ -7,7 +7,9 @@ import torch
 
 from lwm.models import ssm
 from lwm.models.ssm import (
+    BRANCH_TOKENS,
     Mamba2,
+    Mamba2Branches,
     causal_conv1d,
     causal_conv1d_ref,
     compiled,
@@ -173,6 +175,50 @@ def test_state_expand_and_index():
     assert not torch.equal(taken.ssm[0], big.ssm[0])
     mask = torch.tensor([True, False, True, False, False, True])
     assert torch.equal(big.index(mask).ssm, big.ssm[mask])
+
+
+@pytest.mark.parametrize("roots", [1, 3, 12])  # each of `root_read`'s three ways
+def test_branches_equal_independent_states(roots):
+    # Branches off shared roots (the SSD dual form) give the outputs and, materialized, the
+    # states of stepping independent copies, through gathers that drop and repeat branches.
+    block = make_block()
+    _, state = block(torch.randn(roots, 5, D_MODEL))
+    M = 2 * roots + 3
+    idx = torch.randint(0, roots, (M,))
+    plain, branches = state.clone().index(idx), Mamba2Branches.fork(state).index(idx)
+    w = block.conv_weight()
+    with torch.no_grad():
+        for _ in range(6):
+            x = torch.randn(M, D_MODEL)
+            y_plain = block.step_(plain.conv, plain.ssm, plain.t % 3, x)
+            plain.t += 1
+            y, branches = block.step_branches(branches, x, conv_weight=w)
+            torch.testing.assert_close(y, y_plain, atol=1e-5, rtol=1e-5)
+            pick = torch.randint(0, M, (M,))
+            plain, branches = plain.index(pick), branches.index(pick)
+    folded = branches.materialize()
+    torch.testing.assert_close(folded.ssm, plain.ssm, atol=1e-5, rtol=1e-5)
+    assert torch.equal(folded.conv, plain.conv) and folded.t == plain.t == state.t + 6
+    assert branches.x.shape[1] == 6
+
+
+def test_branches_leave_the_root_alone_and_fold_long_paths():
+    from lwm.models.backbones import BackboneConfig, make_backbone
+
+    backbone = make_backbone("mamba2", BackboneConfig(d_model=D_MODEL, d_state=8, headdim=16))
+    with torch.no_grad():
+        _, state = backbone.prefill(torch.randn(2, 5, D_MODEL))
+        before = state.clone()
+        plain, branches = state.clone().expand(2), backbone.branch(state).expand(2)
+        for t in range(BRANCH_TOKENS + 3):
+            x = torch.randn(4, D_MODEL)
+            y_plain, plain = backbone.step(plain, x)
+            y, branches = backbone.step(branches, x)
+            torch.testing.assert_close(y, y_plain, atol=1e-4, rtol=1e-4)
+    for layer in branches.layers:  # folded once at BRANCH_TOKENS, then 3 more tokens
+        assert isinstance(layer, Mamba2Branches) and layer.x.shape[1] == 3
+    for old, new in zip(before.layers, state.layers, strict=True):
+        assert torch.equal(old.ssm, new.ssm) and torch.equal(old.conv, new.conv)
 
 
 def test_compiled_falls_back_to_eager_with_one_warning(monkeypatch):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lwm.models.ssm import BatchState, Mamba2, Mamba2State, compiled
+from lwm.models.ssm import BRANCH_TOKENS, BatchState, Mamba2, Mamba2Branches, Mamba2State, compiled
 
 
 @dataclass
@@ -73,6 +73,12 @@ class Backbone(nn.Module, ABC):
     def step(self, state: BatchState, x: Tensor) -> tuple[Tensor, BatchState]:
         """One token x: (B, D) -> y: (B, D) and the state after it."""
         raise NotImplementedError("step(state, x: (B, D)) -> (y: (B, D), state)")
+
+    def branch(self, state: BatchState) -> BatchState:
+        """A copy of `state` to grow many short branches from (`index` / `expand` it, then step
+        it): imagination's candidate sequences. The same as `clone()` unless a backbone keeps
+        branches cheaper than independent states (Mamba-2: `Mamba2Branches`)."""
+        return state.clone()
 
     def prefill(self, x: Tensor, state: BatchState | None = None) -> tuple[Tensor, BatchState]:
         """Run a context x: (B, T, D) from `state` (None: the initial one) -> y (B, T, D), state.
@@ -174,9 +180,35 @@ class Mamba2Backbone(Backbone):
             x = x + block.step_(conv, ssm, slot, norm(x), dtype, w)
         return self.norm_f(x)
 
+    def branch(self, state: LayerStates) -> LayerStates:
+        """Each layer's state as `Mamba2Branches`, which share the SSM states instead of copying
+        them (the SSD dual form). With `cfg.compile`, plain copies: the compiled step is
+        specialised to them."""
+        if self.cfg.compile:
+            return state.clone()
+        return LayerStates(tuple(
+            Mamba2Branches.fork(s) if isinstance(s, Mamba2State) else s.clone()
+            for s in state.layers
+        ))
+
+    def step_branches(self, state: LayerStates, x: Tensor) -> tuple[Tensor, LayerStates]:
+        """One token on every branch of a `branch`ed state (no autograd): x (M, D) -> y (M, D)."""
+        dtype = torch.bfloat16 if self.cfg.bf16_matmul else None
+        layer_states = []
+        for norm, block, s in zip(self.norms, self.blocks, state.layers, strict=True):
+            if s.x.shape[1] >= BRANCH_TOKENS:  # long paths cost O(s) a token: fold them
+                s = Mamba2Branches.fork(s.materialize())
+            y, s = block.step_branches(s, norm(x), dtype)
+            x = x + y
+            layer_states.append(s)
+        return self.norm_f(x), LayerStates(tuple(layer_states))
+
     def step(self, state: LayerStates, x: Tensor) -> tuple[Tensor, LayerStates]:
         """x: (B, D) -> y: (B, D). With autograd on: `step_ref`. Otherwise (planning): in place,
-        compiled if `cfg.compile`, and `state` itself is returned advanced by one token."""
+        compiled if `cfg.compile`, and `state` itself is returned advanced by one token; a
+        `branch`ed state steps by `step_branches` (imagination only: no autograd)."""
+        if isinstance(state.layers[0], Mamba2Branches):
+            return self.step_branches(state, x)
         if torch.is_grad_enabled():
             return self.step_ref(state, x)
         layers: tuple[Mamba2State, ...] = state.layers  # type: ignore[assignment]

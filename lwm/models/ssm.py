@@ -121,6 +121,82 @@ class Mamba2State(BatchState):
         return self.conv.roll(-(self.t % self.conv.shape[1]), dims=1)
 
 
+@dataclass(frozen=True)
+class Shared:
+    """A tensor that states carry but do not index by batch (`BatchState.map` leaves it as is)."""
+
+    tensor: Tensor
+
+
+BRANCH_TOKENS = 32
+"""Tokens a `Mamba2Branches` state keeps before stepping folds them into a plain state."""
+
+
+@dataclass
+class Mamba2Branches(BatchState):
+    """Mamba-2 state of many short branches off a few root states, kept as root + path.
+
+    Imagination steps every distinct prefix of many candidate sequences from one real state per
+    environment. Stepping per-branch (B, H, P, N) states reads and writes them several times a
+    token (16 KiB a branch and layer at the `small` preset), and at planning batch sizes that
+    memory traffic, not arithmetic, is what a step costs. Here the branches share their root's
+    SSM state (never copied or modified) and carry only what happened since: the SSM inputs of
+    each token on the path, about 1 KiB a token. With a_j = dt_j A the output at path token s is
+    the SSD dual form (`ssd_chunk_scan_ref` within one chunk):
+
+        y_s = exp(L_s) (h_root C_s) + sum_{j<=s} exp(L_s - L_j) dt_j (C_s . B_j) x_j,
+        L_s = a_1 + ... + a_s
+
+    so a token costs O(s) small products and no state traffic. `materialize` folds a path into a
+    plain `Mamba2State`; stepping does so once a path holds `BRANCH_TOKENS` tokens.
+
+    root: (R, H, P, N) shared SSM states; origin: (M,) each branch's root; conv: (M, K-1, C)
+    ring buffer as in `Mamba2State`; x: (M, s, H, P), B: (M, s, N), dt: (M, s, H) the path's
+    SSM inputs; decay: (M, s, H) L_1..L_s; t: tokens consumed, root's included.
+    """
+
+    root: Shared
+    origin: Tensor
+    conv: Tensor
+    x: Tensor
+    B: Tensor
+    dt: Tensor
+    decay: Tensor
+    t: int = 0
+
+    @classmethod
+    def fork(cls, state: Mamba2State) -> Mamba2Branches:
+        """Branches that start at each of `state`'s R rows, one each (index or expand them)."""
+        R, H, P, N = state.ssm.shape
+        empty = state.ssm.new_empty
+        return cls(
+            root=Shared(state.ssm), origin=torch.arange(R, device=state.ssm.device),
+            conv=state.conv.clone(), x=empty(R, 0, H, P), B=empty(R, 0, N), dt=empty(R, 0, H),
+            decay=empty(R, 0, H), t=state.t,
+        )
+
+    def root_read(self, C: Tensor) -> Tensor:
+        """h_root C for each branch: C (M, N) -> (M, H, P)."""
+        root = self.root.tensor
+        R, H, P, N = root.shape
+        if R == 1:  # one environment: a single matmul against its state
+            return F.linear(C, root.reshape(H * P, N)).view(-1, H, P)
+        if R <= 8:  # a few: every root against every C, then each branch's own
+            every = F.linear(C, root.reshape(R * H * P, N)).view(-1, R, H * P)
+            rows = torch.arange(len(C), device=C.device)
+            return every[rows, self.origin].view(-1, H, P)
+        mine = _take_rows(root, self.origin)  # (M, H, P, N)
+        return (mine * C[:, None, None, :]).sum(-1)
+
+    def materialize(self) -> Mamba2State:
+        """The plain state (M, H, P, N) after each branch's path."""
+        last = self.decay[:, -1:] if self.decay.shape[1] else torch.zeros_like(self.decay[:, :1])
+        weight = torch.exp(last - self.decay) * self.dt  # (M, s, H)
+        path = torch.einsum("msh,mshp,msn->mhpn", weight, self.x, self.B)
+        start = _take_rows(self.root.tensor, self.origin) * torch.exp(last[:, 0])[..., None, None]
+        return Mamba2State(conv=self.conv, ssm=(start + path).contiguous(), t=self.t)
+
+
 # --------------------------------------------------------------------------------------------
 # Functional pieces
 # --------------------------------------------------------------------------------------------
@@ -492,6 +568,36 @@ class Mamba2(nn.Module):
         y = y + self.D[:, None] * x  # (B, H, P)
         y = self.norm(y.flatten(-2), z)  # (B, E)
         return self.out_proj(y), Mamba2State(conv=conv, ssm=h, t=state.t + 1)
+
+    def step_branches(
+        self,
+        state: Mamba2Branches,
+        u: Tensor,
+        matmul_dtype: torch.dtype | None = None,
+        conv_weight: Tensor | None = None,
+    ) -> tuple[Tensor, Mamba2Branches]:
+        """One token on each branch (`Mamba2Branches`): u (M, D) -> y (M, D) and the state with
+        the token appended to every path (the conv ring is updated in place, as in `step_`)."""
+        z, xBC, dt_raw = self._split(linear(u, self.in_proj.weight, matmul_dtype))
+        w = self.conv_weight() if conv_weight is None else conv_weight
+        slot = state.t % (self.d_conv - 1)
+        xc = F.silu(self._conv_step(state.conv, slot, xBC, w))
+        state.conv[:, slot] = xBC
+        x, dt, A, B, C = self._ssm_inputs(xc, dt_raw)
+        decay = dt * A  # (M, H): a_s
+        if state.decay.shape[1]:
+            decay = decay + state.decay[:, -1]  # L_s
+        xs = torch.cat([state.x, x[:, None]], dim=1)  # (M, s, H, P)
+        Bs = torch.cat([state.B, B[:, None]], dim=1)  # (M, s, N)
+        dts = torch.cat([state.dt, dt[:, None]], dim=1)  # (M, s, H)
+        decays = torch.cat([state.decay, decay[:, None]], dim=1)  # (M, s, H)
+        CB = torch.bmm(Bs, C[:, :, None])  # (M, s, 1)
+        weight = torch.exp(decay[:, None] - decays) * dts * CB  # (M, s, H)
+        y = torch.einsum("msh,mshp->mhp", weight, xs)
+        y = y + torch.exp(decay)[..., None] * state.root_read(C) + self.D[:, None] * x
+        y = self.norm(y.flatten(-2), z)  # (M, E)
+        state = dataclasses.replace(state, x=xs, B=Bs, dt=dts, decay=decays, t=state.t + 1)
+        return linear(y, self.out_proj.weight, matmul_dtype), state
 
     def step_(
         self,

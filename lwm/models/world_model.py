@@ -525,6 +525,14 @@ class WorldModel(nn.Module):
         return (torch.zeros(batch, MAP_SIZE, dtype=torch.long, device=device),
                 torch.zeros(batch, dtype=torch.bool, device=device))
 
+    def branch(self, state: BatchState) -> BatchState:
+        """A copy of `state` to imagine many short branches from: `index` or `expand` it, then
+        step it with `next` (`Backbone.branch`; the map, if any, is copied)."""
+        if self.cfg.decoder != "map":
+            return self.backbone.branch(state)
+        return MapState(self.backbone.branch(state.backbone), state.grid.clone(),
+                        state.front_open.clone())
+
     def next(self, state: BatchState, z: Tensor, prev_action: Tensor) -> tuple[Tensor, BatchState]:
         """Take in observation latent z (B, ...) (`encode`) reached by prev_action (B,) (`START`
         at reset) -> h (B, latent_dim), the history through it, and the state after it.

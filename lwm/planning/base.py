@@ -254,7 +254,7 @@ def imagine_candidates(
     B = h.shape[0]
     psi = model.goal_features(goal)  # goal streams, once per environment
     env = torch.arange(B, device=h.device).repeat_interleave(k)  # (B*K,)
-    s = state.expand(k)  # (B*K, ...) owns its memory: stepping it leaves `state` alone
+    s = model.branch(state).expand(k)  # (B*K, ...): stepping it leaves `state` alone
     h = h.repeat_interleave(k, dim=0)  # (B*K, d)
     rewards, conts, actions = [], [], []
     for t in range(horizon):
@@ -306,7 +306,7 @@ def score_sequences(
     psi = model.goal_features(goal)  # goal streams, once per environment
     env = torch.arange(B, device=h.device).repeat_interleave(K)  # (B*K,)
     prefix = env  # (B*K,): each candidate's row in the current histories: its env at t = 0
-    s, h_rows, state_rows = state, h, B
+    s, h_rows, state_rows = model.branch(state), h, B  # a copy: `state` is never stepped
     h_pairs, a_pairs, env_pairs, rows = [], [], [], []  # per step, per distinct (h_t, a_t)
     offset = 0  # where this step's distinct pairs start among all steps'
     for t in range(H):
@@ -328,10 +328,9 @@ def score_sequences(
         obs = model.most_likely(model.decode(h_parent, a))
         z = model.encode(obs["image"], obs["direction"], obs["carrying"])  # (M, d)
         n_rows = padded_rows(model, m)  # M' >= M: rows past M are stepped and ignored
-        # The copy at t = 0 keeps the caller's state unstepped; later, rows that stay in place
-        # (no prefix branched, same padding) need none.
+        # Rows that stay in place (no prefix branched, same padding) need no gather.
         same = n_rows == state_rows and torch.equal(parent, torch.arange(m, device=h.device))
-        if t == 0 or not same:
+        if not same:
             s = s.index(F.pad(parent, (0, n_rows - m)))  # (M', ...)
         h_next, s = model.next(s, F.pad(z, (0, 0, 0, n_rows - m)), F.pad(a, (0, n_rows - m)))
         h_rows, state_rows = h_next[:m], n_rows
