@@ -199,7 +199,7 @@ def test_branches_equal_independent_states(roots):
     folded = branches.materialize()
     torch.testing.assert_close(folded.ssm, plain.ssm, atol=1e-5, rtol=1e-5)
     assert torch.equal(folded.conv, plain.conv) and folded.t == plain.t == state.t + 6
-    assert branches.x.shape[1] == 6
+    assert branches.path.shape[1] == 6
 
 
 def test_branches_leave_the_root_alone_and_fold_long_paths():
@@ -216,7 +216,7 @@ def test_branches_leave_the_root_alone_and_fold_long_paths():
             y, branches = backbone.step(branches, x)
             torch.testing.assert_close(y, y_plain, atol=1e-4, rtol=1e-4)
     for layer in branches.layers:  # folded once at BRANCH_TOKENS, then 3 more tokens
-        assert isinstance(layer, Mamba2Branches) and layer.x.shape[1] == 3
+        assert isinstance(layer, Mamba2Branches) and layer.path.shape[1] == 3
     for old, new in zip(before.layers, state.layers, strict=True):
         assert torch.equal(old.ssm, new.ssm) and torch.equal(old.conv, new.conv)
 

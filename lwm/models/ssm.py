@@ -91,15 +91,31 @@ class BatchState:
         """Select batch elements, e.g. the best candidates: `state.index(torch.tensor([3, 7]))`."""
         if isinstance(idx, Tensor) and idx.dim() == 1 and not idx.is_floating_point() \
                 and idx.dtype != torch.bool:
+            batch = _batch_size(self)
+            if batch is not None:  # negative indices count from the end
+                idx = torch.where(idx < 0, idx + batch, idx)
             return self.map(lambda t: _take_rows(t, idx))
         return self.map(lambda t: t[idx].contiguous())
 
 
+def _batch_size(value: Any) -> int | None:
+    """dim 0 of the first tensor in a state (None if it holds none)."""
+    if isinstance(value, Tensor):
+        return value.shape[0]
+    children = value if isinstance(value, tuple) else (
+        [getattr(value, f.name) for f in dataclasses.fields(value)]
+        if isinstance(value, BatchState) else ())
+    for child in children:
+        size = _batch_size(child)
+        if size is not None:
+            return size
+    return None
+
+
 def _take_rows(t: Tensor, idx: Tensor) -> Tensor:
-    """t[idx] for a 1-D integer index, as one `index_select` of whole rows: on CPU, advanced
-    indexing of a (B, H, P, N) state walks it element by element (measured 7-9x slower at 64-256
-    rows, 1 thread)."""
-    idx = torch.where(idx < 0, idx + t.shape[0], idx)  # negative indices count from the end
+    """t[idx] for a 1-D index of non-negative integers, as one `index_select` of whole rows: on
+    CPU, advanced indexing of a (B, H, P, N) state walks it element by element (measured 7-9x
+    slower at 64-256 rows, 1 thread)."""
     return t.reshape(t.shape[0], -1).index_select(0, idx).view(len(idx), *t.shape[1:])
 
 
@@ -138,11 +154,11 @@ class Mamba2Branches(BatchState):
 
     Imagination steps every distinct prefix of many candidate sequences from one real state per
     environment. Stepping per-branch (B, H, P, N) states reads and writes them several times a
-    token (16 KiB a branch and layer at the `small` preset), and at planning batch sizes that
-    memory traffic, not arithmetic, is what a step costs. Here the branches share their root's
-    SSM state (never copied or modified) and carry only what happened since: the SSM inputs of
-    each token on the path, about 1 KiB a token. With a_j = dt_j A the output at path token s is
-    the SSD dual form (`ssd_chunk_scan_ref` within one chunk):
+    token (16 KiB a branch and layer at the `small` preset), and every branching prefix copies
+    them. Here the branches share their root's SSM state (never copied or modified) and carry
+    only what happened since: the SSM inputs of each token on the path, about 1 KiB a token.
+    With a_j = dt_j A the output at path token s is the SSD dual form (`ssd_chunk_scan_ref`
+    within one chunk):
 
         y_s = exp(L_s) (h_root C_s) + sum_{j<=s} exp(L_s - L_j) dt_j (C_s . B_j) x_j,
         L_s = a_1 + ... + a_s
@@ -151,29 +167,34 @@ class Mamba2Branches(BatchState):
     plain `Mamba2State`; stepping does so once a path holds `BRANCH_TOKENS` tokens.
 
     root: (R, H, P, N) shared SSM states; origin: (M,) each branch's root; conv: (M, K-1, C)
-    ring buffer as in `Mamba2State`; x: (M, s, H, P), B: (M, s, N), dt: (M, s, H) the path's
-    SSM inputs; decay: (M, s, H) L_1..L_s; t: tokens consumed, root's included.
+    ring buffer as in `Mamba2State`; path: (M, s, H*P + N + 2H) each path token's x (H, P),
+    B (N), dt (H) and L (H), packed so that branching gathers one tensor (`parts`); t: tokens
+    consumed, the root's included.
     """
 
     root: Shared
     origin: Tensor
     conv: Tensor
-    x: Tensor
-    B: Tensor
-    dt: Tensor
-    decay: Tensor
+    path: Tensor
     t: int = 0
 
     @classmethod
     def fork(cls, state: Mamba2State) -> Mamba2Branches:
         """Branches that start at each of `state`'s R rows, one each (index or expand them)."""
         R, H, P, N = state.ssm.shape
-        empty = state.ssm.new_empty
         return cls(
             root=Shared(state.ssm), origin=torch.arange(R, device=state.ssm.device),
-            conv=state.conv.clone(), x=empty(R, 0, H, P), B=empty(R, 0, N), dt=empty(R, 0, H),
-            decay=empty(R, 0, H), t=state.t,
+            conv=state.conv.clone(), path=state.ssm.new_empty(R, 0, H * P + N + 2 * H),
+            t=state.t,
         )
+
+    def parts(self, path: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """A packed path (M, s, F) (this state's by default) -> views x (M, s, H, P), B (M, s,
+        N), dt (M, s, H), L (M, s, H)."""
+        path = self.path if path is None else path
+        _, H, P, N = self.root.tensor.shape
+        x, B, dt, L = path.split([H * P, N, H, H], dim=-1)
+        return x.unflatten(-1, (H, P)), B, dt, L
 
     def root_read(self, C: Tensor) -> Tensor:
         """h_root C for each branch: C (M, N) -> (M, H, P)."""
@@ -190,9 +211,10 @@ class Mamba2Branches(BatchState):
 
     def materialize(self) -> Mamba2State:
         """The plain state (M, H, P, N) after each branch's path."""
-        last = self.decay[:, -1:] if self.decay.shape[1] else torch.zeros_like(self.decay[:, :1])
-        weight = torch.exp(last - self.decay) * self.dt  # (M, s, H)
-        path = torch.einsum("msh,mshp,msn->mhpn", weight, self.x, self.B)
+        x, B, dt, L = self.parts()
+        last = L[:, -1:] if L.shape[1] else torch.zeros_like(L[:, :1])
+        weight = torch.exp(last - L) * dt  # (M, s, H)
+        path = torch.einsum("msh,mshp,msn->mhpn", weight, x, B)
         start = _take_rows(self.root.tensor, self.origin) * torch.exp(last[:, 0])[..., None, None]
         return Mamba2State(conv=self.conv, ssm=(start + path).contiguous(), t=self.t)
 
@@ -584,19 +606,20 @@ class Mamba2(nn.Module):
         xc = F.silu(self._conv_step(state.conv, slot, xBC, w))
         state.conv[:, slot] = xBC
         x, dt, A, B, C = self._ssm_inputs(xc, dt_raw)
-        decay = dt * A  # (M, H): a_s
-        if state.decay.shape[1]:
-            decay = decay + state.decay[:, -1]  # L_s
-        xs = torch.cat([state.x, x[:, None]], dim=1)  # (M, s, H, P)
-        Bs = torch.cat([state.B, B[:, None]], dim=1)  # (M, s, N)
-        dts = torch.cat([state.dt, dt[:, None]], dim=1)  # (M, s, H)
-        decays = torch.cat([state.decay, decay[:, None]], dim=1)  # (M, s, H)
-        CB = torch.bmm(Bs, C[:, :, None])  # (M, s, 1)
-        weight = torch.exp(decay[:, None] - decays) * dts * CB  # (M, s, H)
-        y = torch.einsum("msh,mshp->mhp", weight, xs)
-        y = y + torch.exp(decay)[..., None] * state.root_read(C) + self.D[:, None] * x
+        L = dt * A  # (M, H): a_s
+        if state.path.shape[1]:
+            L = L + state.parts()[3][:, -1]  # L_s
+        token = torch.cat([x.flatten(1), B, dt, L], dim=-1)  # (M, F)
+        path = torch.cat([state.path, token[:, None]], dim=1)  # (M, s, F)
+        xs, Bs, dts, Ls = state.parts(path)
+        # Products and sums, not bmm / einsum: those run these tiny per-branch contractions
+        # 5-9x slower on CPU (measured at 40-400 branches, paths of 2-7 tokens, 1 thread).
+        CB = (Bs * C[:, None]).sum(-1, keepdim=True)  # (M, s, 1)
+        weight = torch.exp(L[:, None] - Ls) * dts * CB  # (M, s, H)
+        y = (weight[..., None] * xs).sum(1)  # (M, H, P)
+        y = y + torch.exp(L)[..., None] * state.root_read(C) + self.D[:, None] * x
         y = self.norm(y.flatten(-2), z)  # (M, E)
-        state = dataclasses.replace(state, x=xs, B=Bs, dt=dts, decay=decays, t=state.t + 1)
+        state = dataclasses.replace(state, path=path, t=state.t + 1)
         return linear(y, self.out_proj.weight, matmul_dtype), state
 
     def step_(

@@ -307,6 +307,7 @@ def score_sequences(
     env = torch.arange(B, device=h.device).repeat_interleave(K)  # (B*K,)
     prefix = env  # (B*K,): each candidate's row in the current histories: its env at t = 0
     s, h_rows, state_rows = model.branch(state), h, B  # a copy: `state` is never stepped
+    env_rows = torch.arange(B, device=h.device)  # each history row's environment
     h_pairs, a_pairs, env_pairs, rows = [], [], [], []  # per step, per distinct (h_t, a_t)
     offset = 0  # where this step's distinct pairs start among all steps'
     for t in range(H):
@@ -333,15 +334,16 @@ def score_sequences(
         if not same:
             s = s.index(F.pad(parent, (0, n_rows - m)))  # (M', ...)
         h_next, s = model.next(s, F.pad(z, (0, 0, 0, n_rows - m)), F.pad(a, (0, n_rows - m)))
-        h_rows, state_rows = h_next[:m], n_rows
+        h_rows, state_rows, env_rows = h_next[:m], n_rows, env_pairs[-1]
     # The heads run once on the pairs of all steps: a few large matmuls, not 2H small ones.
     h_all, a_all = torch.cat(h_pairs), torch.cat(a_pairs)  # (R, d), (R,)
     rows_ = torch.stack(rows, dim=1)  # (B*K, H): each candidate's pair at each step
     reward = torch.sigmoid(model.reward(h_all, a_all, psi=psi["reward"][torch.cat(env_pairs)]))
     cont = torch.sigmoid(model.cont(h_all, a_all))
-    if terminal == "q":  # q(h_{H-1}, a_{H-1}) of each last pair: (M_{H-1},)
-        q = model.q(h_pairs[-1], psi=psi["q"][env_pairs[-1]]).gather(-1, a_pairs[-1][:, None])
-        value = torch.sigmoid(q[:, 0])
+    if terminal == "q":  # q(h_{H-1}, a_{H-1}) of each last pair: (M_{H-1},), from Q of all
+        # actions at each distinct h_{H-1} (fewer rows than pairs)
+        q = model.q(h_rows, psi=psi["q"][env_rows])  # (rows, A)
+        value = torch.sigmoid(q[parent, a])
     else:  # v(h_H) of each last prefix: (M_{H-1},)
         value = torch.sigmoid(model.value(h_rows, psi=psi["q"][env_pairs[-1]]))
     reward, cont = reward[rows_].view(B, K, H), cont[rows_].view(B, K, H)
