@@ -19,7 +19,7 @@ from lwm.planning import (
     make_planner,
     objective,
 )
-from lwm.planning.base import SearchConfig, imagine_candidates, score_sequences
+from lwm.planning.base import PrefixTree, SearchConfig, imagine_candidates, score_sequences
 
 torch.set_num_threads(1)
 
@@ -176,29 +176,72 @@ def test_the_q_terminal_scores_a_greedy_last_action_as_the_value_of_the_step_bef
     assert bool((scored.value <= greedy_last.value + 1e-6).all())
 
 
-@pytest.mark.parametrize("name", SEARCH_PLANNERS)
-def test_the_q_terminal_steps_no_transition_for_the_last_action(model, name):
-    state, h, goal = history(model, 1)
-    stepped: dict[str, int] = {}
-    step = model.next
-    for terminal in ("value", "q"):
-        rows: list[int] = []
+class CountingNext:
+    """Counts the rows `model.next` steps, call by call, while in a `with` block."""
 
-        def counting(s, z, a, rows=rows):
-            rows.append(len(a))
+    def __init__(self, model: WorldModel):
+        self.model, self.rows = model, []
+
+    def __enter__(self) -> list[int]:
+        step = self.model.next
+
+        def counting(s, z, a):
+            self.rows.append(len(a))
             return step(s, z, a)
 
-        model.next = counting
-        try:
-            small_planner(name, terminal=terminal).plan(
-                model, state, h, goal, generator=torch.Generator().manual_seed(0))
-        finally:
-            del model.next
-        stepped[terminal] = len(rows)
-    per_call = SMALL["iterations"] * SMALL["horizon"]
-    assert stepped == {"value": per_call + (name == "mppi") * SMALL["horizon"],
-                       "q": per_call - SMALL["iterations"]
-                       + (name == "mppi") * (SMALL["horizon"] - 1)}
+        self.model.next = counting
+        return self.rows
+
+    def __exit__(self, *exc) -> None:
+        del self.model.next
+
+
+def distinct_prefixes(actions: Tensor, upto: int) -> set[tuple[int, ...]]:
+    """The distinct (env, a_0..a_t) of sequences (B, K, H), for t < upto."""
+    return {(b, *seq[: t + 1]) for b, env in enumerate(actions.tolist()) for seq in env
+            for t in range(upto)}
+
+
+@pytest.mark.parametrize("terminal", ["value", "q"])
+def test_the_q_terminal_steps_no_transition_for_the_last_action(model, terminal):
+    B, K, H = 2, 16, SMALL["horizon"]
+    state, h, goal = history(model, B)
+    actions = torch.randint(0, 6, (B, K, H), generator=torch.Generator().manual_seed(5))
+    stepped = H - (terminal == "q")  # levels, each stepped once
+    with CountingNext(model) as rows:
+        PrefixTree(model, state, h, goal, terminal).score(actions, 0.9)
+    assert len(rows) == stepped and sum(rows) == len(distinct_prefixes(actions, stepped))
+    flat = actions.flatten(0, 1)
+    with CountingNext(model) as rows:
+        imagine_candidates(model, state, h, goal, K, H, 0.9, lambda t, h: flat[:, t], terminal)
+    assert rows == [B * K] * stepped
+
+
+@pytest.mark.parametrize("terminal", ["value", "q"])
+def test_a_tree_steps_each_prefix_once_across_scores(model, terminal):
+    # The iterations of a search share one tree: a later set of sequences is scored as a fresh
+    # tree would score it, stepping only the prefixes no earlier set had.
+    B, K, H = 2, 24, SMALL["horizon"]
+    state, h, goal = history(model, B)
+    gen = torch.Generator().manual_seed(6)
+    sets = [torch.randint(0, 3, (B, K, H), generator=gen) for _ in range(3)]
+    sets.append(sets[1].clone())  # nothing new
+    tree = PrefixTree(model, state, h, goal, terminal)
+    stepped_levels = H - (terminal == "q")
+    seen: set[tuple[int, ...]] = set()
+    for actions in sets:
+        with CountingNext(model) as rows:
+            kept = tree.score(actions, 0.9)
+        new = distinct_prefixes(actions, stepped_levels) - seen
+        assert sum(rows) == len(new)
+        seen |= new
+        fresh = score_sequences(model, state, h, goal, actions, 0.9, terminal)
+        for name in ("reward", "cont", "value", "objective"):
+            torch.testing.assert_close(getattr(kept, name), getattr(fresh, name),
+                                       atol=1e-5, rtol=1e-4)
+    assert rows == []  # the repeated set stepped no level at all
+    with pytest.raises(ValueError, match="horizon 4, asked to score 3"):
+        tree.score(sets[0][..., :3], 0.9)
 
 
 def test_one_step_search_with_the_q_terminal_is_greedy_q(model):

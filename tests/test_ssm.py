@@ -221,6 +221,30 @@ def test_branches_leave_the_root_alone_and_fold_long_paths():
         assert torch.equal(old.ssm, new.ssm) and torch.equal(old.conv, new.conv)
 
 
+def test_states_concatenate_along_the_batch():
+    from lwm.models.ssm import BatchState
+
+    block = make_block()
+    _, state = block(torch.randn(3, 5, D_MODEL))
+    branches = Mamba2Branches.fork(state)
+    for s in (state, branches):
+        a, b = s.index(torch.tensor([2, 0])), s.index(torch.tensor([1]))
+        both, expected = BatchState.cat([a, b]), s.index(torch.tensor([2, 0, 1]))
+        for got, want in zip(tensors_of(both), tensors_of(expected), strict=True):
+            assert torch.equal(got, want)
+    assert BatchState.cat([branches, branches]).root is branches.root  # shared, not copied
+    later = state.clone()
+    later.t += 1
+    with pytest.raises(ValueError, match="cannot concatenate states that differ"):
+        BatchState.cat([state, later])
+
+
+def tensors_of(state) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    state.map(lambda t: found.append(t) or t)
+    return found
+
+
 def test_compiled_falls_back_to_eager_with_one_warning(monkeypatch):
     def broken_compile(fn, **kwargs):
         def run(*args):

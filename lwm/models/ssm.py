@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -87,6 +87,12 @@ class BatchState:
         """
         return self.map(lambda t: t.repeat_interleave(k, dim=0))
 
+    @staticmethod
+    def cat(states: Sequence[BatchState]) -> BatchState:
+        """States of the same kind side by side along the batch (their step counters and
+        shared tensors must agree)."""
+        return _cat_batch(list(states))
+
     def index(self, idx: Tensor | slice | int) -> Self:
         """Select batch elements, e.g. the best candidates: `state.index(torch.tensor([3, 7]))`."""
         if isinstance(idx, Tensor) and idx.dim() == 1 and not idx.is_floating_point() \
@@ -96,6 +102,24 @@ class BatchState:
                 idx = torch.where(idx < 0, idx + batch, idx)
             return self.map(lambda t: _take_rows(t, idx))
         return self.map(lambda t: t[idx].contiguous())
+
+
+def _cat_batch(values: list[Any]) -> Any:
+    """Concatenate matching tensors (tuples of them, `BatchState`s) along dim 0; other values
+    (step counters, `Shared` tensors) must agree and are kept."""
+    first = values[0]
+    if isinstance(first, Tensor):
+        return torch.cat(values)
+    if isinstance(first, tuple):
+        return tuple(_cat_batch(list(parts)) for parts in zip(*values, strict=True))
+    if isinstance(first, BatchState):
+        return dataclasses.replace(first, **{
+            f.name: _cat_batch([getattr(v, f.name) for v in values])
+            for f in dataclasses.fields(first)
+        })
+    if any(v is not first and v != first for v in values[1:]):
+        raise ValueError(f"cannot concatenate states that differ in {first!r}")
+    return first
 
 
 def _batch_size(value: Any) -> int | None:
@@ -137,7 +161,7 @@ class Mamba2State(BatchState):
         return self.conv.roll(-(self.t % self.conv.shape[1]), dims=1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: the same root or not
 class Shared:
     """A tensor that states carry but do not index by batch (`BatchState.map` leaves it as is)."""
 

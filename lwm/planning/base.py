@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import torch
@@ -286,70 +286,189 @@ def padded_rows(model: WorldModel, m: int) -> int:
     return max(8, 1 << (m - 1).bit_length())
 
 
-@torch.no_grad()
+@dataclass
+class _Level:
+    """The distinct action prefixes a_0..a_t a `PrefixTree` has imagined at one step t.
+
+    Rows are only ever appended, one chunk per `PrefixTree.score` call that found new
+    prefixes, so a row number names its prefix for the whole search. A prefix's code is
+    parent_row * A + a_t: its row at step t - 1 (at the root, its environment) and its action.
+    """
+
+    codes: Tensor
+    """(n,) int64 code of each row's prefix."""
+    env: Tensor
+    """(n,) each row's environment."""
+    h: list[Tensor] = field(default_factory=list)
+    """Per chunk, (n_c, latent): the history after the prefix (h_{t+1}); empty where the
+    search does not step this level (the last one with the "q" terminal)."""
+    states: list[BatchState] = field(default_factory=list)
+    """Per chunk, the backbone state after the prefix, beside `h`."""
+    starts: list[int] = field(default_factory=list)
+    """First row of each chunk."""
+    reward: Tensor | None = None
+    """(n,) logit that a_t achieves the goal from h_t."""
+    cont: Tensor | None = None
+    """(n,) continuation logit of (h_t, a_t)."""
+    last: Tensor | None = None
+    """(n,) at the last step: the terminal logit of the whole sequence (q or v)."""
+
+    def __post_init__(self) -> None:
+        self.sorted_codes, self.order = torch.sort(self.codes)
+
+    def append(self, codes: Tensor, env: Tensor, h: Tensor | None,
+               state: BatchState | None) -> None:
+        if h is not None:
+            self.starts.append(len(self.codes))
+            self.h.append(h)
+            self.states.append(state)
+        self.codes, self.env = torch.cat([self.codes, codes]), torch.cat([self.env, env])
+        self.sorted_codes, self.order = torch.sort(self.codes)
+
+    def find(self, codes: Tensor) -> tuple[Tensor, Tensor]:
+        """codes (M,) -> (row of each code or garbage, whether it is known)."""
+        pos = torch.searchsorted(self.sorted_codes, codes).clamp_(max=max(len(self.codes) - 1, 0))
+        if not len(self.codes):
+            return pos, torch.zeros_like(codes, dtype=torch.bool)
+        return self.order[pos], self.sorted_codes[pos] == codes
+
+    def chunk_of(self, rows: Tensor) -> Tensor:
+        """rows (M,) -> the chunk each is in."""
+        starts = torch.tensor(self.starts, device=rows.device)
+        return torch.searchsorted(starts, rows, right=True) - 1
+
+    def gather(self, rows: Tensor, chunk: Tensor) -> tuple[Tensor, BatchState]:
+        """Histories and copies of the states of `rows`, which must be sorted by `chunk`."""
+        hs, states = [], []
+        for c in torch.unique_consecutive(chunk).tolist():
+            local = rows[chunk == c] - self.starts[c]
+            hs.append(self.h[c][local])
+            states.append(self.states[c].index(local))
+        if len(hs) == 1:
+            return hs[0], states[0]
+        return torch.cat(hs), BatchState.cat(states)
+
+
+class PrefixTree:
+    """The imagined futures of action prefixes from (state, h) of B environments, kept across
+    the `score` calls of one search.
+
+    Imagination is deterministic (it feeds back the most likely observation), so candidates
+    that share a prefix a_0..a_t share its imagined future up to t. Each distinct prefix is
+    stepped once: at most 7 rows per environment at t = 0, 49 at t = 1, and far fewer than K
+    at every step once the distribution has concentrated (later iterations, warm starts). The
+    iterations of one CEM or MPPI call sample overlapping sets of sequences, so the tree keeps
+    every prefix it has stepped, with its history, state and head outputs, and a later `score`
+    steps only the prefixes it has not seen (a step with none is skipped). The scores are those
+    of stepping every candidate separately (`imagine_candidates`).
+
+    state, h (B, d): as for `Planner.plan` (state is never stepped); goal: (B, goal_dim);
+    terminal: `SearchConfig.terminal`.
+    """
+
+    def __init__(self, model: WorldModel, state: BatchState, h: Tensor, goal: Tensor,
+                 terminal: str = "value"):
+        check_terminal(terminal)
+        self.model, self.terminal = model, terminal
+        self.psi = model.goal_features(goal)  # goal streams, once per environment
+        env = torch.arange(h.shape[0], device=h.device)  # the root's rows: one per env
+        self.root = _Level(env, env, h=[h], states=[model.branch(state)], starts=[0])
+        self.levels: list[_Level] = []
+
+    @torch.no_grad()
+    def score(self, actions: Tensor, discount: float) -> Candidates:
+        """Score action sequences (B, K, H) (H the same at every call) with discount gamma."""
+        model, A = self.model, self.model.cfg.n_actions
+        B, K, H = actions.shape
+        if self.levels and len(self.levels) != H:
+            raise ValueError(f"this tree holds horizon {len(self.levels)}, asked to score {H}")
+        flat = actions.reshape(B * K, H)
+        device = flat.device
+        rows = torch.arange(B, device=device).repeat_interleave(K)  # in the root: the env
+        parent_level, level_rows = self.root, []
+        new_pairs = []  # per step: (level, h_t, a_t, env) of the pairs first seen now
+        for t in range(H):
+            if len(self.levels) <= t:
+                empty = torch.empty(0, dtype=torch.long, device=device)
+                self.levels.append(_Level(empty, empty))
+            level = self.levels[t]
+            codes = rows * A + flat[:, t]
+            distinct, inverse = torch.unique(codes, return_inverse=True)
+            _, known = level.find(distinct)
+            if not bool(known.all()):
+                # One candidate per new prefix (any: they agree on parent and action).
+                first = torch.empty(len(distinct), dtype=torch.long, device=device).scatter_(
+                    0, inverse, torch.arange(B * K, device=device))[~known]
+                parent = rows[first]
+                chunk = parent_level.chunk_of(parent)
+                by_chunk = torch.sort(chunk, stable=True).indices  # gather chunk by chunk
+                first, parent, chunk = first[by_chunk], parent[by_chunk], chunk[by_chunk]
+                a, env = flat[first, t], parent_level.env[parent]
+                h_parent, s = parent_level.gather(parent, chunk)
+                h_next = None
+                if t < H - 1 or self.terminal == "value":  # the q terminal's last level: Q
+                    obs = model.most_likely(model.decode(h_parent, a))
+                    z = model.encode(obs["image"], obs["direction"], obs["carrying"])  # (M, d)
+                    m = len(a)
+                    n_rows = padded_rows(model, m)  # M' >= M: rows past M are stepped, dropped
+                    if n_rows != m:
+                        s = s.index(F.pad(torch.arange(m, device=device), (0, n_rows - m)))
+                    h_next, s = model.next(s, F.pad(z, (0, 0, 0, n_rows - m)),
+                                           F.pad(a, (0, n_rows - m)))
+                    if n_rows != m:
+                        h_next, s = h_next[:m], s.index(slice(0, m))
+                keep = h_next is not None and t < H - 1  # the last level is never a parent
+                level.append(codes[first], env, h_next if keep else None, s if keep else None)
+                new_pairs.append((level, h_parent, a, env, h_next, parent))
+            rows, _ = level.find(codes)
+            level_rows.append(rows)
+            parent_level = level
+        self._score_heads(new_pairs)
+        rows_ = torch.stack(level_rows, dim=1)  # (B*K, H)
+        reward = torch.sigmoid(torch.stack([lv.reward[rows_[:, t]] for t, lv in
+                                            enumerate(self.levels)], dim=1)).view(B, K, H)
+        cont = torch.sigmoid(torch.stack([lv.cont[rows_[:, t]] for t, lv in
+                                          enumerate(self.levels)], dim=1)).view(B, K, H)
+        value = torch.sigmoid(self.levels[-1].last[rows_[:, -1]]).view(B, K)
+        return Candidates(actions, reward, cont, value,
+                          objective(reward, cont, value, discount, self.terminal))
+
+    def _score_heads(self, new_pairs: list) -> None:
+        """Reward and cont logits of the pairs first seen in this call, and the terminal logit
+        of the new last-step ones: the heads run once on all of them, a few large matmuls."""
+        if not new_pairs:
+            return
+        model, psi = self.model, self.psi
+        h_all = torch.cat([p[1] for p in new_pairs])
+        a_all = torch.cat([p[2] for p in new_pairs])
+        env_all = torch.cat([p[3] for p in new_pairs])
+        reward = model.reward(h_all, a_all, psi=psi["reward"][env_all])
+        cont = model.cont(h_all, a_all)
+        for (level, h_t, a, env, h_next, parent), r, c in zip(
+                new_pairs, reward.split([len(p[2]) for p in new_pairs]),
+                cont.split([len(p[2]) for p in new_pairs]), strict=True):
+            level.reward = r if level.reward is None else torch.cat([level.reward, r])
+            level.cont = c if level.cont is None else torch.cat([level.cont, c])
+            if level is not self.levels[-1]:
+                continue
+            if self.terminal == "q":  # q(h_{H-1}, a_{H-1}), Q read once per distinct h_{H-1}
+                distinct, inverse = torch.unique(parent, return_inverse=True)
+                one = torch.empty(len(distinct), dtype=torch.long, device=env.device).scatter_(
+                    0, inverse, torch.arange(len(parent), device=env.device))
+                last = model.q(h_t[one], psi=psi["q"][env[one]])[inverse, a]
+            else:  # v(h_H)
+                last = model.value(h_next, psi=psi["q"][env])
+            level.last = last if level.last is None else torch.cat([level.last, last])
+
+
 def score_sequences(
     model: WorldModel, state: BatchState, h: Tensor, goal: Tensor, actions: Tensor,
     discount: float, terminal: str = "value",
 ) -> Candidates:
     """Score given action sequences (B, K, H) from (state, h (B, d)) for goal (B, goal_dim);
-    terminal: `SearchConfig.terminal`.
-
-    Imagination is deterministic (it feeds back the most likely observation), so candidates
-    that share a prefix a_0..a_t share its imagined future up to t. Each distinct prefix is
-    stepped once: at most 7 rows per environment at t = 0, 49 at t = 1, and far fewer than K
-    at every step once the distribution has concentrated (later iterations, warm starts).
-    The scores are those of stepping every candidate separately (`imagine_candidates`).
-    """
-    B, K, H = actions.shape
-    A = model.cfg.n_actions
-    flat = actions.reshape(B * K, H)
-    psi = model.goal_features(goal)  # goal streams, once per environment
-    env = torch.arange(B, device=h.device).repeat_interleave(K)  # (B*K,)
-    prefix = env  # (B*K,): each candidate's row in the current histories: its env at t = 0
-    s, h_rows, state_rows = model.branch(state), h, B  # a copy: `state` is never stepped
-    env_rows = torch.arange(B, device=h.device)  # each history row's environment
-    h_pairs, a_pairs, env_pairs, rows = [], [], [], []  # per step, per distinct (h_t, a_t)
-    offset = 0  # where this step's distinct pairs start among all steps'
-    for t in range(H):
-        distinct, prefix_next = torch.unique(prefix * A + flat[:, t], return_inverse=True)
-        m = len(distinct)
-        # One candidate per distinct prefix a_0..a_t (any: they agree on parent and action).
-        first = torch.empty(m, dtype=torch.long, device=h.device).scatter_(
-            0, prefix_next, torch.arange(B * K, device=h.device)
-        )
-        parent, a = prefix[first], flat[first, t]  # (M,) history rows of a_0..a_t-1, a_t
-        h_parent = h_rows[parent]  # (M, d)
-        h_pairs.append(h_parent)
-        a_pairs.append(a)
-        env_pairs.append(env[first])
-        rows.append(offset + prefix_next)
-        prefix, offset = prefix_next, offset + m
-        if t == H - 1 and terminal == "q":  # the last action is scored by Q, not stepped
-            break
-        obs = model.most_likely(model.decode(h_parent, a))
-        z = model.encode(obs["image"], obs["direction"], obs["carrying"])  # (M, d)
-        n_rows = padded_rows(model, m)  # M' >= M: rows past M are stepped and ignored
-        # Rows that stay in place (no prefix branched, same padding) need no gather.
-        same = n_rows == state_rows and torch.equal(parent, torch.arange(m, device=h.device))
-        if not same:
-            s = s.index(F.pad(parent, (0, n_rows - m)))  # (M', ...)
-        h_next, s = model.next(s, F.pad(z, (0, 0, 0, n_rows - m)), F.pad(a, (0, n_rows - m)))
-        h_rows, state_rows, env_rows = h_next[:m], n_rows, env_pairs[-1]
-    # The heads run once on the pairs of all steps: a few large matmuls, not 2H small ones.
-    h_all, a_all = torch.cat(h_pairs), torch.cat(a_pairs)  # (R, d), (R,)
-    rows_ = torch.stack(rows, dim=1)  # (B*K, H): each candidate's pair at each step
-    reward = torch.sigmoid(model.reward(h_all, a_all, psi=psi["reward"][torch.cat(env_pairs)]))
-    cont = torch.sigmoid(model.cont(h_all, a_all))
-    if terminal == "q":  # q(h_{H-1}, a_{H-1}) of each last pair: (M_{H-1},), from Q of all
-        # actions at each distinct h_{H-1} (fewer rows than pairs)
-        q = model.q(h_rows, psi=psi["q"][env_rows])  # (rows, A)
-        value = torch.sigmoid(q[parent, a])
-    else:  # v(h_H) of each last prefix: (M_{H-1},)
-        value = torch.sigmoid(model.value(h_rows, psi=psi["q"][env_pairs[-1]]))
-    reward, cont = reward[rows_].view(B, K, H), cont[rows_].view(B, K, H)
-    value = value[prefix].view(B, K)
-    return Candidates(actions, reward, cont, value,
-                      objective(reward, cont, value, discount, terminal))
+    terminal: `SearchConfig.terminal`. Each distinct prefix is stepped once (`PrefixTree`; a
+    search that scores several sets of sequences keeps one tree for all of them)."""
+    return PrefixTree(model, state, h, goal, terminal).score(actions, discount)
 
 
 def sample_prior(

@@ -21,6 +21,7 @@ from lwm.models.world_model import WorldModel
 from lwm.planning.base import (
     Planner,
     PlanResult,
+    PrefixTree,
     SearchConfig,
     WarmStart,
     action_frequencies,
@@ -28,7 +29,6 @@ from lwm.planning.base import (
     penalize_repeats,
     plan_result,
     sample_sequences,
-    score_sequences,
 )
 
 
@@ -65,10 +65,11 @@ class CEM(Planner):
         cfg, A = self.cfg, model.cfg.n_actions
         probs = forbid_first(self.warm.start(h.shape[0], A, h.device), forbid)  # (B, H, A)
         best = None
+        tree = PrefixTree(model, state, h, goal, cfg.terminal)  # prefixes shared by iterations
         for _ in range(cfg.iterations):
             actions = sample_sequences(probs, cfg.candidates, generator)  # (B, K, H)
             scored = penalize_repeats(
-                score_sequences(model, state, h, goal, actions, cfg.discount, cfg.terminal), tried,
+                tree.score(actions, cfg.discount), tried,
                 cfg.repeat_penalty)
             elites = scored.top(cfg.elites)  # (B, E, ...)
             # step 0 of every candidate avoids `forbid`, so the refit keeps it at zero there

@@ -24,6 +24,7 @@ from lwm.planning.base import (
     Candidates,
     Planner,
     PlanResult,
+    PrefixTree,
     PolicyPrior,
     SearchConfig,
     WarmStart,
@@ -33,7 +34,6 @@ from lwm.planning.base import (
     plan_result,
     sample_prior,
     sample_sequences,
-    score_sequences,
 )
 
 
@@ -115,10 +115,11 @@ class MPPI(Planner):
                 cfg.terminal,
             ), tried, cfg.repeat_penalty)
         best = None
+        tree = PrefixTree(model, state, h, goal, cfg.terminal)  # prefixes shared by iterations
         for _ in range(cfg.iterations):
             actions = sample_sequences(probs, cfg.candidates - n_prior, generator)  # (B, K', H)
             scored = penalize_repeats(
-                score_sequences(model, state, h, goal, actions, cfg.discount, cfg.terminal), tried,
+                tree.score(actions, cfg.discount), tried,
                 cfg.repeat_penalty)
             # Fresh samples first: top-k breaks ties by position, and a flat objective must not
             # refit to the same prior rollouts every iteration.
