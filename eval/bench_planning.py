@@ -7,8 +7,8 @@ trained checkpoint (or several) too (how much prefix sharing saves depends on ho
 concentrates), one environment, 512 candidates x horizon 8 x 4 iterations = 16,384 candidate
 transitions an action. Each planner plans from the state after a 16-step random history; "cold" is
 a call from the uniform distribution (the first of an episode), "warm" the median of MPC calls
-warm-started from the previous plan. Planners step each distinct action prefix once
-(`score_sequences`), so the rows actually stepped by the backbone (with a compiled step: padded to
+warm-started from the previous plan. Planners step each distinct action prefix once per call
+(`PrefixTree`), so the rows actually stepped by the backbone (with a compiled step: padded to
 powers of two) are reported beside the candidate transitions; "dense" is the same 4 x 512 x 8
 imagination with every candidate stepped separately, for scale. Each search path runs with both
 terminals (`--terminal`): "value" steps all H transitions, "q" scores the last action by Q and
@@ -16,7 +16,9 @@ steps H - 1 (`lwm.planning.base`). A breakdown of one more warm call
 shows which world-model parts the time goes to. Analytic FLOPs of the stepped rows (backbone,
 decoder, encoder, heads; elementwise work not counted) over the machine's measured matmul FLOP/s
 show how close each path is to the hardware limit. Paths are timed in interleaved rounds so that
-ratios are taken under the same load.
+ratios are taken under the same load. Every Mamba-2 path also runs as "legacy", the way
+planners ran before session 17 (each imagined branch an independent state, and every iteration
+stepping all its prefixes again), and the legacy / current ratio of warm calls is printed.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+import lwm.planning.cem  # noqa: E402
+import lwm.planning.mppi  # noqa: E402
 from eval.bench_ssm import (  # noqa: E402
     gru_flops_per_token,
     mamba2_flops_per_token,
@@ -52,7 +56,7 @@ from lwm.models.world_model import (  # noqa: E402
     preset,
 )
 from lwm.planning import PLANNERS, SearchConfig, make_planner  # noqa: E402
-from lwm.planning.base import TERMINALS, imagine_candidates  # noqa: E402
+from lwm.planning.base import TERMINALS, Candidates, PrefixTree, imagine_candidates  # noqa: E402
 from lwm.report import machine_info, write_json  # noqa: E402
 
 SEARCH_PLANNERS = sorted(n for n, (_, cfg) in PLANNERS.items() if issubclass(cfg, SearchConfig))
@@ -93,14 +97,15 @@ def run_name(checkpoint: Path) -> str:
 
 def build(backbone: str, mode: str, seed: int, checkpoint: Path | None = None) -> WorldModel:
     """A `small` world model (or a trained checkpoint's); mode "eager", "compile" or
-    "compile+bf16" (Mamba-2 only), or "plain": eager with every imagined branch an independent
-    state, as before `Backbone.branch` (Mamba-2's shared-root branches, `Mamba2Branches`)."""
+    "compile+bf16" (Mamba-2 only), or "legacy": eager as before session 17, with every imagined
+    branch an independent state (no `Mamba2Branches`) and each iteration's sequences scored in a
+    fresh tree (`Bench.call` swaps the planners' `PrefixTree` for `FreshTree`)."""
     torch.manual_seed(seed)
     if checkpoint is None:
         model = WorldModel(preset("small", backbone=backbone)).eval()
     else:
         model = WorldModel.from_pretrained(checkpoint).eval()
-    if mode == "plain":
+    if mode == "legacy":
         model.branch = lambda state: state.clone()  # type: ignore[method-assign]
     elif mode != "eager":
         model = copy.deepcopy(model)
@@ -124,6 +129,15 @@ def history(model: WorldModel, seed: int) -> tuple[Any, torch.Tensor, torch.Tens
             h, state = model.next(state, z, prev)
             prev = torch.randint(0, 7, (1,), generator=gen)
     return state, h, torch.randn(1, 384, generator=gen)
+
+
+class FreshTree(PrefixTree):
+    """A `PrefixTree` that forgets between `score` calls: each CEM / MPPI iteration steps all
+    its distinct prefixes again, as planners did before session 17."""
+
+    def score(self, actions: torch.Tensor, discount: float) -> Candidates:
+        self.levels = []
+        return super().score(actions, discount)
 
 
 class Bench:
@@ -165,9 +179,16 @@ class Bench:
 
     def call(self) -> None:
         self.rows.clear()
-        start = time.perf_counter()
-        self.planner.plan(self.model, self.state, self.h, self.goal, generator=self.gen)
-        self.seconds.append(time.perf_counter() - start)
+        modules = (lwm.planning.cem, lwm.planning.mppi) if self.mode == "legacy" else ()
+        for module in modules:
+            module.PrefixTree = FreshTree
+        try:
+            start = time.perf_counter()
+            self.planner.plan(self.model, self.state, self.h, self.goal, generator=self.gen)
+            self.seconds.append(time.perf_counter() - start)
+        finally:
+            for module in modules:
+                module.PrefixTree = PrefixTree
         self.rows_per_call.append(sum(self.rows))
         if self.planner_name == "cem" and self.terminal == "value":  # H rows lists an iteration
             self.last_level_rows.append(sum(self.rows[H - 1 :: H]))
@@ -257,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     compiled = [] if args.no_compile else ["compile"]
     if not args.no_compile and peak["bf16"] > peak["fp32"]:  # no AVX-512 bf16: far slower
         compiled.append("compile+bf16")
-    modes = {"mamba2": ["eager", "plain", *compiled]}
+    modes = {"mamba2": ["eager", "legacy", *compiled]}
     paths = [
         Bench(backbone, mode, planner, args.seed, terminal=terminal)
         for backbone in ("mamba2", "gru", "transformer")
@@ -268,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for checkpoint in args.model:
         trained = WorldModel.from_pretrained(checkpoint).cfg.backbone
         paths += [Bench(trained, mode, p, args.seed, checkpoint, terminal)
-                  for mode in (["eager", "plain"] if trained == "mamba2" else ["eager"])
+                  for mode in ["eager", "legacy"]
                   for p in SEARCH_PLANNERS for terminal in args.terminal]
     for path in paths:
         path.warm_up()
@@ -306,10 +327,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "compile_fell_back_to_eager": path.fell_back,
             "breakdown_ms": breakdown[path.name],
         }
-    # Same-run ratios: each Mamba-2 path's warm ms with independent branch states over its
-    # ms with shared-root branches (the default).
-    branch_speedup = {name: r["warm_ms"] / results[name.replace(" plain ", " eager ", 1)]["warm_ms"]
-                      for name, r in results.items() if r["mode"] == "plain"}
+    # Same-run ratios: each legacy path's warm ms over the current eager path's.
+    speedup = {name.replace(" legacy", ""):
+               r["warm_ms"] / results[name.replace(" legacy ", " eager ", 1)]["warm_ms"]
+               for name, r in results.items() if r["mode"] == "legacy"}
     best = {t: min(r["warm_ms"] for r in results.values()
                    if r["backbone"] == "mamba2" and r["terminal"] == t) for t in args.terminal}
     result = {
@@ -327,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "paths": results,
         "dense_ms_per_action": {b: 1e3 * s for b, s in dense.items()},
         "target_ms_per_action": TARGET_MS,
-        "branch_speedup": branch_speedup,
+        "speedup_over_legacy": speedup,
         "best_mamba2_warm_ms": best,
         "target_met_mamba2": {t: ms <= TARGET_MS for t, ms in best.items()},
         "bf16_skipped": "compile+bf16" not in modes["mamba2"] and not args.no_compile,
@@ -378,10 +399,9 @@ def report(result: dict[str, Any]) -> None:
                        if r.get("warm_last_level_share") is not None)
     console.print(f"share of a warm CEM call's rows at its last level (what the q terminal "
                   f"does not step): {shares}")
-    speedup = ", ".join(f"{name.replace(' plain', '')} {ratio:.2f}x"
-                        for name, ratio in result["branch_speedup"].items())
-    console.print(f"mamba2 warm calls, independent branch states over shared-root branches: "
-                  f"{speedup}")
+    speedup = ", ".join(f"{name} {ratio:.2f}x"
+                        for name, ratio in result["speedup_over_legacy"].items())
+    console.print(f"warm calls as before session 17 (legacy) over now, same run: {speedup}")
     dense = ", ".join(f"{b} {ms:.0f} ms" for b, ms in result["dense_ms_per_action"].items())
     console.print(f"every candidate stepped separately (eager): {dense}")
     for terminal, met in result["target_met_mamba2"].items():

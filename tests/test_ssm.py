@@ -210,7 +210,7 @@ def test_branches_leave_the_root_alone_and_fold_long_paths():
         _, state = backbone.prefill(torch.randn(2, 5, D_MODEL))
         before = state.clone()
         plain, branches = state.clone().expand(2), backbone.branch(state).expand(2)
-        for t in range(BRANCH_TOKENS + 3):
+        for _ in range(BRANCH_TOKENS + 3):
             x = torch.randn(4, D_MODEL)
             y_plain, plain = backbone.step(plain, x)
             y, branches = backbone.step(branches, x)
