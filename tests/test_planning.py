@@ -244,6 +244,20 @@ def test_a_tree_steps_each_prefix_once_across_scores(model, terminal):
         tree.score(sets[0][..., :3], 0.9)
 
 
+def test_a_tree_over_its_memory_budget_starts_afresh(model):
+    B, K, H = 2, 24, SMALL["horizon"]
+    state, h, goal = history(model, B)
+    actions = torch.randint(0, 3, (B, K, H), generator=torch.Generator().manual_seed(7))
+    fresh = score_sequences(model, state, h, goal, actions, 0.9, "q")
+    tree = PrefixTree(model, state, h, goal, "q", max_bytes=1)
+    for _ in range(2):  # the second call finds the tree over budget and steps everything again
+        with CountingNext(model) as rows:
+            kept = tree.score(actions, 0.9)
+        assert sum(rows) == len(distinct_prefixes(actions, H - 1))
+        torch.testing.assert_close(kept.objective, fresh.objective, atol=1e-5, rtol=1e-4)
+    assert tree.bytes > 0
+
+
 def test_one_step_search_with_the_q_terminal_is_greedy_q(model):
     # Horizon 1 steps nothing: each candidate is one action scored by Q, so the plan is Q's
     # argmax over the actions the planner proposes (all but the excluded no-op).
