@@ -418,6 +418,34 @@ def test_configs_without_a_decoder_are_mlp_and_unknown_decoders_are_refused(tmp_
         WorldModel.from_pretrained(tmp_path)
 
 
+def test_the_map_decoders_read_table_follows_its_weights():
+    # Without autograd the table of cell reads is kept between decodes; a changed weight (an
+    # optimizer step, a load) must show in the next decode, as if nothing had been kept.
+    torch.manual_seed(0)
+    model = WorldModel(preset("debug", decoder="map")).eval()
+    h = torch.zeros(3, model.latent_dim)
+    h[:, model.feature_dim :] = torch.randint(0, CELL_IDS, (3, MAP_SIZE)).float()
+    action = torch.tensor([0, 2, 3])
+
+    def decoded() -> torch.Tensor:
+        with torch.no_grad():
+            out = model.decode(h, action)
+        return torch.cat([out[k] for k in ("type", "color", "state")], -1)
+
+    first = decoded()
+    assert torch.equal(decoded(), first)
+    for weight in (model.cell_read[0].weight, model.color_emb.weight):
+        with torch.no_grad():
+            weight.add_(0.5)
+        changed = decoded()
+        with torch.enable_grad():  # the reference: computed afresh
+            out = model.decode(h, action)
+        reference = torch.cat([out[k] for k in ("type", "color", "state")], -1)
+        torch.testing.assert_close(changed, reference.detach())
+        assert not torch.equal(changed, first)
+        first = changed
+
+
 def test_the_maps_move_rule_is_the_environments():
     """The map moves forward where the last front cell was enterable: the rule on packed ids
     agrees with `lwm.envs.spatial.enterable` for every cell there is."""

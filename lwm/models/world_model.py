@@ -604,6 +604,22 @@ class WorldModel(nn.Module):
         return (weight * copied).view(-1, 2, N_CELLS, CELL_LOGITS).sum(1).view(
             *lead, N_CELLS, CELL_LOGITS)
 
+    def _read_table(self) -> Tensor:
+        """(CELL_IDS + 1, 20): every packed cell id read as logits (`cell_read` of its
+        embedding), and a last row of zeros for "no source". It depends on the weights alone,
+        so without autograd (imagination decodes ~20 times a plan) it is kept until one of
+        them changes (an optimizer step, a load, a move or cast)."""
+        params = (self.type_emb.weight, self.color_emb.weight, self.state_emb.weight,
+                  *self.cell_read.parameters())
+        if torch.is_grad_enabled():
+            return F.pad(self.cell_read(self._embed_cells(self.cell_parts)), (0, 0, 0, 1))
+        key = tuple((id(p), p._version, p.device, p.dtype) for p in params)
+        cached = self.__dict__.get("_read_table_cache")
+        if cached is None or cached[0] != key:
+            table = F.pad(self.cell_read(self._embed_cells(self.cell_parts)), (0, 0, 0, 1))
+            cached = self.__dict__["_read_table_cache"] = (key, table)
+        return cached[1]
+
     def _map_copy(self, h: Tensor, action: Tensor, gates: Tensor) -> Tensor:
         """The map decoder's copy term (..., 49, 20): as `_ego_copy`, with the sources on the
         map h carries (`map_sources`). A cell's read depends on its packed id alone, so every
@@ -616,7 +632,7 @@ class WorldModel(nn.Module):
         grid = F.pad(h[..., self.feature_dim :].long(), (0, 1), value=CELL_IDS)
         src = self.map_sources[action.expand(lead).long()]  # (*lead, 98)
         ids = grid.expand(*lead, -1).gather(-1, src)
-        table = F.pad(self.cell_read(self._embed_cells(self.cell_parts)), (0, 0, 0, 1))
+        table = self._read_table()
         copied = table.index_select(0, ids.reshape(-1))  # (M * 98, 20)
         weight = torch.sigmoid(gates).reshape(-1, 1)
         return (weight * copied).view(*lead, 2, N_CELLS, CELL_LOGITS).sum(-3)
