@@ -337,16 +337,20 @@ class _Level:
         starts = torch.tensor(self.starts, device=rows.device)
         return torch.searchsorted(starts, rows, right=True) - 1
 
-    def gather(self, rows: Tensor, chunk: Tensor) -> tuple[Tensor, BatchState]:
-        """Histories and copies of the states of `rows`, which must be sorted by `chunk`."""
-        hs, states = [], []
+    def gather(self, rows: Tensor, chunk: Tensor,
+               states: bool = True) -> tuple[Tensor, BatchState | None]:
+        """Histories and copies of the states of `rows` (sorted by `chunk`); without `states`,
+        the histories alone (None for the states)."""
+        hs, copies = [], []
         for c in torch.unique_consecutive(chunk).tolist():
             local = rows[chunk == c] - self.starts[c]
             hs.append(self.h[c][local])
-            states.append(self.states[c].index(local))
-        if len(hs) == 1:
-            return hs[0], states[0]
-        return torch.cat(hs), BatchState.cat(states)
+            if states:
+                copies.append(self.states[c].index(local))
+        h = hs[0] if len(hs) == 1 else torch.cat(hs)
+        if not states:
+            return h, None
+        return h, copies[0] if len(copies) == 1 else BatchState.cat(copies)
 
 
 TREE_BYTES = 256 * 2**20
@@ -423,9 +427,10 @@ class PrefixTree:
                 by_chunk = torch.sort(chunk, stable=True).indices  # gather chunk by chunk
                 first, parent, chunk = first[by_chunk], parent[by_chunk], chunk[by_chunk]
                 a, env = flat[first, t], parent_level.env[parent]
-                h_parent, s = parent_level.gather(parent, chunk)
+                stepped = t < H - 1 or self.terminal == "value"  # else the q terminal's Q
+                h_parent, s = parent_level.gather(parent, chunk, states=stepped)
                 h_next = None
-                if t < H - 1 or self.terminal == "value":  # the q terminal's last level: Q
+                if stepped:
                     obs = model.most_likely(model.decode(h_parent, a))
                     z = model.encode(obs["image"], obs["direction"], obs["carrying"])  # (M, d)
                     m = len(a)
