@@ -60,6 +60,35 @@ def test_chunk_scan_equals_step_by_step(chunk_size):
     torch.testing.assert_close(h_final, h, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [8, 32])  # T = 21: three chunks, or one
+def test_a_scan_without_the_final_state_gives_the_same_outputs(chunk_size):
+    x, dt, A, B, C = ssd_inputs()
+    y, _ = ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size)
+    y_only, none = ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size, final_state=False)
+    assert none is None
+    torch.testing.assert_close(y_only, y, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [8, 32])
+def test_backbone_forward_equals_prefill_with_gradients(chunk_size):
+    # Training's forward makes no state (one chunk: no state passing at all); outputs and
+    # gradients are those of the prefill that does.
+    from lwm.models.backbones import BackboneConfig, make_backbone
+
+    backbone = make_backbone("mamba2", BackboneConfig(
+        d_model=D_MODEL, d_state=8, headdim=16, chunk_size=chunk_size))
+    x = torch.randn(3, T, D_MODEL)
+    grads = []
+    for run in (backbone, lambda v: backbone.prefill(v)[0]):
+        backbone.zero_grad()
+        y = run(x)
+        y.square().mean().backward()
+        grads.append((y.detach(), [p.grad.clone() for p in backbone.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-6, rtol=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_inplace_step_equals_ref():
     x, dt, A, B, C = ssd_inputs()
     h = torch.randn(2, 3, 4, 5)  # (b, H, P, N)

@@ -142,10 +142,17 @@ class Mamba2Backbone(Backbone):
             layer_states.append(s)
         return self.norm_f(x), LayerStates(tuple(layer_states))
 
+    def _forward(self, x: Tensor, conv_weights: list[Tensor]) -> Tensor:
+        """`forward` given each block's `conv_weight()`: the unit torch.compile sees. No state
+        is made (see `Mamba2.forward`'s `return_state`)."""
+        for norm, block, w in zip(self.norms, self.blocks, conv_weights, strict=True):
+            x = x + block(norm(x), None, w, return_state=False)[0]
+        return self.norm_f(x)
+
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, D) -> (B, T, D) by the chunked scan (compiled if `cfg.compile`)."""
-        prefill = _mamba2_prefill_compiled if self.cfg.compile else Mamba2Backbone._prefill
-        return prefill(self, x, None, [block.conv_weight() for block in self.blocks])[0]
+        forward = _mamba2_forward_compiled if self.cfg.compile else Mamba2Backbone._forward
+        return forward(self, x, [block.conv_weight() for block in self.blocks])
 
     def init_state(self, batch: int) -> LayerStates:
         """Zero conv ring buffers and SSM states, one `Mamba2State` per block."""
@@ -223,6 +230,7 @@ class Mamba2Backbone(Backbone):
 
 # Module level, so one compiled graph serves every instance and deep copies (ensembles) work.
 _mamba2_prefill_compiled = compiled(Mamba2Backbone._prefill)
+_mamba2_forward_compiled = compiled(Mamba2Backbone._forward)
 _mamba2_step_compiled = compiled(Mamba2Backbone.step_)
 
 

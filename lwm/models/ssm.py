@@ -316,7 +316,8 @@ def ssd_chunk_scan_ref(
     C: Tensor,
     chunk_size: int,
     h0: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    final_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """SSD chunked scan (the paper's "minimal" algorithm), without the D skip.
 
     Within a chunk the output is a masked, decayed attention-like product (quadratic in the
@@ -324,7 +325,9 @@ def ssd_chunk_scan_ref(
 
     x: (B, T, H, P); dt: (B, T, H) after softplus; A: (H,) negative; B, C: (B, T, N);
     h0: (B, H, P, N) initial state or None. Returns y: (B, T, H, P) and the final state
-    (B, H, P, N). T need not be a multiple of `chunk_size`.
+    (B, H, P, N), or None without `final_state`: from a zero state, a sequence that fits in
+    one chunk then needs step 1 alone (training's case). T need not be a multiple of
+    `chunk_size`.
     """
     b, T, H, P = x.shape
     N = B.shape[-1]
@@ -344,6 +347,8 @@ def ssd_chunk_scan_ref(
     CB = torch.einsum("bcln,bcsn->bcls", C, B)  # (b, c, l, s)
     M = CB[:, None] * decay  # (b, H, c, l, s)
     y_diag = torch.einsum("bhcls,bcshp->bclhp", M, xdt)
+    if c == 1 and h0 is None and not final_state:  # no state enters or leaves the one chunk
+        return y_diag.reshape(b, L, H, P)[:, :T], None
 
     # 2. State each chunk contributes at its end: sum_j exp(a_{j+1..end}) (dt_j x_j) B_j^T.
     decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, H, c, l)
@@ -361,7 +366,7 @@ def ssd_chunk_scan_ref(
     y_off = torch.einsum("bcln,bchpn,bhcl->bclhp", C, states, torch.exp(a_cum))
 
     y = (y_diag + y_off).reshape(b, c * L, H, P)[:, :T]  # (B, T, H, P)
-    return y, h_final
+    return y, h_final if final_state else None
 
 
 def ssd_chunk_scan(
@@ -372,7 +377,8 @@ def ssd_chunk_scan(
     C: Tensor,
     chunk_size: int,
     h0: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    final_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """`ssd_chunk_scan_ref`, on mamba-ssm's fused kernel when on CUDA with mamba-ssm installed."""
     if HAS_MAMBA_SSM and x.is_cuda:
         y, h_final = mamba_chunk_scan_combined(
@@ -385,8 +391,8 @@ def ssd_chunk_scan(
             initial_states=h0,
             return_final_states=True,
         )
-        return y, h_final
-    return ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size, h0)
+        return y, h_final if final_state else None
+    return ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size, h0, final_state)
 
 
 def ssd_step_ref(
@@ -548,13 +554,16 @@ class Mamba2(nn.Module):
         return x, dt, -torch.exp(self.A_log), B, C
 
     def forward(
-        self, u: Tensor, state: Mamba2State | None = None, conv_weight: Tensor | None = None
-    ) -> tuple[Tensor, Mamba2State]:
+        self, u: Tensor, state: Mamba2State | None = None, conv_weight: Tensor | None = None,
+        return_state: bool = True,
+    ) -> tuple[Tensor, Mamba2State | None]:
         """Chunked-scan pass over a sequence (training, and prefilling a state for imagination).
 
         u: (B, T, D); state: where to continue from (None: from zeros); conv_weight:
         `conv_weight()`, which a compiled caller makes outside its graph. Returns y: (B, T, D)
-        and the state after the last token.
+        and the state after the last token (None without `return_state`: training needs y
+        alone, and from a zero state a sequence within one chunk then skips the scan's
+        state passing).
         """
         T = u.shape[1]
         w = self.conv_weight() if conv_weight is None else conv_weight
@@ -563,9 +572,12 @@ class Mamba2(nn.Module):
         conv_in = xBC
         xBC = F.silu(causal_conv1d(xBC, w, self.conv1d.bias, context))
         x, dt, A, B, C = self._ssm_inputs(xBC, dt_raw)
-        y, h = ssd_chunk_scan(x, dt, A, B, C, self.chunk_size, None if state is None else state.ssm)
+        y, h = ssd_chunk_scan(x, dt, A, B, C, self.chunk_size,
+                              None if state is None else state.ssm, return_state)
         y = y + self.D[:, None] * x  # (B, T, H, P)
         y = self.norm(y.flatten(-2), z)  # (B, T, E)
+        if not return_state:
+            return self.out_proj(y), None
 
         t = T if state is None else state.t + T
         if context is None:
