@@ -1,0 +1,32 @@
+"""eval/bench_planning.py, shrunk: every search path is timed beside its legacy run."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import lwm.planning.cem
+import lwm.planning.mppi
+from lwm.planning.base import PrefixTree
+
+_spec = importlib.util.spec_from_file_location(
+    "lwm_eval_bench_planning", Path(__file__).resolve().parents[1] / "eval" / "bench_planning.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_bench_planning_times_every_path_beside_its_legacy_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "K", 96)
+    monkeypatch.setattr(bench, "H", 4)
+    monkeypatch.setattr(bench, "ITERATIONS", 2)
+    out = tmp_path / "plan.json"
+    result = bench.main(["--no-compile", "--rounds", "2", "--terminal", "q", "--json", str(out)])
+    paths = result["paths"]
+    legacy = {name for name, r in paths.items() if r["mode"] == "legacy"}
+    assert legacy == {"mamba2 legacy cem q-terminal", "mamba2 legacy mppi q-terminal"}
+    assert set(result["speedup_over_legacy"]) == {"mamba2 cem q-terminal",
+                                                  "mamba2 mppi q-terminal"}
+    for r in paths.values():
+        assert r["warm_ms"] > 0 and r["warm_rows_stepped"] > 0 and r["terminal"] == "q"
+    assert json.loads(out.read_text())["speedup_over_legacy"] == result["speedup_over_legacy"]
+    # The legacy runs swap the planners' tree only while they plan.
+    assert lwm.planning.cem.PrefixTree is PrefixTree and lwm.planning.mppi.PrefixTree is PrefixTree
