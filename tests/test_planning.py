@@ -61,9 +61,7 @@ def history(model: WorldModel, batch: int, steps: int = 3):
 
 
 def tensors(state: BatchState) -> list[Tensor]:
-    found: list[Tensor] = []
-    state.map(lambda t: found.append(t) or t)
-    return found
+    return list(state.tensors())
 
 
 @pytest.mark.parametrize("name", SEARCH_PLANNERS)

@@ -259,19 +259,13 @@ def test_states_concatenate_along_the_batch():
     for s in (state, branches):
         a, b = s.index(torch.tensor([2, 0])), s.index(torch.tensor([1]))
         both, expected = BatchState.cat([a, b]), s.index(torch.tensor([2, 0, 1]))
-        for got, want in zip(tensors_of(both), tensors_of(expected), strict=True):
+        for got, want in zip(both.tensors(), expected.tensors(), strict=True):
             assert torch.equal(got, want)
     assert BatchState.cat([branches, branches]).root is branches.root  # shared, not copied
     later = state.clone()
     later.t += 1
     with pytest.raises(ValueError, match="cannot concatenate states that differ"):
         BatchState.cat([state, later])
-
-
-def tensors_of(state) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    state.map(lambda t: found.append(t) or t)
-    return found
 
 
 def test_compiled_falls_back_to_eager_with_one_warning(monkeypatch):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -93,13 +93,17 @@ class BatchState:
         shared tensors must agree)."""
         return _cat_batch(list(states))
 
+    def tensors(self) -> Iterator[Tensor]:
+        """Every tensor the state holds, in field order (not the `Shared` ones it points to)."""
+        return _tensors(self)
+
     def index(self, idx: Tensor | slice | int) -> Self:
         """Select batch elements, e.g. the best candidates: `state.index(torch.tensor([3, 7]))`."""
         if isinstance(idx, Tensor) and idx.dim() == 1 and not idx.is_floating_point() \
                 and idx.dtype != torch.bool:
-            batch = _batch_size(self)
-            if batch is not None:  # negative indices count from the end
-                idx = torch.where(idx < 0, idx + batch, idx)
+            first = next(self.tensors(), None)
+            if first is not None:  # negative indices count from the end
+                idx = torch.where(idx < 0, idx + first.shape[0], idx)
             return self.map(lambda t: _take_rows(t, idx))
         return self.map(lambda t: t[idx].contiguous())
 
@@ -122,18 +126,17 @@ def _cat_batch(values: list[Any]) -> Any:
     return first
 
 
-def _batch_size(value: Any) -> int | None:
-    """dim 0 of the first tensor in a state (None if it holds none)."""
+def _tensors(value: Any) -> Iterator[Tensor]:
+    """The tensors in `value` (a tensor, a tuple of them, or a `BatchState`), as `_map_batch`
+    walks them."""
     if isinstance(value, Tensor):
-        return value.shape[0]
-    children = value if isinstance(value, tuple) else (
-        [getattr(value, f.name) for f in dataclasses.fields(value)]
-        if isinstance(value, BatchState) else ())
-    for child in children:
-        size = _batch_size(child)
-        if size is not None:
-            return size
-    return None
+        yield value
+    elif isinstance(value, tuple):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, BatchState):
+        for f in dataclasses.fields(value):
+            yield from _tensors(getattr(value, f.name))
 
 
 def _take_rows(t: Tensor, idx: Tensor) -> Tensor:
@@ -637,7 +640,7 @@ class Mamba2(nn.Module):
         """One token on each branch (`Mamba2Branches`): u (M, D) -> y (M, D) and the state with
         the token appended to every path (the conv ring is updated in place, as in `step_`)."""
         z, xBC, dt_raw = self._split(linear(u, self.in_proj.weight, matmul_dtype))
-        w = self.conv_weight() if conv_weight is None else conv_weight
+        w = self.conv1d.weight[:, 0] if conv_weight is None else conv_weight  # eager: any layout
         slot = state.t % (self.d_conv - 1)
         xc = F.silu(self._conv_step(state.conv, slot, xBC, w))
         state.conv[:, slot] = xBC

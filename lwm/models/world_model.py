@@ -611,12 +611,12 @@ class WorldModel(nn.Module):
         them changes (an optimizer step, a load, a move or cast)."""
         params = (self.type_emb.weight, self.color_emb.weight, self.state_emb.weight,
                   *self.cell_read.parameters())
-        if torch.is_grad_enabled():
-            return F.pad(self.cell_read(self._embed_cells(self.cell_parts)), (0, 0, 0, 1))
         key = tuple((id(p), p._version, p.device, p.dtype) for p in params)
         cached = self.__dict__.get("_read_table_cache")
-        if cached is None or cached[0] != key:
+        if torch.is_grad_enabled() or cached is None or cached[0] != key:
             table = F.pad(self.cell_read(self._embed_cells(self.cell_parts)), (0, 0, 0, 1))
+            if torch.is_grad_enabled():
+                return table
             cached = self.__dict__["_read_table_cache"] = (key, table)
         return cached[1]
 

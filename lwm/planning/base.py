@@ -327,9 +327,9 @@ class _Level:
 
     def find(self, codes: Tensor) -> tuple[Tensor, Tensor]:
         """codes (M,) -> (row of each code or garbage, whether it is known)."""
-        pos = torch.searchsorted(self.sorted_codes, codes).clamp_(max=max(len(self.codes) - 1, 0))
         if not len(self.codes):
-            return pos, torch.zeros_like(codes, dtype=torch.bool)
+            return torch.zeros_like(codes), torch.zeros_like(codes, dtype=torch.bool)
+        pos = torch.searchsorted(self.sorted_codes, codes).clamp_(max=len(self.codes) - 1)
         return self.order[pos], self.sorted_codes[pos] == codes
 
     def chunk_of(self, rows: Tensor) -> Tensor:
@@ -353,15 +353,15 @@ class _Level:
         return h, copies[0] if len(copies) == 1 else BatchState.cat(copies)
 
 
+def _first_of(inverse: Tensor, n: int) -> Tensor:
+    """(n,) for `torch.unique`'s inverse (M,) over n distinct values: a position of each (any:
+    the positions of a value agree on what it stands for)."""
+    return torch.empty(n, dtype=torch.long, device=inverse.device).scatter_(
+        0, inverse, torch.arange(len(inverse), device=inverse.device))
+
+
 TREE_BYTES = 256 * 2**20
 """Default most bytes of histories and states a `PrefixTree` keeps between `score` calls."""
-
-
-def _state_bytes(state: BatchState) -> int:
-    """Bytes of a state's own tensors (not the `Shared` ones it only points to)."""
-    found: list[Tensor] = []
-    state.map(lambda t: found.append(t) or t)
-    return sum(t.nbytes for t in found)
 
 
 class PrefixTree:
@@ -417,11 +417,9 @@ class PrefixTree:
             level = self.levels[t]
             codes = rows * A + flat[:, t]
             distinct, inverse = torch.unique(codes, return_inverse=True)
-            _, known = level.find(distinct)
+            found, known = level.find(distinct)
             if not bool(known.all()):
-                # One candidate per new prefix (any: they agree on parent and action).
-                first = torch.empty(len(distinct), dtype=torch.long, device=device).scatter_(
-                    0, inverse, torch.arange(B * K, device=device))[~known]
+                first = _first_of(inverse, len(distinct))[~known]  # a candidate per new prefix
                 parent = rows[first]
                 chunk = parent_level.chunk_of(parent)
                 by_chunk = torch.sort(chunk, stable=True).indices  # gather chunk by chunk
@@ -444,9 +442,10 @@ class PrefixTree:
                 keep = h_next is not None and t < H - 1  # the last level is never a parent
                 level.append(codes[first], env, h_next if keep else None, s if keep else None)
                 if keep:
-                    self.bytes += h_next.nbytes + _state_bytes(s)
+                    self.bytes += h_next.nbytes + sum(t.nbytes for t in s.tensors())
                 new_pairs.append((level, h_parent, a, env, h_next, parent))
-            rows, _ = level.find(codes)
+                found, _ = level.find(distinct)
+            rows = found[inverse]  # each candidate's row at step t
             level_rows.append(rows)
             parent_level = level
         self._score_heads(new_pairs)
@@ -479,8 +478,7 @@ class PrefixTree:
                 continue
             if self.terminal == "q":  # q(h_{H-1}, a_{H-1}), Q read once per distinct h_{H-1}
                 distinct, inverse = torch.unique(parent, return_inverse=True)
-                one = torch.empty(len(distinct), dtype=torch.long, device=env.device).scatter_(
-                    0, inverse, torch.arange(len(parent), device=env.device))
+                one = _first_of(inverse, len(distinct))
                 last = model.q(h_t[one], psi=psi["q"][env[one]])[inverse, a]
             else:  # v(h_H)
                 last = model.value(h_next, psi=psi["q"][env])
