@@ -215,13 +215,12 @@ def test_branches_equal_independent_states(roots):
     M = 2 * roots + 3
     idx = torch.randint(0, roots, (M,))
     plain, branches = state.clone().index(idx), Mamba2Branches.fork(state).index(idx)
-    w = block.conv_weight()
     with torch.no_grad():
         for _ in range(6):
             x = torch.randn(M, D_MODEL)
             y_plain = block.step_(plain.conv, plain.ssm, plain.t % 3, x)
             plain.t += 1
-            y, branches = block.step_branches(branches, x, conv_weight=w)
+            y, branches = block.step_branches(branches, x)
             torch.testing.assert_close(y, y_plain, atol=1e-5, rtol=1e-5)
             pick = torch.randint(0, M, (M,))
             plain, branches = plain.index(pick), branches.index(pick)

@@ -104,8 +104,13 @@ class BatchState:
             first = next(self.tensors(), None)
             if first is not None:  # negative indices count from the end
                 idx = torch.where(idx < 0, idx + first.shape[0], idx)
-            return self.map(lambda t: _take_rows(t, idx))
+            return self.take(idx)
         return self.map(lambda t: t[idx].contiguous())
+
+    def take(self, rows: Tensor) -> Self:
+        """`index` for a 1-D tensor of non-negative rows, without checking them (the fast path
+        of imagination's bookkeeping)."""
+        return self.map(lambda t: t.index_select(0, rows))
 
 
 def _cat_batch(values: list[Any]) -> Any:
@@ -137,13 +142,6 @@ def _tensors(value: Any) -> Iterator[Tensor]:
     elif isinstance(value, BatchState):
         for f in dataclasses.fields(value):
             yield from _tensors(getattr(value, f.name))
-
-
-def _take_rows(t: Tensor, idx: Tensor) -> Tensor:
-    """t[idx] for a 1-D index of non-negative integers, as one `index_select` of whole rows: on
-    CPU, advanced indexing of a (B, H, P, N) state walks it element by element (measured 7-9x
-    slower at 64-256 rows, 1 thread)."""
-    return t.reshape(t.shape[0], -1).index_select(0, idx).view(len(idx), *t.shape[1:])
 
 
 @dataclass
@@ -233,7 +231,7 @@ class Mamba2Branches(BatchState):
             every = F.linear(C, root.reshape(R * H * P, N)).view(-1, R, H * P)
             rows = torch.arange(len(C), device=C.device)
             return every[rows, self.origin].view(-1, H, P)
-        mine = _take_rows(root, self.origin)  # (M, H, P, N)
+        mine = root.index_select(0, self.origin)  # (M, H, P, N)
         return (mine * C[:, None, None, :]).sum(-1)
 
     def materialize(self) -> Mamba2State:
@@ -242,7 +240,8 @@ class Mamba2Branches(BatchState):
         last = L[:, -1:] if L.shape[1] else torch.zeros_like(L[:, :1])
         weight = torch.exp(last - L) * dt  # (M, s, H)
         path = torch.einsum("msh,mshp,msn->mhpn", weight, x, B)
-        start = _take_rows(self.root.tensor, self.origin) * torch.exp(last[:, 0])[..., None, None]
+        start = self.root.tensor.index_select(0, self.origin)
+        start = start * torch.exp(last[:, 0])[..., None, None]
         return Mamba2State(conv=self.conv, ssm=(start + path).contiguous(), t=self.t)
 
 
@@ -294,8 +293,7 @@ class RMSNormGated(nn.Module):
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
         """y, z: (..., E) -> (..., E)."""
-        y = y * F.silu(z)
-        return self.weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps))
+        return F.rms_norm(y * F.silu(z), (y.shape[-1],), self.weight, self.eps)
 
 
 def segsum(a: Tensor) -> Tensor:
@@ -447,6 +445,24 @@ def ssd_step_(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor)
         # broadcast multiply-add (faster than a batched matmul of (P, 1) by (1, N) products).
         h.mul_(dA[..., None, None]).addcmul_(x[..., None], dtB[:, :, None, :])
     return y
+
+
+def kept_while_frozen(owner: nn.Module, name: str, params: Sequence[Tensor],
+                      make: Callable[[], Any]) -> Any:
+    """`make()`, kept on `owner` under `name` between no-grad calls until one of `params`
+    changes: keyed on their identity, version, device and dtype, so an optimizer step, a load,
+    a move or a cast makes it again. With autograd on it is made afresh (differentiable).
+
+    For tensors that depend on weights alone and that imagination would otherwise rebuild on
+    every step (a few small ops each, which at its row counts cost as much as the step's math).
+    """
+    if torch.is_grad_enabled():
+        return make()
+    key = tuple((id(p), p._version, p.device, p.dtype) for p in params)
+    cached = owner.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        cached = owner.__dict__[name] = (key, make())
+    return cached[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -630,33 +646,56 @@ class Mamba2(nn.Module):
         y = self.norm(y.flatten(-2), z)  # (B, E)
         return self.out_proj(y), Mamba2State(conv=conv, ssm=h, t=state.t + 1)
 
+    def _branch_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """What `step_branches` derives from the weights, kept while they do not change: A (H,),
+        the conv taps that multiply each ring slot, for each position of the oldest one
+        (K-1, K-1, C), and the tap of the newest input (C,)."""
+        def make() -> tuple[Tensor, Tensor, Tensor]:
+            w = self.conv1d.weight[:, 0]  # (C, K)
+            K = self.d_conv
+            # ring slot j holds the input K-1-k steps back, tap k, where k = (j - oldest) % (K-1)
+            taps = torch.stack([
+                torch.stack([w[:, (j - oldest) % (K - 1)] for j in range(K - 1)])
+                for oldest in range(K - 1)
+            ])
+            return -torch.exp(self.A_log), taps, w[:, K - 1].contiguous()
+
+        return kept_while_frozen(self, "_branch_weights_cache",
+                                 (self.A_log, self.conv1d.weight), make)
+
     def step_branches(
-        self,
-        state: Mamba2Branches,
-        u: Tensor,
-        matmul_dtype: torch.dtype | None = None,
-        conv_weight: Tensor | None = None,
+        self, state: Mamba2Branches, u: Tensor, matmul_dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Mamba2Branches]:
         """One token on each branch (`Mamba2Branches`): u (M, D) -> y (M, D) and the state with
-        the token appended to every path (the conv ring is updated in place, as in `step_`)."""
+        the token appended to every path (the conv ring is updated in place, as in `step_`).
+
+        Imagination steps a few dozen to a few hundred rows at a time, where each op's fixed
+        cost outweighs its arithmetic, so this is written in as few ops as it can be: weight
+        derivatives kept (`_branch_weights`), the conv as one product with the taps of the
+        ring's current order, D folded into the newest token's weight, updates in place.
+        """
+        E, N, H = self.d_inner, self.d_state, self.n_heads
+        A, taps, newest = self._branch_weights()
         z, xBC, dt_raw = self._split(linear(u, self.in_proj.weight, matmul_dtype))
-        w = self.conv1d.weight[:, 0] if conv_weight is None else conv_weight  # eager: any layout
         slot = state.t % (self.d_conv - 1)
-        xc = F.silu(self._conv_step(state.conv, slot, xBC, w))
-        state.conv[:, slot] = xBC
-        x, dt, A, B, C = self._ssm_inputs(xc, dt_raw)
-        L = dt * A  # (M, H): a_s
+        xc = (state.conv * taps[slot]).sum(1).addcmul_(xBC, newest).add_(self.conv1d.bias)
+        state.conv[:, slot] = xBC  # the newest input replaces the oldest
+        xBC = F.silu(xc, inplace=True)
+        dt = F.softplus(dt_raw + self.dt_bias)  # (M, H)
+        L = dt * A  # (M, H): a_s, then L_s
         if state.path.shape[1]:
-            L = L + state.parts()[3][:, -1]  # L_s
-        token = torch.cat([x.flatten(1), B, dt, L], dim=-1)  # (M, F)
+            L += state.path[:, -1, -H:]
+        token = torch.cat([xBC[:, : E + N], dt, L], dim=-1)  # packed as `Mamba2Branches.path`
         path = torch.cat([state.path, token[:, None]], dim=1)  # (M, s, F)
-        xs, Bs, dts, Ls = state.parts(path)
+        xs, Bs, dts, Ls = path.split([E, N, H, H], dim=-1)
+        C = xBC[:, E + N :]  # (M, N)
         # Products and sums, not bmm / einsum: those run these tiny per-branch contractions
         # 5-9x slower on CPU (measured at 40-400 branches, paths of 2-7 tokens, 1 thread).
         CB = (Bs * C[:, None]).sum(-1, keepdim=True)  # (M, s, 1)
-        weight = torch.exp(L[:, None] - Ls) * dts * CB  # (M, s, H)
-        y = (weight[..., None] * xs).sum(1)  # (M, H, P)
-        y = y + torch.exp(L)[..., None] * state.root_read(C) + self.D[:, None] * x
+        weight = (L[:, None] - Ls).exp_().mul_(dts).mul_(CB)  # (M, s, H)
+        weight[:, -1] += self.D  # the skip D x_s rides on the newest token's weight, exp(0) dt CB
+        y = (weight[..., None] * xs.unflatten(-1, (H, self.headdim))).sum(1)  # (M, H, P)
+        y = y.addcmul_(L.exp()[..., None], state.root_read(C))
         y = self.norm(y.flatten(-2), z)  # (M, E)
         state = dataclasses.replace(state, path=path, t=state.t + 1)
         return linear(y, self.out_proj.weight, matmul_dtype), state

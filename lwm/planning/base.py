@@ -344,9 +344,9 @@ class _Level:
         hs, copies = [], []
         for c in torch.unique_consecutive(chunk).tolist():
             local = rows[chunk == c] - self.starts[c]
-            hs.append(self.h[c][local])
+            hs.append(self.h[c].index_select(0, local))
             if states:
-                copies.append(self.states[c].index(local))
+                copies.append(self.states[c].take(local))
         h = hs[0] if len(hs) == 1 else torch.cat(hs)
         if not states:
             return h, None
@@ -419,11 +419,13 @@ class PrefixTree:
             distinct, inverse = torch.unique(codes, return_inverse=True)
             found, known = level.find(distinct)
             if not bool(known.all()):
-                first = _first_of(inverse, len(distinct))[~known]  # a candidate per new prefix
+                new = (~known).nonzero()[:, 0]  # the new prefixes among `distinct`
+                first = _first_of(inverse, len(distinct))[new]  # a candidate per new prefix
                 parent = rows[first]
                 chunk = parent_level.chunk_of(parent)
                 by_chunk = torch.sort(chunk, stable=True).indices  # gather chunk by chunk
                 first, parent, chunk = first[by_chunk], parent[by_chunk], chunk[by_chunk]
+                new = new[by_chunk]
                 a, env = flat[first, t], parent_level.env[parent]
                 stepped = t < H - 1 or self.terminal == "value"  # else the q terminal's Q
                 h_parent, s = parent_level.gather(parent, chunk, states=stepped)
@@ -444,7 +446,8 @@ class PrefixTree:
                 if keep:
                     self.bytes += h_next.nbytes + sum(t.nbytes for t in s.tensors())
                 new_pairs.append((level, h_parent, a, env, h_next, parent))
-                found, _ = level.find(distinct)
+                n = len(level.codes)  # the new prefixes took the last rows, in `new`'s order
+                found = found.index_put((new,), torch.arange(n - len(new), n, device=device))
             rows = found[inverse]  # each candidate's row at step t
             level_rows.append(rows)
             parent_level = level
