@@ -446,6 +446,38 @@ def test_the_map_decoders_read_table_follows_its_weights():
         first = changed
 
 
+@pytest.mark.parametrize("decoder", ["mlp", "ego", "map"])
+@pytest.mark.parametrize("goal_maps", [0, 4])
+def test_predict_latent_is_the_encoded_most_likely_decode(decoder, goal_maps):
+    # Imagination's fused step equals encoding the decoded argmax observation, for every
+    # decoder and latent layout, and its kept tables follow changed weights.
+    torch.manual_seed(0)
+    model = WorldModel(preset("debug", decoder=decoder, goal_maps=goal_maps)).eval()
+    h = torch.randn(40, model.latent_dim)
+    if decoder == "map":
+        h[:, model.feature_dim :] = torch.randint(0, CELL_IDS, (40, MAP_SIZE)).float()
+    action = torch.randint(0, model.cfg.n_actions, (40,))
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            obs = model.most_likely(model.decode(h, action))
+            return (model.predict_latent(h, action),
+                    model.encode(obs["image"], obs["direction"], obs["carrying"]))
+
+    fused, reference = both()
+    width = model.feature_dim + (N_CELLS if decoder == "map" else 0)  # map: the view's ids
+    assert fused.shape == reference.shape == (40, width)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    for weight in (model.state_emb.weight, model.dir_emb.weight, model.cell_proj.bias,
+                   model.carry_color_emb.weight):
+        with torch.no_grad():
+            weight.add_(0.3)
+        changed, reference = both()
+        torch.testing.assert_close(changed, reference, atol=1e-5, rtol=1e-5)
+        assert not torch.equal(changed, fused)
+        fused = changed
+
+
 def test_the_maps_move_rule_is_the_environments():
     """The map moves forward where the last front cell was enterable: the rule on packed ids
     agrees with `lwm.envs.spatial.enterable` for every cell there is."""

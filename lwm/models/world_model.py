@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lwm.models.backbones import BackboneConfig, make_backbone
-from lwm.models.ssm import BatchState
+from lwm.models.ssm import BatchState, kept_while_frozen
 
 N_TYPES, N_COLORS, N_STATES = 11, 6, 3
 """minigrid's object types, colours and door states."""
@@ -394,6 +394,9 @@ class WorldModel(nn.Module):
         self.carry_type_emb = nn.Embedding(N_TYPES, d)
         self.carry_color_emb = nn.Embedding(N_COLORS, d)
         self.z_norm = nn.LayerNorm(d)
+        # where `predict_latent`'s bag holds the direction, carried type and colour rows
+        self.register_buffer("_bag_offsets", torch.tensor([0, N_DIRECTIONS, N_DIRECTIONS
+                                                           + N_TYPES]), persistent=False)
         self.prev_action_emb = nn.Embedding(cfg.n_actions + 1, d)  # + START
         self.backbone = make_backbone(cfg.backbone, cfg.backbone_cfg)
         self.action_emb = nn.Embedding(cfg.n_actions, d)
@@ -562,15 +565,8 @@ class WorldModel(nn.Module):
         20) split into type (11), colour (6), state (3); direction (..., 4); carried type (...,
         11) and colour (..., 6). The MLP decoder reads h's first d entries only (the ego
         decoder also reads the current cells, so h must be whole)."""
-        d = self.cfg.d_model
-        out = self.decoders[head](self.with_action(h[..., :d], action))
-        cells = out[..., : N_CELLS * CELL_LOGITS].unflatten(-1, (N_CELLS, CELL_LOGITS))
-        if self.cfg.decoder == "ego":
-            cells = cells + self._ego_copy(h, action, out[..., OBS_LOGITS:])
-        elif self.cfg.decoder == "map":
-            cells = cells + self._map_copy(h, action, out[..., OBS_LOGITS:])
+        cells, rest = self._decode(h, action, head)
         cells = cells.unflatten(-2, (VIEW, VIEW))
-        rest = out[..., N_CELLS * CELL_LOGITS : OBS_LOGITS]
         return {
             "type": cells[..., :N_TYPES],
             "color": cells[..., N_TYPES : N_TYPES + N_COLORS],
@@ -579,6 +575,61 @@ class WorldModel(nn.Module):
             "carry_type": rest[..., N_DIRECTIONS : N_DIRECTIONS + N_TYPES],
             "carry_color": rest[..., N_DIRECTIONS + N_TYPES :],
         }
+
+    def _decode(self, h: Tensor, action: Tensor, head: int = 0) -> tuple[Tensor, Tensor]:
+        """`decode`'s logits as two tensors: cells (..., 49, 20) and the rest (..., 21):
+        direction, carried type and colour."""
+        d = self.cfg.d_model
+        out = self.decoders[head](self.with_action(h[..., :d], action))
+        cells = out[..., : N_CELLS * CELL_LOGITS].unflatten(-1, (N_CELLS, CELL_LOGITS))
+        if self.cfg.decoder == "ego":
+            cells = cells + self._ego_copy(h, action, out[..., OBS_LOGITS:])
+        elif self.cfg.decoder == "map":
+            cells = cells + self._map_copy(h, action, out[..., OBS_LOGITS:])
+        return cells, out[..., N_CELLS * CELL_LOGITS : OBS_LOGITS]
+
+    def predict_latent(self, h: Tensor, action: Tensor) -> Tensor:
+        """h (M, latent_dim), action (M,) -> z (M, ...): the latent of the most likely next
+        observation, `encode(**most_likely(decode(h, action)))` (imagination's step, no
+        gradient through the argmax), in about half the ops: the cells are looked up as packed
+        ids in a table of their summed embeddings, the direction and carried object in one
+        bag of embeddings that also holds the projection's bias (`_latent_tables`)."""
+        cells, rest = self._decode(h, action)
+        t0, t1 = N_TYPES, N_TYPES + N_COLORS
+        ids = (cells[..., :t0].argmax(-1) * N_COLORS + cells[..., t0:t1].argmax(-1)) * N_STATES \
+            + cells[..., t1:].argmax(-1)  # (M, 49) packed, as `pack_cells`
+        direction = rest[..., :N_DIRECTIONS].argmax(-1)
+        carry_type = rest[..., N_DIRECTIONS : N_DIRECTIONS + N_TYPES].argmax(-1)
+        carry_color = rest[..., N_DIRECTIONS + N_TYPES :].argmax(-1)
+        cell_table, bag, carried_table = self._latent_tables()
+        embedded = F.embedding(ids, cell_table).flatten(-2)  # (M, 49 e)
+        extra = torch.stack([direction, carry_type, carry_color], -1) + self._bag_offsets
+        z = F.embedding_bag(extra, bag, mode="sum")  # (M, d): bias + the three embeddings
+        z = torch.addmm(z, embedded, self.cell_proj.weight.t())
+        z = self.z_norm(F.silu(z, inplace=True))
+        parts = [z]
+        if self.cfg.carries_cells:
+            parts += [embedded, F.embedding(carry_type * N_COLORS + carry_color, carried_table)]
+        if self.cfg.decoder == "map":
+            parts.append(ids.to(z.dtype))
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else z
+
+    def _latent_tables(self) -> tuple[Tensor, Tensor, Tensor]:
+        """`predict_latent`'s tables, kept while the weights stay the same: each packed cell
+        id's summed embedding (CELL_IDS, e); the direction rows (with `cell_proj`'s bias), then
+        the carried type and colour rows (4 + 11 + 6, d); each carried (type, colour)'s summed
+        embedding (N_TYPES * N_COLORS, e)."""
+        def make() -> tuple[Tensor, Tensor, Tensor]:
+            parts = unpack_cells(torch.arange(CELL_IDS, device=self.type_emb.weight.device))
+            bag = torch.cat([self.dir_emb.weight + self.cell_proj.bias,
+                             self.carry_type_emb.weight, self.carry_color_emb.weight])
+            carried = (self.type_emb.weight[:, None] + self.color_emb.weight[None]).flatten(0, 1)
+            return self._embed_cells(parts), bag, carried
+
+        params = (self.type_emb.weight, self.color_emb.weight, self.state_emb.weight,
+                  self.dir_emb.weight, self.carry_type_emb.weight, self.carry_color_emb.weight,
+                  self.cell_proj.bias)
+        return kept_while_frozen(self, "_latent_tables_cache", params, make)
 
     def _ego_copy(self, h: Tensor, action: Tensor, gates: Tensor) -> Tensor:
         """The ego decoder's copy term (..., 49, 20): for each next-view cell and each of its
@@ -609,16 +660,12 @@ class WorldModel(nn.Module):
         embedding), and a last row of zeros for "no source". It depends on the weights alone,
         so without autograd (imagination decodes ~20 times a plan) it is kept until one of
         them changes (an optimizer step, a load, a move or cast)."""
+        def make() -> Tensor:
+            return F.pad(self.cell_read(self._embed_cells(self.cell_parts)), (0, 0, 0, 1))
+
         params = (self.type_emb.weight, self.color_emb.weight, self.state_emb.weight,
                   *self.cell_read.parameters())
-        key = tuple((id(p), p._version, p.device, p.dtype) for p in params)
-        cached = self.__dict__.get("_read_table_cache")
-        if torch.is_grad_enabled() or cached is None or cached[0] != key:
-            table = F.pad(self.cell_read(self._embed_cells(self.cell_parts)), (0, 0, 0, 1))
-            if torch.is_grad_enabled():
-                return table
-            cached = self.__dict__["_read_table_cache"] = (key, table)
-        return cached[1]
+        return kept_while_frozen(self, "_read_table_cache", params, make)
 
     def _map_copy(self, h: Tensor, action: Tensor, gates: Tensor) -> Tensor:
         """The map decoder's copy term (..., 49, 20): as `_ego_copy`, with the sources on the
@@ -791,12 +838,14 @@ class WorldModel(nn.Module):
             if psi is not None:
                 rewards.append(self.reward(h, a, psi=psi["reward"]))
             conts.append(self.cont(h, a))
-            obs = self.most_likely(self.decode(h, a))
-            z = self.encode(obs["image"], obs["direction"], obs["carrying"])
+            if decode_frames:
+                obs = self.most_likely(self.decode(h, a))
+                z = self.encode(obs["image"], obs["direction"], obs["carrying"])
+                frames.append(obs)
+            else:
+                z = self.predict_latent(h, a)
             h, state = self.next(state, z, a)
             hs.append(h)
-            if decode_frames:
-                frames.append(obs)
         out: dict[str, Tensor] = {"h": torch.stack(hs, dim=1), "cont": torch.stack(conts, 1)}
         if psi is not None:
             out["reward"] = torch.stack(rewards, dim=1)

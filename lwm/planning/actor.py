@@ -203,9 +203,7 @@ class GoalPolicy(nn.Module):
                 a = torch.multinomial(probs, 1, generator=generator)[:, 0]
                 rewards.append(torch.sigmoid(model.reward(hs[-1], a, psi=psi["reward"])))
                 conts.append(torch.sigmoid(model.cont(hs[-1], a)))
-                obs = model.most_likely(model.decode(hs[-1], a))
-                h_next, s = model.next(s, model.encode(obs["image"], obs["direction"],
-                                                       obs["carrying"]), a)
+                h_next, s = model.next(s, model.predict_latent(hs[-1], a), a)
                 hs.append(h_next)
                 actions.append(a)
             p, c = torch.stack(rewards), torch.stack(conts)  # (H, B)

@@ -265,8 +265,7 @@ def imagine_candidates(
         if t == horizon - 1 and terminal == "q":
             last = model.q(h, psi=psi["q"][env]).gather(-1, a[:, None])[:, 0]
             break
-        obs = model.most_likely(model.decode(h, a))
-        h, s = model.next(s, model.encode(obs["image"], obs["direction"], obs["carrying"]), a)
+        h, s = model.next(s, model.predict_latent(h, a), a)
     else:
         last = model.value(h, psi=psi["q"][env])
     reward = torch.sigmoid(torch.stack(rewards, dim=1)).view(B, k, horizon)
@@ -431,8 +430,7 @@ class PrefixTree:
                 h_parent, s = parent_level.gather(parent, chunk, states=stepped)
                 h_next = None
                 if stepped:
-                    obs = model.most_likely(model.decode(h_parent, a))
-                    z = model.encode(obs["image"], obs["direction"], obs["carrying"])  # (M, d)
+                    z = model.predict_latent(h_parent, a)  # (M, ...)
                     m = len(a)
                     n_rows = padded_rows(model, m)  # M' >= M: rows past M are stepped, dropped
                     if n_rows != m:
