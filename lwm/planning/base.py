@@ -398,15 +398,30 @@ class PrefixTree:
     @torch.no_grad()
     def score(self, actions: Tensor, discount: float) -> Candidates:
         """Score action sequences (B, K, H) (H the same at every call) with discount gamma."""
-        model, A = self.model, self.model.cfg.n_actions
         B, K, H = actions.shape
         if self.levels and len(self.levels) != H:
             raise ValueError(f"this tree holds horizon {len(self.levels)}, asked to score {H}")
         if self.bytes > self.max_bytes:  # over budget: forget, step this call's prefixes afresh
             self.levels, self.bytes = [], 0
-        flat = actions.reshape(B * K, H)
+        # Inference mode: the tree's own tensors skip autograd's version counting (4 % of a
+        # CEM call, measured); what is returned is computed outside it, as ordinary tensors.
+        with torch.inference_mode():
+            rows_ = self._grow(actions.reshape(B * K, H))  # (B*K, H)
+        reward = torch.sigmoid(torch.stack([lv.reward[rows_[:, t]] for t, lv in
+                                            enumerate(self.levels)], dim=1)).view(B, K, H)
+        cont = torch.sigmoid(torch.stack([lv.cont[rows_[:, t]] for t, lv in
+                                          enumerate(self.levels)], dim=1)).view(B, K, H)
+        value = torch.sigmoid(self.levels[-1].last[rows_[:, -1]]).view(B, K)
+        return Candidates(actions, reward, cont, value,
+                          objective(reward, cont, value, discount, self.terminal))
+
+    def _grow(self, flat: Tensor) -> Tensor:
+        """Step the prefixes of sequences flat (B*K, H) not seen before and score their pairs;
+        -> each sequence's row at each level (B*K, H)."""
+        model, A = self.model, self.model.cfg.n_actions
+        B, H = len(self.root.codes), flat.shape[1]
         device = flat.device
-        rows = torch.arange(B, device=device).repeat_interleave(K)  # in the root: the env
+        rows = torch.arange(B, device=device).repeat_interleave(len(flat) // B)  # root: env
         parent_level, level_rows = self.root, []
         new_pairs = []  # per step: (level, h_t, a_t, env) of the pairs first seen now
         for t in range(H):
@@ -450,14 +465,7 @@ class PrefixTree:
             level_rows.append(rows)
             parent_level = level
         self._score_heads(new_pairs)
-        rows_ = torch.stack(level_rows, dim=1)  # (B*K, H)
-        reward = torch.sigmoid(torch.stack([lv.reward[rows_[:, t]] for t, lv in
-                                            enumerate(self.levels)], dim=1)).view(B, K, H)
-        cont = torch.sigmoid(torch.stack([lv.cont[rows_[:, t]] for t, lv in
-                                          enumerate(self.levels)], dim=1)).view(B, K, H)
-        value = torch.sigmoid(self.levels[-1].last[rows_[:, -1]]).view(B, K)
-        return Candidates(actions, reward, cont, value,
-                          objective(reward, cont, value, discount, self.terminal))
+        return torch.stack(level_rows, dim=1)
 
     def _score_heads(self, new_pairs: list) -> None:
         """Reward and cont logits of the pairs first seen in this call, and the terminal logit
