@@ -256,6 +256,30 @@ def test_a_tree_over_its_memory_budget_starts_afresh(model):
     assert tree.bytes > 0
 
 
+@pytest.mark.parametrize("H", [1, 4])
+def test_a_lazy_tree_leaves_the_last_step_to_complete(model, H):
+    # With the q terminal J never reads the last step's p and c: a lazy tree leaves them NaN
+    # (the same J), and `complete` fills them in as a full tree computes them, for any subset.
+    B, K = 2, 24
+    state, h, goal = history(model, B)
+    actions = torch.randint(0, 4, (B, K, H), generator=torch.Generator().manual_seed(8))
+    full = PrefixTree(model, state, h, goal, "q").score(actions, 0.9)
+    tree = PrefixTree(model, state, h, goal, "q", lazy_last=True)
+    lazy = tree.score(actions, 0.9)
+    assert lazy.reward[..., -1].isnan().all() and lazy.cont[..., -1].isnan().all()
+    torch.testing.assert_close(lazy.objective, full.objective)
+    torch.testing.assert_close(lazy.reward[..., :-1], full.reward[..., :-1])
+    pick = torch.tensor([[3, 0, 17], [5, 5, 1]])
+    with CountingNext(model) as rows:
+        done = tree.complete(lazy.select(pick))
+    assert rows == []  # the picked sequences are known: nothing is stepped
+    expected = full.select(pick)
+    for name in ("reward", "cont", "value", "objective"):
+        torch.testing.assert_close(getattr(done, name), getattr(expected, name),
+                                   atol=1e-5, rtol=1e-4)
+    assert tree.complete(done) is done  # nothing left to fill
+
+
 def test_one_step_search_with_the_q_terminal_is_greedy_q(model):
     # Horizon 1 steps nothing: each candidate is one action scored by Q, so the plan is Q's
     # argmax over the actions the planner proposes (all but the excluded no-op).

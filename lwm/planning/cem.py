@@ -65,7 +65,8 @@ class CEM(Planner):
         cfg, A = self.cfg, model.cfg.n_actions
         probs = forbid_first(self.warm.start(h.shape[0], A, h.device), forbid)  # (B, H, A)
         best = None
-        tree = PrefixTree(model, state, h, goal, cfg.terminal)  # prefixes shared by iterations
+        # prefixes shared by iterations; the last step's p, c only for the plan returned
+        tree = PrefixTree(model, state, h, goal, cfg.terminal, lazy_last=True)
         for _ in range(cfg.iterations):
             actions = sample_sequences(probs, cfg.candidates, generator)  # (B, K, H)
             scored = penalize_repeats(
@@ -79,7 +80,7 @@ class CEM(Planner):
             best = elites.top(1) if best is None else best.cat(elites).top(1)
         if cfg.warm_start:
             self.warm.remember(probs)
-        return plan_result(model, state, h, best, probs, decode)
+        return plan_result(model, state, h, tree.complete(best), probs, decode)
 
     def reset(self) -> None:
         self.warm.reset()

@@ -115,7 +115,8 @@ class MPPI(Planner):
                 cfg.terminal,
             ), tried, cfg.repeat_penalty)
         best = None
-        tree = PrefixTree(model, state, h, goal, cfg.terminal)  # prefixes shared by iterations
+        # prefixes shared by iterations; the last step's p, c only for the plan returned
+        tree = PrefixTree(model, state, h, goal, cfg.terminal, lazy_last=True)
         for _ in range(cfg.iterations):
             actions = sample_sequences(probs, cfg.candidates - n_prior, generator)  # (B, K', H)
             scored = penalize_repeats(
@@ -135,7 +136,7 @@ class MPPI(Planner):
             best = elites.select(pick)
         if cfg.warm_start:
             self.warm.remember(probs)
-        return plan_result(model, state, h, best, probs, decode)
+        return plan_result(model, state, h, tree.complete(best), probs, decode)
 
     def reset(self) -> None:
         self.warm.reset()
