@@ -480,11 +480,12 @@ class PrefixTree:
                     z = model.predict_latent(h_parent, a)  # (M, ...)
                     m = len(a)
                     n_rows = padded_rows(model, m)  # M' >= M: rows past M are stepped, dropped
-                    if n_rows != m:
-                        s = s.index(F.pad(torch.arange(m, device=device), (0, n_rows - m)))
-                    h_next, s = model.next(s, F.pad(z, (0, 0, 0, n_rows - m)),
-                                           F.pad(a, (0, n_rows - m)))
-                    if n_rows != m:
+                    if n_rows == m:
+                        h_next, s = model.next(s, z, a)
+                    else:
+                        s = s.take(F.pad(torch.arange(m, device=device), (0, n_rows - m)))
+                        h_next, s = model.next(s, F.pad(z, (0, 0, 0, n_rows - m)),
+                                               F.pad(a, (0, n_rows - m)))
                         h_next, s = h_next[:m], s.index(slice(0, m))
                 keep = h_next is not None and t < H - 1  # the last level is never a parent
                 level.append(codes[first], env, h_next if keep else None, s if keep else None)
