@@ -251,6 +251,18 @@ def test_the_shipped_checkpoints_load_as_the_small_preset(suite):
     assert sum(f.stat().st_size for f in shipped) < 20 * 2**20  # all of them together
 
 
+@pytest.mark.parametrize("goal_maps", [0, 4])
+def test_the_reward_of_a_pair_is_the_heads_on_the_pairs_features(goal_maps):
+    # `reward` adds the action to the history without copying the cells beside it; the head
+    # must read what training feeds it, `with_action`'s features of the pair.
+    torch.manual_seed(0)
+    model = WorldModel(preset("debug", goal_maps=goal_maps)).eval()
+    h, g = torch.randn(6, model.latent_dim), torch.randn(6, 384)
+    action = torch.randint(0, model.cfg.n_actions, (6,))
+    expected = model.reward_head(model.with_action(h, action), g)[..., 0]
+    torch.testing.assert_close(model.reward(h, action, g), expected)
+
+
 @pytest.mark.parametrize("maps", [0, 3])
 def test_pairwise_goal_scores_equal_one_goal_at_a_time(maps):
     torch.manual_seed(0)

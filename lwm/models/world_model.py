@@ -320,12 +320,15 @@ class _GoalHead(nn.Module):
         psi = self.goal_mlp(g)
         return torch.cat([psi, self.query(g)], dim=-1) if self.maps else psi
 
-    def forward(self, h: Tensor, g: Tensor | None = None, psi: Tensor | None = None) -> Tensor:
+    def forward(self, h: Tensor, g: Tensor | None = None, psi: Tensor | None = None,
+                core: Tensor | None = None) -> Tensor:
         """h (..., D) and g (..., goal_dim) or psi (..., P), broadcastable -> logits (..., n_out).
-        """
+        core: what the head reads in place of h's first d entries (the history with an action
+        added, `WorldModel.reward`), so that h's cells need not be copied beside it."""
         psi = self.goal_features(g) if psi is None else psi
         k, n = self.hidden, self.n_out
-        phi = self.state_mlp(h[..., : self.d]).unflatten(-1, (n, k))  # (..., n_out, k)
+        core = h[..., : self.d] if core is None else core
+        phi = self.state_mlp(core).unflatten(-1, (n, k))  # (..., n_out, k)
         dot = (phi * psi[..., None, :k]).sum(-1)  # (..., n_out)
         out = dot / math.sqrt(k) + psi[..., k : k + n]
         if self.maps:
@@ -333,8 +336,7 @@ class _GoalHead(nn.Module):
                 -1, (MAP_CELLS, self.cell_dim))  # (..., C, e)
             query = psi[..., k + n :].unflatten(-1, (self.maps, self.cell_dim + 1))
             match = cells @ query[..., :-1].transpose(-1, -2) + query[..., None, :, -1]
-            out = out + self.map_out(self.read(match.flatten(-2))
-                                     + self.history(h[..., : self.d]))
+            out = out + self.map_out(self.read(match.flatten(-2)) + self.history(core))
         return out
 
     def pairwise(self, h: Tensor, psi: Tensor, goals: Tensor | None = None) -> Tensor:
@@ -692,7 +694,8 @@ class WorldModel(nn.Module):
         Pass `psi = model.goal_features(g)["reward"]` instead of g to score the same goals at
         many states without recomputing the goal stream.
         """
-        return self.reward_head(self.with_action(h, action), g, psi)[..., 0]
+        core = h[..., : self.cfg.d_model] + self.action_emb(action.long())  # as `with_action`
+        return self.reward_head(h, g, psi, core=core)[..., 0]
 
     def q(self, h: Tensor, g: Tensor | None = None, psi: Tensor | None = None) -> Tensor:
         """h (..., d), g (..., goal_dim) (or `psi = goal_features(g)["q"]`) -> (..., A) logits of

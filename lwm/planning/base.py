@@ -340,16 +340,25 @@ class _Level:
                states: bool = True) -> tuple[Tensor, BatchState | None]:
         """Histories and copies of the states of `rows` (sorted by `chunk`); without `states`,
         the histories alone (None for the states)."""
-        hs, copies = [], []
-        for c in torch.unique_consecutive(chunk).tolist():
-            local = rows[chunk == c] - self.starts[c]
-            hs.append(self.h[c].index_select(0, local))
+        used, counts = torch.unique_consecutive(chunk, return_counts=True)
+        if len(used) == 1:  # one chunk: a plain index
+            c = int(used[0])
+            local = rows - self.starts[c] if c else rows
+            return (self.h[c].index_select(0, local),
+                    self.states[c].take(local) if states else None)
+        # Several: each chunk's rows are read into their slice of one output, without a cat.
+        h = self.h[0].new_empty(len(rows), *self.h[0].shape[1:])
+        out = self.states[used[0]].map(
+            lambda t: t.new_empty(len(rows), *t.shape[1:])) if states else None
+        end = 0
+        for c, n in zip(used.tolist(), counts.tolist(), strict=True):
+            start, end = end, end + n
+            local = rows[start:end] - self.starts[c]
+            torch.index_select(self.h[c], 0, local, out=h[start:end])
             if states:
-                copies.append(self.states[c].take(local))
-        h = hs[0] if len(hs) == 1 else torch.cat(hs)
-        if not states:
-            return h, None
-        return h, copies[0] if len(copies) == 1 else BatchState.cat(copies)
+                for dst, src in zip(out.tensors(), self.states[c].tensors(), strict=True):
+                    torch.index_select(src, 0, local, out=dst[start:end])
+        return h, out
 
 
 def _first_of(inverse: Tensor, n: int) -> Tensor:
