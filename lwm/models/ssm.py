@@ -430,20 +430,24 @@ def ssd_step_(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor)
         )
     dA = torch.exp(dt * A)  # (B, H)
     dtB = dt[..., None] * B[:, None, :]  # (B, H, N)
+    CB = (C * B).sum(-1, keepdim=True)  # (B, 1)
+    skip = (dt * CB)[..., None] * x  # (B, H, P): the new token's own term
+    if torch.compiler.is_compiling():
+        # exp(dt A) (h C) as h (exp(dt A) C): C per head gives the reduction the update's loops
+        # over (B, H, P), so inductor runs both in one pass over h (1.4 against 1.8-2.6 ms a
+        # layer at B=1024, 1 thread: with C per row it read h twice, in two kernels). The
+        # update is one expression: a single read-modify-write (2.4x faster than tracing the
+        # two in-place ops below).
+        y = (h * (dA[..., None] * C[:, None, :])[:, :, None, :]).sum(-1) + skip
+        h.copy_(dA[..., None, None] * h + x[..., None] * dtB[:, :, None, :])
+        return y
     # h C as a product and a sum over N, not a matmul: the matmul is B*H products of (P, N) by
     # (N, 1), which CPU batched GEMM runs slowly (eager step 1.9-2.3x faster at 64-256 rows,
-    # 1.2x at 1024; compiled, inductor fuses either into the same reduction).
-    hC = (h * C[:, None, None, :]).sum(-1)  # (B, H, P)
-    CB = (C * B).sum(-1, keepdim=True)  # (B, 1)
-    y = dA[..., None] * hC + (dt * CB)[..., None] * x
-    if torch.compiler.is_compiling():
-        # One expression: inductor turns it into a single read-modify-write pass over h (2.4x
-        # faster than tracing the two in-place ops below).
-        h.copy_(dA[..., None, None] * h + x[..., None] * dtB[:, :, None, :])
-    else:
-        # Eager: no (B, H, P, N) temporary; decay, then the rank-1 update of each head as one
-        # broadcast multiply-add (faster than a batched matmul of (P, 1) by (1, N) products).
-        h.mul_(dA[..., None, None]).addcmul_(x[..., None], dtB[:, :, None, :])
+    # 1.2x at 1024).
+    y = dA[..., None] * (h * C[:, None, None, :]).sum(-1) + skip
+    # Eager: no (B, H, P, N) temporary; decay, then the rank-1 update of each head as one
+    # broadcast multiply-add (faster than a batched matmul of (P, 1) by (1, N) products).
+    h.mul_(dA[..., None, None]).addcmul_(x[..., None], dtB[:, :, None, :])
     return y
 
 
