@@ -289,3 +289,23 @@ def test_cpu_tensors_take_the_reference_path():
     x, dt, A, B, C = ssd_inputs()
     y, _ = ssm.ssd_chunk_scan(x, dt, A, B, C, 8)
     torch.testing.assert_close(y, ssd_chunk_scan_ref(x, dt, A, B, C, 8)[0])
+
+
+def test_what_is_kept_while_frozen_follows_its_weights():
+    # Without autograd, derived weights are kept between calls; any change to a weight (in
+    # place, a load, a cast) makes them again, and with autograd they are made afresh.
+    block = make_block()
+    reference = block.conv1d.weight[:, 0].t().contiguous().t()
+    with torch.no_grad():
+        kept = block.conv_weight()
+        assert block.conv_weight() is kept and torch.equal(kept, reference)
+        _, taps, newest = block._branch_weights()
+        assert block._branch_weights()[1] is taps
+        block.conv1d.weight.mul_(2.0)
+        assert torch.equal(block.conv_weight(), 2 * reference)
+        assert torch.equal(block._branch_weights()[2], 2 * newest)
+        block.load_state_dict({k: v + 1 for k, v in block.state_dict().items()})
+        assert torch.equal(block.conv_weight(), 2 * reference + 1)
+        assert block.double().conv_weight().dtype == torch.float64
+    fresh = block.conv_weight()
+    assert fresh.requires_grad and fresh is not block.conv_weight()

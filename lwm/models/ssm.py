@@ -623,9 +623,12 @@ class Mamba2(nn.Module):
         Compiled code vectorises the K shifted multiply-adds over C only if each tap is
         contiguous; conv1d.weight (C, 1, K) has them strided by K (scalar code, ~3x slower for
         the step's conv), and inductor inlines a `.contiguous()` taken inside its graph, so
-        compiled callers make this outside the graph and pass it in. Differentiable.
+        compiled callers make this outside the graph and pass it in. Differentiable; without
+        autograd it is kept while the weight stays the same (imagination steps call it once
+        a token per layer).
         """
-        return self.conv1d.weight[:, 0].t().contiguous().t()
+        return kept_while_frozen(self, "_conv_weight_cache", (self.conv1d.weight,),
+                                 lambda: self.conv1d.weight[:, 0].t().contiguous().t())
 
     def _conv_step(self, conv: Tensor, slot: int, xBC: Tensor, w: Tensor) -> Tensor:
         """Causal conv output (B, C) for a new input xBC: (B, C), given the ring buffer
