@@ -336,10 +336,12 @@ class _Level:
         starts = torch.tensor(self.starts, device=rows.device)
         return torch.searchsorted(starts, rows, right=True) - 1
 
-    def gather(self, rows: Tensor, chunk: Tensor,
+    def gather(self, rows: Tensor, chunk: Tensor | None,
                states: bool = True) -> tuple[Tensor, BatchState | None]:
-        """Histories and copies of the states of `rows` (sorted by `chunk`); without `states`,
-        the histories alone (None for the states)."""
+        """Histories and copies of the states of `rows` (sorted by `chunk`; None: all in the
+        first); without `states`, the histories alone (None for the states)."""
+        if chunk is None:
+            return self.h[0].index_select(0, rows), self.states[0].take(rows) if states else None
         used, counts = torch.unique_consecutive(chunk, return_counts=True)
         if len(used) == 1:  # one chunk: a plain index
             c = int(used[0])
@@ -477,10 +479,12 @@ class PrefixTree:
                 new = (~known).nonzero()[:, 0]  # the new prefixes among `distinct`
                 first = _first_of(inverse, len(distinct))[new]  # a candidate per new prefix
                 parent = rows[first]
-                chunk = parent_level.chunk_of(parent)
-                by_chunk = torch.sort(chunk, stable=True).indices  # gather chunk by chunk
-                first, parent, chunk = first[by_chunk], parent[by_chunk], chunk[by_chunk]
-                new = new[by_chunk]
+                chunk = None  # the parents' chunks, where the parent level has several
+                if len(parent_level.starts) > 1:
+                    chunk = parent_level.chunk_of(parent)
+                    by_chunk = torch.sort(chunk, stable=True).indices  # gather chunk by chunk
+                    first, parent, chunk = first[by_chunk], parent[by_chunk], chunk[by_chunk]
+                    new = new[by_chunk]
                 a, env = flat[first, t], parent_level.env[parent]
                 stepped = t < H - 1 or self.terminal == "value"  # else the q terminal's Q
                 h_parent, s = parent_level.gather(parent, chunk, states=stepped)
