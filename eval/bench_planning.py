@@ -208,15 +208,16 @@ class Bench:
 
             return wrapper
 
-        parts = ("next", "decode", "most_likely", "encode", "reward", "cont", "q")
+        # predict_latent: decoding the imagined view and encoding its most likely reading
+        parts = ("next", "predict_latent", "reward", "cont", "q")
         for name in parts:
             setattr(self.model, name, timed(name, getattr(self.model, name)))
-        index = BatchState.index
-        BatchState.index = timed("state.index", index)
+        take = BatchState.take  # reading the rows of states (`index` reads through it)
+        BatchState.take = timed("state rows", take)
         try:
             self.call()
         finally:
-            BatchState.index = index
+            BatchState.take = take
             for name in parts:
                 delattr(self.model, name)
             self.model.next = self.counting_next
