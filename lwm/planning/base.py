@@ -36,6 +36,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from itertools import pairwise
 from typing import Protocol
 
 import torch
@@ -291,7 +292,8 @@ class _Level:
 
     Rows are only ever appended, one chunk per `PrefixTree.score` call that found new
     prefixes, so a row number names its prefix for the whole search. A prefix's code is
-    parent_row * A + a_t: its row at step t - 1 (at the root, its environment) and its action.
+    parent_row * A + a_t: its row at step t - 1 (at the root, its environment) and its action,
+    so codes are dense and a table indexed by code finds a prefix's row in one lookup.
     """
 
     codes: Tensor
@@ -311,55 +313,54 @@ class _Level:
     """(n,) continuation logit of (h_t, a_t)."""
     last: Tensor | None = None
     """(n,) at the last step: the terminal logit of the whole sequence (q or v)."""
+    table: Tensor | None = None
+    """(parent rows * A,) the row of each code, -1 where no prefix has it yet."""
 
-    def __post_init__(self) -> None:
-        self.sorted_codes, self.order = torch.sort(self.codes)
+    def rows_of(self, codes: Tensor, n_codes: int) -> Tensor:
+        """codes (M,) of which there are n_codes in all (the parent level's rows times A) ->
+        their rows, -1 for prefixes not seen yet."""
+        known = 0 if self.table is None else len(self.table)
+        if known < n_codes:  # the parent level grew since: room for its new codes
+            more = codes.new_full((n_codes - known,), -1)
+            self.table = more if self.table is None else torch.cat([self.table, more])
+        return self.table[codes]
 
     def append(self, codes: Tensor, env: Tensor, h: Tensor | None,
                state: BatchState | None) -> None:
+        """New prefixes (codes, unseen) from environments env, and with h their histories and
+        states, as the next chunk of rows."""
+        n = len(self.codes)
         if h is not None:
-            self.starts.append(len(self.codes))
+            self.starts.append(n)
             self.h.append(h)
             self.states.append(state)
+        self.table[codes] = torch.arange(n, n + len(codes), device=codes.device)
         self.codes, self.env = torch.cat([self.codes, codes]), torch.cat([self.env, env])
-        self.sorted_codes, self.order = torch.sort(self.codes)
 
-    def find(self, codes: Tensor) -> tuple[Tensor, Tensor]:
-        """codes (M,) -> (row of each code or garbage, whether it is known)."""
-        if not len(self.codes):
-            return torch.zeros_like(codes), torch.zeros_like(codes, dtype=torch.bool)
-        pos = torch.searchsorted(self.sorted_codes, codes).clamp_(max=len(self.codes) - 1)
-        return self.order[pos], self.sorted_codes[pos] == codes
-
-    def chunk_of(self, rows: Tensor) -> Tensor:
-        """rows (M,) -> the chunk each is in."""
-        starts = torch.tensor(self.starts, device=rows.device)
-        return torch.searchsorted(starts, rows, right=True) - 1
-
-    def gather(self, rows: Tensor, chunk: Tensor | None,
-               states: bool = True) -> tuple[Tensor, BatchState | None]:
-        """Histories and copies of the states of `rows` (sorted by `chunk`; None: all in the
-        first); without `states`, the histories alone (None for the states)."""
-        if chunk is None:
-            return self.h[0].index_select(0, rows), self.states[0].take(rows) if states else None
-        used, counts = torch.unique_consecutive(chunk, return_counts=True)
-        if len(used) == 1:  # one chunk: a plain index
-            c = int(used[0])
+    def gather(self, rows: Tensor, states: bool = True) -> tuple[Tensor, BatchState | None]:
+        """Histories and copies of the states of `rows` (ascending); without `states`, the
+        histories alone (None for the states)."""
+        if len(self.starts) > 1:  # where the chunks begin among the rows
+            edges = [0, *torch.searchsorted(rows, torch.tensor(
+                self.starts[1:], device=rows.device)).tolist(), len(rows)]
+            parts = [(c, a, b) for c, (a, b) in enumerate(pairwise(edges)) if b > a]
+        else:
+            parts = [(0, 0, len(rows))]
+        if len(parts) == 1:  # one chunk: a plain index
+            c = parts[0][0]
             local = rows - self.starts[c] if c else rows
             return (self.h[c].index_select(0, local),
                     self.states[c].take(local) if states else None)
         # Several: each chunk's rows are read into their slice of one output, without a cat.
         h = self.h[0].new_empty(len(rows), *self.h[0].shape[1:])
-        out = self.states[used[0]].map(
+        out = self.states[0].map(
             lambda t: t.new_empty(len(rows), *t.shape[1:])) if states else None
-        end = 0
-        for c, n in zip(used.tolist(), counts.tolist(), strict=True):
-            start, end = end, end + n
-            local = rows[start:end] - self.starts[c]
-            torch.index_select(self.h[c], 0, local, out=h[start:end])
+        for c, a, b in parts:
+            local = rows[a:b] - self.starts[c]
+            torch.index_select(self.h[c], 0, local, out=h[a:b])
             if states:
                 for dst, src in zip(out.tensors(), self.states[c].tensors(), strict=True):
-                    torch.index_select(src, 0, local, out=dst[start:end])
+                    torch.index_select(src, 0, local, out=dst[a:b])
         return h, out
 
 
@@ -445,12 +446,11 @@ class PrefixTree:
         with torch.inference_mode():  # known prefixes: nothing is stepped
             rows = self._grow(last, env)
         level = self.root if H == 1 else self.levels[H - 2]
-        parent = env if H == 1 else rows[:, H - 2].contiguous()
-        chunk = level.chunk_of(parent)
-        order = torch.sort(chunk, stable=True).indices
+        parent = env if H == 1 else rows[:, H - 2]
+        parent, order = torch.sort(parent)
         h = torch.empty(len(parent), *level.h[0].shape[1:], dtype=level.h[0].dtype,
                         device=parent.device)
-        h[order] = level.gather(parent[order], chunk[order], states=False)[0]
+        h[order] = level.gather(parent, states=False)[0]
         a = last[:, -1]
         reward, cont = c.reward.clone(), c.cont.clone()
         reward.view(B * E, H)[missing, -1] = torch.sigmoid(
@@ -473,21 +473,14 @@ class PrefixTree:
                 self.levels.append(_Level(empty, empty))
             level = self.levels[t]
             codes = rows * A + flat[:, t]
-            distinct, inverse = torch.unique(codes, return_inverse=True)
-            found, known = level.find(distinct)
-            if not bool(known.all()):
-                new = (~known).nonzero()[:, 0]  # the new prefixes among `distinct`
-                first = _first_of(inverse, len(distinct))[new]  # a candidate per new prefix
-                parent = rows[first]
-                chunk = None  # the parents' chunks, where the parent level has several
-                if len(parent_level.starts) > 1:
-                    chunk = parent_level.chunk_of(parent)
-                    by_chunk = torch.sort(chunk, stable=True).indices  # gather chunk by chunk
-                    first, parent, chunk = first[by_chunk], parent[by_chunk], chunk[by_chunk]
-                    new = new[by_chunk]
-                a, env = flat[first, t], parent_level.env[parent]
+            found = level.rows_of(codes, len(parent_level.codes) * A)
+            new = found < 0
+            if bool(new.any()):
+                fresh = torch.unique(codes[new])  # ascending: their parents are in row order
+                parent = fresh.div(A, rounding_mode="floor")
+                a, env = fresh - parent * A, parent_level.env[parent]
                 stepped = t < H - 1 or self.terminal == "value"  # else the q terminal's Q
-                h_parent, s = parent_level.gather(parent, chunk, states=stepped)
+                h_parent, s = parent_level.gather(parent, states=stepped)
                 h_next = None
                 if stepped:
                     z = model.predict_latent(h_parent, a)  # (M, ...)
@@ -501,13 +494,12 @@ class PrefixTree:
                                                F.pad(a, (0, n_rows - m)))
                         h_next, s = h_next[:m], s.index(slice(0, m))
                 keep = h_next is not None and t < H - 1  # the last level is never a parent
-                level.append(codes[first], env, h_next if keep else None, s if keep else None)
+                level.append(fresh, env, h_next if keep else None, s if keep else None)
                 if keep:
                     self.bytes += h_next.nbytes + sum(t.nbytes for t in s.tensors())
                 new_pairs.append((level, h_parent, a, env, h_next, parent))
-                n = len(level.codes)  # the new prefixes took the last rows, in `new`'s order
-                found = found.index_put((new,), torch.arange(n - len(new), n, device=device))
-            rows = found[inverse]  # each candidate's row at step t
+                found = level.table[codes]
+            rows = found  # each sequence's row at step t
             level_rows.append(rows)
             parent_level = level
         self._score_heads(new_pairs)
