@@ -393,6 +393,12 @@ class TargetSequenceModel(WorldModel):
     def q(self, h: Tensor, g=None, psi=None) -> Tensor:
         return torch.full((*h.shape[:-1], self.cfg.n_actions), -10.0)
 
+    def reward_folded(self, fold, h: Tensor, action: Tensor, env: Tensor) -> Tensor:
+        return self.reward(h, action)
+
+    def q_folded(self, fold, h: Tensor, env: Tensor) -> Tensor:
+        return self.q(h)
+
 
 def target_prior(target: list[int]):
     """A policy prior that knows the target sequence: reads the step from h."""

@@ -264,6 +264,36 @@ def test_the_reward_of_a_pair_is_the_heads_on_the_pairs_features(goal_maps):
 
 
 @pytest.mark.parametrize("maps", [0, 3])
+@pytest.mark.parametrize("n_out", [1, 4])
+@pytest.mark.parametrize("n_goals", [1, 3])
+def test_a_folded_head_scores_as_the_head(maps, n_out, n_goals):
+    # Goals folded into the weights give the head's logits for each row's own goal, with or
+    # without a replaced core, for one goal or several.
+    torch.manual_seed(0)
+    head = _GoalHead(d=8, goal_dim=5, hidden=6, n_out=n_out, maps=maps, cell_dim=3)
+    width = 8 + (MAP_CELLS * 3 if maps else 0) + 2  # and a tail the head does not read
+    h, g = torch.randn(20, width), torch.randn(n_goals, 5)
+    env = torch.randint(0, n_goals, (20,))
+    psi = head.goal_features(g)
+    fold = head.fold(psi)
+    torch.testing.assert_close(fold(h, env), head(h, psi=psi[env]), rtol=1e-5, atol=1e-5)
+    core = torch.randn(20, 8)
+    torch.testing.assert_close(fold(h, env, core), head(h, psi=psi[env], core=core),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_the_world_models_folded_reward_is_its_reward():
+    torch.manual_seed(0)
+    model = WorldModel(preset("debug", goal_maps=4)).eval()
+    h, g = torch.randn(12, model.latent_dim), torch.randn(2, 384)
+    action, env = torch.randint(0, model.cfg.n_actions, (12,)), torch.arange(12) % 2
+    fold = model.fold_goals(g)
+    torch.testing.assert_close(model.reward_folded(fold, h, action, env),
+                               model.reward(h, action, g[env]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fold["q"](h, env), model.q(h, g[env]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("maps", [0, 3])
 def test_pairwise_goal_scores_equal_one_goal_at_a_time(maps):
     torch.manual_seed(0)
     head = _GoalHead(d=8, goal_dim=5, hidden=6, n_out=4, maps=maps, cell_dim=3)

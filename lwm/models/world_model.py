@@ -339,6 +339,23 @@ class _GoalHead(nn.Module):
             out = out + self.map_out(self.read(match.flatten(-2)) + self.history(core))
         return out
 
+    def fold(self, psi: Tensor) -> GoalFold:
+        """This head with goals psi (B, P) (`goal_features`) folded into its weights: what
+        depends on the goal alone is multiplied out once, so scoring many states for their
+        goal skips the widest matmul (`GoalFold`)."""
+        k, n, e = self.hidden, self.n_out, self.cell_dim
+        stream = psi[:, :k]  # (B, k)
+        last = self.state_mlp[2]  # phi = last(u): (n * k) outputs, output i * k + j
+        out = torch.einsum("ijl,bj->bil", last.weight.view(n, k, k), stream) / math.sqrt(k)
+        bias = (stream @ last.bias.view(n, k).T) / math.sqrt(k) + psi[:, k : k + n]
+        read = read_bias = None
+        if self.maps:
+            query = psi[:, k + n :].unflatten(-1, (self.maps, e + 1))  # (B, maps, e + 1)
+            weight = self.read.weight.view(-1, MAP_CELLS, self.maps)  # (hidden, C, maps)
+            read = torch.einsum("jcm,bme->bjce", weight, query[..., :-1]).flatten(-2)
+            read_bias = query[..., -1] @ weight.sum(1).T + self.read.bias  # (B, hidden)
+        return GoalFold(self, out, bias, read, read_bias)
+
     def pairwise(self, h: Tensor, psi: Tensor, goals: Tensor | None = None) -> Tensor:
         """Every state against its own set of goals: h (B, L, D) and psi (B, L, G, P), or a goal
         table's psi (V, P) with goals (B, L, G) indices into it -> logits (B, L, G, n_out), as
@@ -375,6 +392,51 @@ class _GoalHead(nn.Module):
             # read(match + bias): the query biases enter through the weight summed over cells.
             read = read + query_bias @ weight.sum(1).T + self.read.bias
             out = out + self.map_out(read + self.history(h[..., : self.d])[:, :, None])
+        return out
+
+
+@dataclass
+class GoalFold:
+    """A `_GoalHead` with B goals folded into its weights (`_GoalHead.fold`).
+
+    The head's logit i is <phi_i(h), s> / sqrt(k) + b_i with phi = W2 u + b2 and u the state
+    MLP's hidden layer, so it equals u . (W2_i^T s) / sqrt(k) + const: per goal the widest
+    matmul (k by n_out k) becomes n_out dot products. The goal-match maps fold the same way:
+    the map read is linear in the matches, which are linear in the cells, so the query and the
+    read weight become one (hidden, cells) weight per goal. Equal to the head up to rounding.
+    """
+
+    head: _GoalHead
+    out: Tensor
+    """(B, n_out, k) each goal's stream through the state MLP's last layer, over sqrt(k)."""
+    bias: Tensor
+    """(B, n_out) each goal's constant: the last layer's bias against its stream, plus b_i."""
+    read: Tensor | None
+    """(B, map hidden, MAP_CELLS * cell_dim) with maps: each goal's query times the read."""
+    read_bias: Tensor | None
+    """(B, map hidden) with maps: the query biases through the read, and its bias."""
+
+    def __call__(self, h: Tensor, env: Tensor, core: Tensor | None = None) -> Tensor:
+        """h (M, D) (with maps: its cells after the first d entries), env (M,) each row's goal
+        index, core (M, d) what replaces h's first d entries (`_GoalHead.forward`) -> (M,
+        n_out) logits."""
+        if len(self.out) == 1:
+            return self._logits(h, 0, h[:, : self.head.d] if core is None else core)
+        logits = h.new_empty(len(h), self.head.n_out)
+        for b in torch.unique(env).tolist():  # one goal at a time: each its own weights
+            rows = (env == b).nonzero()[:, 0]
+            logits[rows] = self._logits(h[rows], b, (h[rows, : self.head.d] if core is None
+                                                      else core[rows]))
+        return logits
+
+    def _logits(self, h: Tensor, b: int, core: Tensor) -> Tensor:
+        head = self.head
+        u = head.state_mlp[1](head.state_mlp[0](core))  # (M, k)
+        out = F.linear(u, self.out[b], self.bias[b])
+        if self.read is not None:
+            cells = h[:, head.d : head.d + MAP_CELLS * head.cell_dim]
+            read = F.linear(cells, self.read[b], self.read_bias[b])
+            out = out + head.map_out(read + head.history(core))
         return out
 
 
@@ -711,6 +773,22 @@ class WorldModel(nn.Module):
     def value(self, h: Tensor, g: Tensor | None = None, psi: Tensor | None = None) -> Tensor:
         """max_a Q: h (..., d), g (..., goal_dim) -> logit (...) of the goal-reaching value."""
         return self.q(h, g, psi).amax(-1)
+
+    def fold_goals(self, g: Tensor) -> dict[str, GoalFold]:
+        """The reward and Q heads with goals g (B, goal_dim) folded into their weights
+        (`GoalFold`), for scoring many states for one goal each (imagination)."""
+        psi = self.goal_features(g)
+        return {"reward": self.reward_head.fold(psi["reward"]), "q": self.q_head.fold(psi["q"])}
+
+    def reward_folded(self, fold: dict[str, GoalFold], h: Tensor, action: Tensor,
+                      env: Tensor) -> Tensor:
+        """`reward` of h (M, latent), action (M,) for goal env (M,) of `fold_goals` -> (M,)."""
+        core = h[..., : self.cfg.d_model] + self.action_emb(action.long())
+        return fold["reward"](h, env, core)[:, 0]
+
+    def q_folded(self, fold: dict[str, GoalFold], h: Tensor, env: Tensor) -> Tensor:
+        """`q` of h (M, latent) for goal env (M,) of `fold_goals` -> (M, A)."""
+        return fold["q"](h, env)
 
     def goal_features(self, g: Tensor) -> dict[str, Tensor]:
         """g (..., goal_dim) -> the goal streams of the reward and Q heads."""

@@ -253,22 +253,22 @@ def imagine_candidates(
     environment are consecutive rows. terminal: `SearchConfig.terminal`.
     """
     B = h.shape[0]
-    psi = model.goal_features(goal)  # goal streams, once per environment
+    fold = model.fold_goals(goal)  # the goal heads with each env's goal folded in
     env = torch.arange(B, device=h.device).repeat_interleave(k)  # (B*K,)
     s = model.branch(state).expand(k)  # (B*K, ...): stepping it leaves `state` alone
     h = h.repeat_interleave(k, dim=0)  # (B*K, d)
     rewards, conts, actions = [], [], []
     for t in range(horizon):
         a = act(t, h)
-        rewards.append(model.reward(h, a, psi=psi["reward"][env]))
+        rewards.append(model.reward_folded(fold, h, a, env))
         conts.append(model.cont(h, a))
         actions.append(a)
         if t == horizon - 1 and terminal == "q":
-            last = model.q(h, psi=psi["q"][env]).gather(-1, a[:, None])[:, 0]
+            last = model.q_folded(fold, h, env).gather(-1, a[:, None])[:, 0]
             break
         h, s = model.next(s, model.predict_latent(h, a), a)
     else:
-        last = model.value(h, psi=psi["q"][env])
+        last = model.q_folded(fold, h, env).amax(-1)
     reward = torch.sigmoid(torch.stack(rewards, dim=1)).view(B, k, horizon)
     cont = torch.sigmoid(torch.stack(conts, dim=1)).view(B, k, horizon)
     value = torch.sigmoid(last).view(B, k)
@@ -407,7 +407,7 @@ class PrefixTree:
         self.model, self.terminal, self.max_bytes = model, terminal, max_bytes
         self.lazy_last = lazy_last and terminal == "q"
         self.bytes = 0  # histories and states kept in `levels`
-        self.psi = model.goal_features(goal)  # goal streams, once per environment
+        self.fold = model.fold_goals(goal)  # the goal heads with each env's goal folded in
         env = torch.arange(h.shape[0], device=h.device)  # the root's rows: one per env
         self.root = _Level(env, env, h=[h], states=[model.branch(state)], starts=[0])
         self.levels: list[_Level] = []
@@ -454,7 +454,7 @@ class PrefixTree:
         a = last[:, -1]
         reward, cont = c.reward.clone(), c.cont.clone()
         reward.view(B * E, H)[missing, -1] = torch.sigmoid(
-            self.model.reward(h, a, psi=self.psi["reward"][env]))
+            self.model.reward_folded(self.fold, h, a, env))
         cont.view(B * E, H)[missing, -1] = torch.sigmoid(self.model.cont(h, a))
         return Candidates(c.actions, reward, cont, c.value, c.objective)
 
@@ -510,7 +510,7 @@ class PrefixTree:
         of the new last-step ones: the heads run once on all of them, a few large matmuls."""
         if not new_pairs:
             return
-        model, psi = self.model, self.psi
+        model, fold = self.model, self.fold
         headed = new_pairs  # the pairs whose p and c are computed now
         if self.lazy_last and new_pairs[-1][0] is self.levels[-1]:
             headed = new_pairs[:-1]
@@ -520,7 +520,7 @@ class PrefixTree:
             a_all = torch.cat([p[2] for p in headed])
             env_all = torch.cat([p[3] for p in headed])
             sizes = [len(p[2]) for p in headed]
-            reward = list(model.reward(h_all, a_all, psi=psi["reward"][env_all]).split(sizes))
+            reward = list(model.reward_folded(fold, h_all, a_all, env_all).split(sizes))
             cont = list(model.cont(h_all, a_all).split(sizes))
         if len(headed) < len(new_pairs):  # left for `complete`
             nan = new_pairs[-1][1].new_full((len(new_pairs[-1][2]),), float("nan"))
@@ -535,9 +535,9 @@ class PrefixTree:
             if self.terminal == "q":  # q(h_{H-1}, a_{H-1}), Q read once per distinct h_{H-1}
                 distinct, inverse = torch.unique(parent, return_inverse=True)
                 one = _first_of(inverse, len(distinct))
-                last = model.q(h_t[one], psi=psi["q"][env[one]])[inverse, a]
+                last = model.q_folded(fold, h_t[one], env[one])[inverse, a]
             else:  # v(h_H)
-                last = model.value(h_next, psi=psi["q"][env])
+                last = model.q_folded(fold, h_next, env).amax(-1)
             level.last = last if level.last is None else torch.cat([level.last, last])
 
 
