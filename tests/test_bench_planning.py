@@ -19,7 +19,8 @@ def test_bench_planning_times_every_path_beside_its_legacy_run(tmp_path, monkeyp
     monkeypatch.setattr(bench, "H", 4)
     monkeypatch.setattr(bench, "ITERATIONS", 2)
     out = tmp_path / "plan.json"
-    result = bench.main(["--no-compile", "--rounds", "2", "--terminal", "q", "--json", str(out)])
+    result = bench.main(["--no-compile", "--rounds", "2", "--solo-rounds", "2", "--terminal", "q",
+                         "--json", str(out)])
     paths = result["paths"]
     legacy = {name for name, r in paths.items() if r["mode"] == "legacy"}
     assert legacy == {"mamba2 legacy cem q-terminal", "mamba2 legacy mppi q-terminal"}
@@ -27,6 +28,9 @@ def test_bench_planning_times_every_path_beside_its_legacy_run(tmp_path, monkeyp
                                                   "mamba2 mppi q-terminal"}
     for r in paths.values():
         assert r["warm_ms"] > 0 and r["warm_rows_stepped"] > 0 and r["terminal"] == "q"
+        # two calls alone, after one to settle, kept apart from the interleaved rounds
+        assert len(r["solo_calls_ms"]) == 2 and len(r["calls_ms"]) == 2
+        assert r["warm_solo_ms"] > 0
     assert json.loads(out.read_text())["speedup_over_legacy"] == result["speedup_over_legacy"]
     # The legacy runs swap the planners' tree only while they plan.
     assert lwm.planning.cem.PrefixTree is PrefixTree and lwm.planning.mppi.PrefixTree is PrefixTree
