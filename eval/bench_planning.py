@@ -208,8 +208,9 @@ class Bench:
 
     def breakdown(self) -> dict[str, float]:
         """ms spent in each world-model part during one more warm call; "planner" is the rest
-        (sampling, prefix bookkeeping, refits). The Q head serves the terminal value and, in
-        MPPI, the prior."""
+        (sampling, prefix bookkeeping, refits). The goal heads run with the goal folded in
+        (`GoalFold`): q_folded serves the terminal value (MPPI's prior calls `q`, which
+        counts as planner)."""
         spent: dict[str, float] = {}
 
         def timed(name, fn):
@@ -222,7 +223,7 @@ class Bench:
             return wrapper
 
         # predict_latent: decoding the imagined view and encoding its most likely reading
-        parts = ("next", "predict_latent", "reward", "cont", "q")
+        parts = ("next", "predict_latent", "reward_folded", "cont", "q_folded")
         for name in parts:
             setattr(self.model, name, timed(name, getattr(self.model, name)))
         take = BatchState.take  # reading the rows of states (`index` reads through it)
