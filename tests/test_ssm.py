@@ -227,7 +227,7 @@ def test_branches_equal_independent_states(roots):
     folded = branches.materialize()
     torch.testing.assert_close(folded.ssm, plain.ssm, atol=1e-5, rtol=1e-5)
     assert torch.equal(folded.conv, plain.conv) and folded.t == plain.t == state.t + 6
-    assert branches.path.shape[1] == 6
+    assert branches.tokens == 6 and branches.path.shape[1] == 7  # room for one more
 
 
 def test_branches_leave_the_root_alone_and_fold_long_paths():
@@ -265,6 +265,40 @@ def test_states_concatenate_along_the_batch():
     later.t += 1
     with pytest.raises(ValueError, match="cannot concatenate states that differ"):
         BatchState.cat([state, later])
+
+
+def test_branches_step_into_the_room_a_gather_leaves():
+    # A gathered branch state has room for the next token: the step writes it there instead
+    # of copying the path, reads the same as stepping a compact copy, and gathers from two
+    # states into one output (the prefix tree's chunks) equal one gather of the two.
+    from lwm.models.ssm import BatchState
+
+    block = make_block()
+    _, state = block(torch.randn(2, 5, D_MODEL))
+    with torch.no_grad():
+        branches = Mamba2Branches.fork(state).take(torch.tensor([0, 1, 1]))
+        for _ in range(3):
+            branches = block.step_branches(branches, torch.randn(3, D_MODEL))[1]
+            branches = branches.take(torch.tensor([2, 0, 1]))
+        assert branches.tokens == 3 and branches.path.shape[1] == 4
+        compact = branches.compact().clone()
+        assert compact.path.shape[1] == 3
+        x = torch.randn(3, D_MODEL)
+        buffer = branches.path.data_ptr()
+        y, stepped = block.step_branches(branches, x)
+        y_ref, ref = block.step_branches(compact, x)
+        torch.testing.assert_close(y, y_ref)
+        assert stepped.path.data_ptr() == buffer and stepped.tokens == ref.tokens == 4
+        assert torch.equal(stepped.path, ref.path)
+        other = stepped.clone()
+        out = stepped.new_rows(5)
+        stepped.take(torch.tensor([2, 0]), out, 0)
+        other.take(torch.tensor([1, 1, 0]), out, 2)
+        expected = BatchState.cat([stepped.take(torch.tensor([2, 0])),
+                                   other.take(torch.tensor([1, 1, 0]))])
+        assert out.tokens == 4 and out.path.shape[1] == 5
+        for got, want in zip(out.compact().tensors(), expected.tensors(), strict=True):
+            assert torch.equal(got, want)
 
 
 def test_compiled_falls_back_to_eager_with_one_warning(monkeypatch):

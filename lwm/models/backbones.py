@@ -203,7 +203,7 @@ class Mamba2Backbone(Backbone):
         dtype = torch.bfloat16 if self.cfg.bf16_matmul else None
         layer_states = []
         for norm, block, s in zip(self.norms, self.blocks, state.layers, strict=True):
-            if s.path.shape[1] >= BRANCH_TOKENS:  # long paths cost O(s) a token: fold them
+            if s.tokens >= BRANCH_TOKENS:  # long paths cost O(s) a token: fold them
                 s = Mamba2Branches.fork(s.materialize())
             y, s = block.step_branches(s, norm(x), dtype)
             x = x + y

@@ -107,10 +107,59 @@ class BatchState:
             return self.take(idx)
         return self.map(lambda t: t[idx].contiguous())
 
-    def take(self, rows: Tensor) -> Self:
+    def take(self, rows: Tensor, out: Self | None = None, at: int = 0) -> Self:
         """`index` for a 1-D tensor of non-negative rows, without checking them (the fast path
-        of imagination's bookkeeping)."""
-        return self.map(lambda t: t.index_select(0, rows))
+        of imagination's bookkeeping). With `out` (`new_rows`), the rows are written into its
+        rows at..at + len(rows), and `out` is returned: gathering from several states into one
+        without concatenating."""
+        if out is None:  # differentiable
+            return dataclasses.replace(self, **{
+                f.name: _take(getattr(self, f.name), rows) for f in dataclasses.fields(self)})
+        for f in dataclasses.fields(self):
+            _take_into(getattr(self, f.name), rows, getattr(out, f.name), at)
+        return out
+
+    def new_rows(self, n: int) -> Self:
+        """A state of this kind with n uninitialised rows (for `take` to fill)."""
+        return dataclasses.replace(self, **{
+            f.name: _new_rows(getattr(self, f.name), n) for f in dataclasses.fields(self)})
+
+    def compact(self) -> Self:
+        """This state without spare room (`Mamba2Branches` keeps some), for concatenation."""
+        return self
+
+
+def _take(value: Any, rows: Tensor) -> Any:
+    """`BatchState.take` of one field."""
+    if isinstance(value, Tensor):
+        return value.index_select(0, rows)
+    if isinstance(value, tuple):
+        return tuple(_take(v, rows) for v in value)
+    if isinstance(value, BatchState):
+        return value.take(rows)
+    return value
+
+
+def _take_into(value: Any, rows: Tensor, out: Any, at: int) -> None:
+    """value's rows (a tensor, a tuple of them, a `BatchState`) into out's rows from `at`."""
+    if isinstance(value, Tensor):
+        torch.index_select(value, 0, rows, out=out[at : at + len(rows)])
+    elif isinstance(value, tuple):
+        for v, o in zip(value, out, strict=True):
+            _take_into(v, rows, o, at)
+    elif isinstance(value, BatchState):
+        value.take(rows, out, at)
+
+
+def _new_rows(value: Any, n: int) -> Any:
+    """`BatchState.new_rows` of one field."""
+    if isinstance(value, Tensor):
+        return value.new_empty(n, *value.shape[1:])
+    if isinstance(value, tuple):
+        return tuple(_new_rows(v, n) for v in value)
+    if isinstance(value, BatchState):
+        return value.new_rows(n)
+    return value
 
 
 def _cat_batch(values: list[Any]) -> Any:
@@ -122,6 +171,8 @@ def _cat_batch(values: list[Any]) -> Any:
     if isinstance(first, tuple):
         return tuple(_cat_batch(list(parts)) for parts in zip(*values, strict=True))
     if isinstance(first, BatchState):
+        values = [v.compact() for v in values]
+        first = values[0]
         return dataclasses.replace(first, **{
             f.name: _cat_batch([getattr(v, f.name) for v in values])
             for f in dataclasses.fields(first)
@@ -192,9 +243,11 @@ class Mamba2Branches(BatchState):
     plain `Mamba2State`; stepping does so once a path holds `BRANCH_TOKENS` tokens.
 
     root: (R, H, P, N) shared SSM states; origin: (M,) each branch's root; conv: (M, K-1, C)
-    ring buffer as in `Mamba2State`; path: (M, s, H*P + N + 2H) each path token's x (H, P),
-    B (N), dt (H) and L (H), packed so that branching gathers one tensor (`parts`); t: tokens
-    consumed, the root's included.
+    ring buffer as in `Mamba2State`; path: (M, >= s, H*P + N + 2H) each path token's x (H, P),
+    B (N), dt (H) and L (H), packed so that branching gathers one tensor (`parts`), of which
+    the first s = `tokens` are the path: `take` leaves room for one more, so the step writes
+    its token there instead of copying the path into a longer one; t: tokens consumed, the
+    root's included.
     """
 
     root: Shared
@@ -202,6 +255,32 @@ class Mamba2Branches(BatchState):
     conv: Tensor
     path: Tensor
     t: int = 0
+    tokens: int = 0
+
+    def new_rows(self, n: int) -> Mamba2Branches:
+        """n uninitialised rows, with room after the path for the next token."""
+        return dataclasses.replace(
+            self, origin=self.origin.new_empty(n),
+            conv=self.conv.new_empty(n, *self.conv.shape[1:]),
+            path=self.path.new_empty(n, self.tokens + 1, self.path.shape[-1]))
+
+    def take(self, rows: Tensor, out: Mamba2Branches | None = None,
+             at: int = 0) -> Mamba2Branches:
+        """See `BatchState.take`: the path is copied into the room `new_rows` leaves (without
+        autograd; with it, the plain differentiable gather)."""
+        if out is None:
+            if torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors()):
+                return super().take(rows)
+            out, at = self.new_rows(len(rows)), 0
+        end = at + len(rows)
+        torch.index_select(self.origin, 0, rows, out=out.origin[at:end])
+        torch.index_select(self.conv, 0, rows, out=out.conv[at:end])
+        torch.index_select(self.path[:, : self.tokens], 0, rows,
+                           out=out.path[at:end, : self.tokens])
+        return out
+
+    def compact(self) -> Mamba2Branches:
+        return dataclasses.replace(self, path=self.path[:, : self.tokens])
 
     @classmethod
     def fork(cls, state: Mamba2State) -> Mamba2Branches:
@@ -216,7 +295,7 @@ class Mamba2Branches(BatchState):
     def parts(self, path: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """A packed path (M, s, F) (this state's by default) -> views x (M, s, H, P), B (M, s,
         N), dt (M, s, H), L (M, s, H)."""
-        path = self.path if path is None else path
+        path = self.path[:, : self.tokens] if path is None else path
         _, H, P, N = self.root.tensor.shape
         x, B, dt, L = path.split([H * P, N, H, H], dim=-1)
         return x.unflatten(-1, (H, P)), B, dt, L
@@ -690,10 +769,15 @@ class Mamba2(nn.Module):
         xBC = F.silu(xc, inplace=True)
         dt = F.softplus(dt_raw + self.dt_bias)  # (M, H)
         L = dt * A  # (M, H): a_s, then L_s
-        if state.path.shape[1]:
-            L += state.path[:, -1, -H:]
+        s = state.tokens
+        if s:
+            L += state.path[:, s - 1, -H:]
         token = torch.cat([xBC[:, : E + N], dt, L], dim=-1)  # packed as `Mamba2Branches.path`
-        path = torch.cat([state.path, token[:, None]], dim=1)  # (M, s, F)
+        if state.path.shape[1] > s:  # room for it (`Mamba2Branches.take`): no copy of the path
+            path = state.path[:, : s + 1]
+            path[:, s] = token
+        else:
+            path = torch.cat([state.path[:, :s], token[:, None]], dim=1)  # (M, s + 1, F)
         xs, Bs, dts, Ls = path.split([E, N, H, H], dim=-1)
         C = xBC[:, E + N :]  # (M, N)
         # Products and sums, not bmm / einsum: those run these tiny per-branch contractions
@@ -704,7 +788,7 @@ class Mamba2(nn.Module):
         y = (weight[..., None] * xs.unflatten(-1, (H, self.headdim))).sum(1)  # (M, H, P)
         y = y.addcmul_(L.exp()[..., None], state.root_read(C))
         y = self.norm(y.flatten(-2), z)  # (M, E)
-        state = dataclasses.replace(state, path=path, t=state.t + 1)
+        state = dataclasses.replace(state, path=path, t=state.t + 1, tokens=s + 1)
         return linear(y, self.out_proj.weight, matmul_dtype), state
 
     def step_(

@@ -353,14 +353,12 @@ class _Level:
                     self.states[c].take(local) if states else None)
         # Several: each chunk's rows are read into their slice of one output, without a cat.
         h = self.h[0].new_empty(len(rows), *self.h[0].shape[1:])
-        out = self.states[0].map(
-            lambda t: t.new_empty(len(rows), *t.shape[1:])) if states else None
+        out = self.states[0].new_rows(len(rows)) if states else None
         for c, a, b in parts:
             local = rows[a:b] - self.starts[c]
             torch.index_select(self.h[c], 0, local, out=h[a:b])
             if states:
-                for dst, src in zip(out.tensors(), self.states[c].tensors(), strict=True):
-                    torch.index_select(src, 0, local, out=dst[a:b])
+                self.states[c].take(local, out, a)
         return h, out
 
 
