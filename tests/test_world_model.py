@@ -282,6 +282,21 @@ def test_a_folded_head_scores_as_the_head(maps, n_out, n_goals):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_a_model_made_in_inference_mode_imagines():
+    # Its weights are inference tensors, which count no versions: nothing derived from them
+    # is kept, and imagination still runs.
+    with torch.inference_mode():
+        model = WorldModel(preset("debug", decoder="map")).eval()
+        h = torch.zeros(3, model.latent_dim)
+        action = torch.tensor([0, 1, 2])
+        z = model.predict_latent(h, action)
+        obs = model.most_likely(model.decode(h, action))
+        torch.testing.assert_close(z, model.encode(obs["image"], obs["direction"],
+                                                   obs["carrying"]))
+        _, state = model.next(model.init_state(3), z, action)
+    assert "_latent_tables_cache" not in model.__dict__
+
+
 def test_the_world_models_folded_reward_is_its_reward():
     torch.manual_seed(0)
     model = WorldModel(preset("debug", goal_maps=4)).eval()

@@ -539,8 +539,8 @@ def kept_while_frozen(owner: nn.Module, name: str, params: Sequence[Tensor],
     For tensors that depend on weights alone and that imagination would otherwise rebuild on
     every step (a few small ops each, which at its row counts cost as much as the step's math).
     """
-    if torch.is_grad_enabled():
-        return make()
+    if torch.is_grad_enabled() or any(p.is_inference() for p in params):
+        return make()  # (inference tensors count no versions: nothing to key on)
     key = tuple((id(p), p._version, p.device, p.dtype) for p in params)
     cached = owner.__dict__.get(name)
     if cached is None or cached[0] != key:
