@@ -17,10 +17,10 @@ shows which world-model parts the time goes to. Analytic FLOPs of the stepped ro
 decoder, encoder, heads; elementwise work not counted) over the machine's measured matmul FLOP/s
 show how close each path is to the hardware limit. Paths are timed in interleaved rounds so that
 ratios are taken under the same load; then each path runs alone, call after call, as an agent
-plans with one model ("alone": interleaved calls follow other models' calls, whose weights and
-trees have displaced theirs from the caches). Every Mamba-2 path also runs as "legacy", the way
-planners ran before session 17 (each imagined branch an independent state, and every iteration
-stepping all its prefixes again), and the legacy / current ratio of warm calls is printed.
+plans with one model ("alone": interleaved calls each follow other models' calls). Every
+Mamba-2 path also runs as "legacy", the way planners ran before session 17 (each imagined branch
+an independent state, and every iteration stepping all its prefixes again), and the legacy /
+current ratio of warm calls is printed.
 """
 
 from __future__ import annotations
@@ -313,8 +313,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for _ in range(args.rounds):  # round 0 is cold (uniform start), the rest warm-started
         for path in paths:
             path.call()
-    # Interleaving paths puts each call after other models' calls (their weights and trees in
-    # the caches); an agent plans with one model, call after call, so each path also runs alone.
+    # Interleaving puts each call after other models' calls; an agent plans with one model,
+    # call after call, so each path also runs alone.
     solo = {path.name: path.solo(args.solo_rounds) for path in paths} if args.solo_rounds else {}
     breakdown = {path.name: path.breakdown() for path in paths}
     dense = {b: dense_seconds(b, args.seed) for b in ("mamba2", "gru", "transformer")}

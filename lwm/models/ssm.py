@@ -778,14 +778,14 @@ class Mamba2(nn.Module):
             path[:, s] = token
         else:
             path = torch.cat([state.path[:, :s], token[:, None]], dim=1)  # (M, s + 1, F)
-        xs, Bs, dts, Ls = path.split([E, N, H, H], dim=-1)
+        xs, Bs, dts, Ls = state.parts(path)
         C = xBC[:, E + N :]  # (M, N)
         # Products and sums, not bmm / einsum: those run these tiny per-branch contractions
         # 5-9x slower on CPU (measured at 40-400 branches, paths of 2-7 tokens, 1 thread).
         CB = (Bs * C[:, None]).sum(-1, keepdim=True)  # (M, s, 1)
         weight = (L[:, None] - Ls).exp_().mul_(dts).mul_(CB)  # (M, s, H)
         weight[:, -1] += self.D  # the skip D x_s rides on the newest token's weight, exp(0) dt CB
-        y = (weight[..., None] * xs.unflatten(-1, (H, self.headdim))).sum(1)  # (M, H, P)
+        y = (weight[..., None] * xs).sum(1)  # (M, H, P)
         y = y.addcmul_(L.exp()[..., None], state.root_read(C))
         y = self.norm(y.flatten(-2), z)  # (M, E)
         state = dataclasses.replace(state, path=path, t=state.t + 1, tokens=s + 1)

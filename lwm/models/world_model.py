@@ -473,14 +473,14 @@ class WorldModel(nn.Module):
             self.cell_read = nn.Sequential(
                 nn.Linear(e, 2 * e), nn.SiLU(), nn.Linear(2 * e, CELL_LOGITS)
             )
+        # every packed cell id's (type, colour, state), for tables over all ids
+        self.register_buffer("cell_parts", unpack_cells(torch.arange(CELL_IDS)), persistent=False)
         if cfg.decoder == "ego":
             self.register_buffer("ego_sources", ego_sources(cfg.n_actions), persistent=False)
         if cfg.decoder == "map":
             self.register_buffer("map_moves", map_moves(cfg.n_actions), persistent=False)
             self.register_buffer("map_view", map_view(), persistent=False)
             self.register_buffer("map_sources", map_sources(cfg.n_actions).flatten(-2),
-                                 persistent=False)
-            self.register_buffer("cell_parts", unpack_cells(torch.arange(CELL_IDS)),
                                  persistent=False)
             self.register_buffer("enterable", enterable_cells(self.cell_parts), persistent=False)
         maps = dict(maps=cfg.goal_maps, cell_dim=cfg.cell_dim)
@@ -616,13 +616,17 @@ class WorldModel(nn.Module):
     def with_action(self, h: Tensor, action: Tensor) -> Tensor:
         """h (..., latent_dim) and the action about to be taken (...) -> the features of the
         pair (the action is added to the d-wide history; cell embeddings pass unchanged)."""
-        a = self.action_emb(action.long())
         d = self.cfg.d_model
+        core = self._core(h, action)
         if h.shape[-1] == d or self.feature_dim == d:  # no cells to carry along
-            return h[..., :d] + a
-        core = h[..., :d] + a
+            return core
         cells = h[..., d : self.feature_dim]
         return torch.cat([core, cells.expand(*core.shape[:-1], -1)], dim=-1)
+
+    def _core(self, h: Tensor, action: Tensor) -> Tensor:
+        """The d-wide history h[..., :d] with the action (...) about to be taken added: what
+        the decoder, the continuation head and the goal heads' state streams read of a pair."""
+        return h[..., : self.cfg.d_model] + self.action_emb(action.long())
 
     def decode(self, h: Tensor, action: Tensor, head: int = 0) -> dict[str, Tensor]:
         """h (..., latent_dim), action (...) -> logits of the next observation: cells (..., 7, 7,
@@ -643,8 +647,7 @@ class WorldModel(nn.Module):
     def _decode(self, h: Tensor, action: Tensor, head: int = 0) -> tuple[Tensor, Tensor]:
         """`decode`'s logits as two tensors: cells (..., 49, 20) and the rest (..., 21):
         direction, carried type and colour."""
-        d = self.cfg.d_model
-        out = self.decoders[head](self.with_action(h[..., :d], action))
+        out = self.decoders[head](self._core(h, action))
         cells = out[..., : N_CELLS * CELL_LOGITS].unflatten(-1, (N_CELLS, CELL_LOGITS))
         if self.cfg.decoder == "ego":
             cells = cells + self._ego_copy(h, action, out[..., OBS_LOGITS:])
@@ -690,11 +693,10 @@ class WorldModel(nn.Module):
         the carried type and colour rows (4 + 11 + 6, d); each carried (type, colour)'s summed
         embedding (N_TYPES * N_COLORS, e)."""
         def make() -> tuple[Tensor, Tensor, Tensor]:
-            parts = unpack_cells(torch.arange(CELL_IDS, device=self.type_emb.weight.device))
             bag = torch.cat([self.dir_emb.weight + self.cell_proj.bias,
                              self.carry_type_emb.weight, self.carry_color_emb.weight])
             carried = (self.type_emb.weight[:, None] + self.color_emb.weight[None]).flatten(0, 1)
-            return self._embed_cells(parts), bag, carried
+            return self._embed_cells(self.cell_parts), bag, carried
 
         params = (self.type_emb.weight, self.color_emb.weight, self.state_emb.weight,
                   self.dir_emb.weight, self.carry_type_emb.weight, self.carry_color_emb.weight,
@@ -730,8 +732,8 @@ class WorldModel(nn.Module):
         embedding), and a last row of zeros for "no source". It depends on the weights alone,
         so without autograd (imagination decodes ~20 times a plan) it is kept until one of
         them changes (an optimizer step, a load, a move or cast)."""
-        def make() -> Tensor:
-            return F.pad(self.cell_read(self._embed_cells(self.cell_parts)), (0, 0, 0, 1))
+        def make() -> Tensor:  # the cells' embeddings are `_latent_tables`' first table
+            return F.pad(self.cell_read(self._latent_tables()[0]), (0, 0, 0, 1))
 
         params = (self.type_emb.weight, self.color_emb.weight, self.state_emb.weight,
                   *self.cell_read.parameters())
@@ -762,8 +764,7 @@ class WorldModel(nn.Module):
         Pass `psi = model.goal_features(g)["reward"]` instead of g to score the same goals at
         many states without recomputing the goal stream.
         """
-        core = h[..., : self.cfg.d_model] + self.action_emb(action.long())  # as `with_action`
-        return self.reward_head(h, g, psi, core=core)[..., 0]
+        return self.reward_head(h, g, psi, core=self._core(h, action))[..., 0]
 
     def q(self, h: Tensor, g: Tensor | None = None, psi: Tensor | None = None) -> Tensor:
         """h (..., d), g (..., goal_dim) (or `psi = goal_features(g)["q"]`) -> (..., A) logits of
@@ -783,8 +784,7 @@ class WorldModel(nn.Module):
     def reward_folded(self, fold: dict[str, GoalFold], h: Tensor, action: Tensor,
                       env: Tensor) -> Tensor:
         """`reward` of h (M, latent), action (M,) for goal env (M,) of `fold_goals` -> (M,)."""
-        core = h[..., : self.cfg.d_model] + self.action_emb(action.long())
-        return fold["reward"](h, env, core)[:, 0]
+        return fold["reward"](h, env, self._core(h, action))[:, 0]
 
     def q_folded(self, fold: dict[str, GoalFold], h: Tensor, env: Tensor) -> Tensor:
         """`q` of h (M, latent) for goal env (M,) of `fold_goals` -> (M, A)."""
@@ -796,7 +796,7 @@ class WorldModel(nn.Module):
 
     def cont(self, h: Tensor, action: Tensor) -> Tensor:
         """h (..., d), action (...) -> logit that the episode goes on after the next observation."""
-        return self.cont_head(self.with_action(h[..., : self.cfg.d_model], action)).squeeze(-1)
+        return self.cont_head(self._core(h, action)).squeeze(-1)
 
     # ------------------------------------------------------------------ training
 

@@ -362,13 +362,6 @@ class _Level:
         return h, out
 
 
-def _first_of(inverse: Tensor, n: int) -> Tensor:
-    """(n,) for `torch.unique`'s inverse (M,) over n distinct values: a position of each (any:
-    the positions of a value agree on what it stands for)."""
-    return torch.empty(n, dtype=torch.long, device=inverse.device).scatter_(
-        0, inverse, torch.arange(len(inverse), device=inverse.device))
-
-
 TREE_BYTES = 256 * 2**20
 """Default most bytes of histories and states a `PrefixTree` keeps between `score` calls."""
 
@@ -476,7 +469,7 @@ class PrefixTree:
             if bool(new.any()):
                 fresh = torch.unique(codes[new])  # ascending: their parents are in row order
                 parent = fresh.div(A, rounding_mode="floor")
-                a, env = fresh - parent * A, parent_level.env[parent]
+                a, fresh_env = fresh - parent * A, parent_level.env[parent]
                 stepped = t < H - 1 or self.terminal == "value"  # else the q terminal's Q
                 h_parent, s = parent_level.gather(parent, states=stepped)
                 h_next = None
@@ -492,10 +485,10 @@ class PrefixTree:
                                                F.pad(a, (0, n_rows - m)))
                         h_next, s = h_next[:m], s.index(slice(0, m))
                 keep = h_next is not None and t < H - 1  # the last level is never a parent
-                level.append(fresh, env, h_next if keep else None, s if keep else None)
+                level.append(fresh, fresh_env, h_next if keep else None, s if keep else None)
                 if keep:
                     self.bytes += h_next.nbytes + sum(t.nbytes for t in s.tensors())
-                new_pairs.append((level, h_parent, a, env, h_next, parent))
+                new_pairs.append((level, h_parent, a, fresh_env, h_next, parent))
                 found = level.table[codes]
             rows = found  # each sequence's row at step t
             level_rows.append(rows)
@@ -531,8 +524,10 @@ class PrefixTree:
             if level is not self.levels[-1]:
                 continue
             if self.terminal == "q":  # q(h_{H-1}, a_{H-1}), Q read once per distinct h_{H-1}
-                distinct, inverse = torch.unique(parent, return_inverse=True)
-                one = _first_of(inverse, len(distinct))
+                # the parents come in row order (`_grow`): each distinct one's first position
+                _, inverse, counts = torch.unique_consecutive(parent, return_inverse=True,
+                                                              return_counts=True)
+                one = counts.cumsum(0) - counts
                 last = model.q_folded(fold, h_t[one], env[one])[inverse, a]
             else:  # v(h_H)
                 last = model.q_folded(fold, h_next, env).amax(-1)

@@ -69,9 +69,7 @@ class CEM(Planner):
         tree = PrefixTree(model, state, h, goal, cfg.terminal, lazy_last=True)
         for _ in range(cfg.iterations):
             actions = sample_sequences(probs, cfg.candidates, generator)  # (B, K, H)
-            scored = penalize_repeats(
-                tree.score(actions, cfg.discount), tried,
-                cfg.repeat_penalty)
+            scored = penalize_repeats(tree.score(actions, cfg.discount), tried, cfg.repeat_penalty)
             elites = scored.top(cfg.elites)  # (B, E, ...)
             # step 0 of every candidate avoids `forbid`, so the refit keeps it at zero there
             probs = cfg.momentum * probs + (1 - cfg.momentum) * action_frequencies(

@@ -119,9 +119,7 @@ class MPPI(Planner):
         tree = PrefixTree(model, state, h, goal, cfg.terminal, lazy_last=True)
         for _ in range(cfg.iterations):
             actions = sample_sequences(probs, cfg.candidates - n_prior, generator)  # (B, K', H)
-            scored = penalize_repeats(
-                tree.score(actions, cfg.discount), tried,
-                cfg.repeat_penalty)
+            scored = penalize_repeats(tree.score(actions, cfg.discount), tried, cfg.repeat_penalty)
             # Fresh samples first: top-k breaks ties by position, and a flat objective must not
             # refit to the same prior rollouts every iteration.
             elites = (scored if pool is None else scored.cat(pool)).top(cfg.elites)  # (B, E, ...)
