@@ -524,13 +524,14 @@ def test_predict_latent_is_the_encoded_most_likely_decode(decoder, goal_maps):
     fused, reference = both()
     width = model.feature_dim + (N_CELLS if decoder == "map" else 0)  # map: the view's ids
     assert fused.shape == reference.shape == (40, width)
-    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
-    for weight in (model.state_emb.weight, model.dir_emb.weight, model.cell_proj.bias,
-                   model.carry_color_emb.weight):
+    # the bag sums cell_proj's terms in another order than its matmul: rounding differs
+    torch.testing.assert_close(fused, reference, atol=5e-5, rtol=1e-4)
+    for weight in (model.state_emb.weight, model.dir_emb.weight, model.cell_proj.weight,
+                   model.cell_proj.bias, model.carry_color_emb.weight):
         with torch.no_grad():
             weight.add_(0.3)
         changed, reference = both()
-        torch.testing.assert_close(changed, reference, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(changed, reference, atol=5e-5, rtol=1e-4)
         assert not torch.equal(changed, fused)
         fused = changed
 
