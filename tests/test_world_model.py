@@ -441,6 +441,24 @@ def test_map_decoder_adds_gated_reads_of_the_remembered_cells():
 
 
 @pytest.mark.parametrize("decoder", ["ego", "map"])
+def test_copy_decoders_decode_the_same_with_and_without_autograd(decoder):
+    # Imagination's copy term sums each cell's two sources in an embedding bag; training's
+    # gathers, weights and sums them: the same logits, for leading dims of any shape.
+    torch.manual_seed(0)
+    model = WorldModel(preset("debug", decoder=decoder)).eval()
+    h = torch.randn(5, 3, model.latent_dim)
+    if decoder == "map":
+        h[..., model.feature_dim :] = torch.randint(0, CELL_IDS, (5, 3, MAP_SIZE)).float()
+    action = torch.randint(0, model.cfg.n_actions, (5, 3))
+    trained = model.decode(h, action)  # autograd on: the gather
+    assert trained["type"].requires_grad
+    with torch.no_grad():
+        imagined = model.decode(h, action)
+    for key, value in trained.items():
+        torch.testing.assert_close(imagined[key], value.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decoder", ["ego", "map"])
 def test_copy_decoders_train_save_and_load(tmp_path, decoder):
     torch.manual_seed(0)
     cfg = preset("debug", decoder=decoder, goal_maps=0)

@@ -440,6 +440,25 @@ class GoalFold:
         return out
 
 
+def _gated_copy(table: Tensor, rows: Tensor, gates: Tensor) -> Tensor:
+    """The copy decoders' term: for each next-view cell, its two sources' rows of `table`
+    (R, 20) summed with weights sigmoid(gate). rows, gates: (M, 2 * 49), source-major (the
+    decoder's gate layout) -> (M, 49, 20).
+
+    Without autograd (imagination) one embedding bag per cell gathers, weights and sums its
+    two rows: 1.6-2.5x faster than gathering all rows, weighting and summing them (measured at
+    128-512 rows, 1 and 2 threads). Training keeps the gather, whose backward is the fast one.
+    """
+    weight = torch.sigmoid(gates)
+    if torch.is_grad_enabled():
+        copied = table.index_select(0, rows.reshape(-1))  # (M * 98, 20)
+        return (weight.reshape(-1, 1) * copied).view(-1, 2, N_CELLS, CELL_LOGITS).sum(1)
+    bags = rows.view(-1, 2, N_CELLS).transpose(1, 2).reshape(-1, 2)  # (M * 49, 2) per cell
+    weight = weight.view(-1, 2, N_CELLS).transpose(1, 2).reshape(-1, 2)
+    return F.embedding_bag(bags, table, per_sample_weights=weight, mode="sum").view(
+        -1, N_CELLS, CELL_LOGITS)
+
+
 class WorldModel(nn.Module):
     """See the module docstring. Observations are dicts of tensors:
 
@@ -733,9 +752,7 @@ class WorldModel(nn.Module):
         # Rows of the flattened reads, not `gather`: CPU index_select runs forward and backward
         # ~2x faster (measured at 512 x 98 x 20, fp32 and bf16).
         rows = src + (N_CELLS + 1) * torch.arange(len(src), device=src.device)[:, None]
-        copied = read.reshape(-1, CELL_LOGITS).index_select(0, rows.view(-1))  # (M * 98, 20)
-        weight = torch.sigmoid(gates).reshape(-1, 1)
-        return (weight * copied).view(-1, 2, N_CELLS, CELL_LOGITS).sum(1).view(
+        return _gated_copy(read.reshape(-1, CELL_LOGITS), rows, gates).view(
             *lead, N_CELLS, CELL_LOGITS)
 
     def _read_table(self) -> Tensor:
@@ -762,10 +779,8 @@ class WorldModel(nn.Module):
         grid = F.pad(h[..., self.feature_dim :].long(), (0, 1), value=CELL_IDS)
         src = self.map_sources[action.expand(lead).long()]  # (*lead, 98)
         ids = grid.expand(*lead, -1).gather(-1, src)
-        table = self._read_table()
-        copied = table.index_select(0, ids.reshape(-1))  # (M * 98, 20)
-        weight = torch.sigmoid(gates).reshape(-1, 1)
-        return (weight * copied).view(*lead, 2, N_CELLS, CELL_LOGITS).sum(-3)
+        return _gated_copy(self._read_table(), ids.reshape(-1, 2 * N_CELLS),
+                           gates.reshape(-1, 2 * N_CELLS)).view(*lead, N_CELLS, CELL_LOGITS)
 
     def reward(self, h: Tensor, action: Tensor, g: Tensor | None = None,
                psi: Tensor | None = None) -> Tensor:
