@@ -392,25 +392,27 @@ def _copy_source_0_only(model: WorldModel) -> None:
 
 
 def test_ego_decoder_adds_gated_reads_of_the_source_cells():
-    """With the MLP's cell logits at zero, source-0 gates open and source-1 gates shut, the
-    type logit 0 of each next-view cell is the read of the cell it comes from."""
+    """With the MLP's cell logits at zero, source-0 gates open and source-1 gates shut, each
+    next-view cell is the read of the current view's cell it comes from, by the id h carries
+    (`cell_read` of that id's embedding); cells without a source read nothing."""
     torch.manual_seed(0)
     model = WorldModel(preset("debug", decoder="ego")).eval()
-    d, e = model.cfg.d_model, model.cfg.cell_dim
     _copy_source_0_only(model)
-    read = torch.nn.Linear(e, 20, bias=False)
-    with torch.no_grad():
-        read.weight.zero_()
-        read.weight[0, 0] = 1.0  # type logit 0 = the embedding's first entry
-    model.cell_read = read
+    view = torch.randint(0, CELL_IDS, (2, N_CELLS))
     h = torch.zeros(2, model.latent_dim)
-    h[:, d : d + N_CELLS * e].view(2, N_CELLS, e)[..., 0] = torch.arange(1, N_CELLS + 1.0)
+    h[:, model.feature_dim :] = view.float()
     with torch.no_grad():
-        logits = model.decode(h, torch.tensor([0, 3]))["type"][..., 0].reshape(2, N_CELLS)
-    src = ego_sources()[[0, 3], 0]  # left turn, pick-up
-    expected = torch.where(src == N_CELLS, 0.0, src.float() + 1)
-    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
-    assert logits[0, 6 * 7 + 6] == 3 * 7 + 3 + 1  # after a left turn (6, 6) shows (3, 3)
+        logits = model.decode(h, torch.tensor([0, 3]))  # left turn, pick-up
+        table = model.cell_read(model._embed_cells(unpack_cells(torch.arange(CELL_IDS))))
+    got = torch.cat([logits[k] for k in ("type", "color", "state")], -1).reshape(2, N_CELLS, -1)
+    src = ego_sources()[[0, 3], 0]
+    for row in range(2):
+        for cell in range(N_CELLS):
+            s = int(src[row, cell])
+            want = torch.zeros(20) if s == N_CELLS else table[view[row, s]]
+            torch.testing.assert_close(got[row, cell], want, atol=1e-4, rtol=1e-4)
+    assert src[0, 6 * 7 + 6] == 3 * 7 + 3  # after a left turn (6, 6) shows (3, 3)
+    assert (src[0] == N_CELLS).sum() > 0 and (src[1] == torch.arange(N_CELLS)).all()
 
 
 def test_map_decoder_adds_gated_reads_of_the_remembered_cells():
@@ -447,8 +449,8 @@ def test_copy_decoders_decode_the_same_with_and_without_autograd(decoder):
     torch.manual_seed(0)
     model = WorldModel(preset("debug", decoder=decoder)).eval()
     h = torch.randn(5, 3, model.latent_dim)
-    if decoder == "map":
-        h[..., model.feature_dim :] = torch.randint(0, CELL_IDS, (5, 3, MAP_SIZE)).float()
+    h[..., model.feature_dim :] = torch.randint(0, CELL_IDS, (5, 3, model.latent_dim
+                                                              - model.feature_dim)).float()
     action = torch.randint(0, model.cfg.n_actions, (5, 3))
     trained = model.decode(h, action)  # autograd on: the gather
     assert trained["type"].requires_grad
@@ -463,8 +465,9 @@ def test_copy_decoders_train_save_and_load(tmp_path, decoder):
     torch.manual_seed(0)
     cfg = preset("debug", decoder=decoder, goal_maps=0)
     model = WorldModel(cfg)
-    if decoder == "ego":  # the decoder alone makes h carry the current cells
-        assert model.latent_dim == model.feature_dim == cfg.d_model + MAP_CELLS * cfg.cell_dim
+    if decoder == "ego":  # the decoder alone makes h carry the current cells, and their ids
+        assert model.feature_dim == cfg.d_model + MAP_CELLS * cfg.cell_dim
+        assert model.latent_dim == model.feature_dim + N_CELLS
     else:  # h carries the map's cell ids, which no head but the decoder reads
         assert model.feature_dim == cfg.d_model and model.latent_dim == cfg.d_model + MAP_SIZE
     batch = _batch()
@@ -529,8 +532,9 @@ def test_predict_latent_is_the_encoded_most_likely_decode(decoder, goal_maps):
     torch.manual_seed(0)
     model = WorldModel(preset("debug", decoder=decoder, goal_maps=goal_maps)).eval()
     h = torch.randn(40, model.latent_dim)
-    if decoder == "map":
-        h[:, model.feature_dim :] = torch.randint(0, CELL_IDS, (40, MAP_SIZE)).float()
+    if decoder != "mlp":  # the ids the copy decoders read
+        h[:, model.feature_dim :] = torch.randint(0, CELL_IDS, (40, model.latent_dim
+                                                                - model.feature_dim)).float()
     action = torch.randint(0, model.cfg.n_actions, (40,))
 
     def both() -> tuple[torch.Tensor, torch.Tensor]:
@@ -540,7 +544,7 @@ def test_predict_latent_is_the_encoded_most_likely_decode(decoder, goal_maps):
                     model.encode(obs["image"], obs["direction"], obs["carrying"]))
 
     fused, reference = both()
-    width = model.feature_dim + (N_CELLS if decoder == "map" else 0)  # map: the view's ids
+    width = model.feature_dim + (N_CELLS if decoder != "mlp" else 0)  # the view's ids
     assert fused.shape == reference.shape == (40, width)
     # the bag sums cell_proj's terms in another order than its matmul: rounding differs
     torch.testing.assert_close(fused, reference, atol=5e-5, rtol=1e-4)

@@ -528,16 +528,17 @@ class WorldModel(nn.Module):
 
     @property
     def latent_dim(self) -> int:
-        """Width of h: `feature_dim`, plus with the map decoder the map's packed cell ids (as
-        floats; only the decoder reads them)."""
-        return self.feature_dim + (MAP_SIZE if self.cfg.decoder == "map" else 0)
+        """Width of h: `feature_dim`, plus the packed cell ids (as floats) the copy decoders
+        read: the map's with the map decoder, the current view's with the ego decoder."""
+        ids = {"map": MAP_SIZE, "ego": N_CELLS}.get(self.cfg.decoder, 0)
+        return self.feature_dim + ids
 
     def encode(self, image: Tensor, direction: Tensor, carrying: Tensor) -> Tensor:
         """image (..., 7, 7, 3), direction (...), carrying (..., 2) -> z (..., feature_dim [+
         49]): the d-wide observation latent, followed (with goal maps or the ego decoder) by the
         embeddings of the 49 cells and the carried object, which `next` passes on into h for
-        the goal heads, and (with the map decoder) the view's packed cell ids, which `next`
-        writes into the map."""
+        the goal heads, and (with a copy decoder) the view's packed cell ids, which `next`
+        writes into the map (map decoder) or passes on into h (ego decoder)."""
         cells = self._embed_cells(image)  # (..., 7, 7, e)
         z = self.cell_proj(cells.flatten(-3))  # (..., d)
         z = z + self.dir_emb(direction.long())
@@ -549,7 +550,7 @@ class WorldModel(nn.Module):
             carrying = carrying.long()
             carried = self.type_emb(carrying[..., 0]) + self.color_emb(carrying[..., 1])
             parts += [cells.flatten(-3), carried]
-        if self.cfg.decoder == "map":
+        if self.cfg.copies:
             parts.append(pack_cells(image).to(z.dtype))
         return torch.cat(parts, dim=-1) if len(parts) > 1 else z
 
@@ -566,12 +567,15 @@ class WorldModel(nn.Module):
 
     def _history(self, y: Tensor, z: Tensor, grid: Tensor | None = None) -> Tensor:
         """Backbone output y (..., d) -> h: with goal maps or the ego decoder, the current cells
-        ride along; with the map decoder, the map after the current view (`grid`)."""
+        ride along; with the ego decoder, their packed ids too; with the map decoder, the map
+        after the current view (`grid`)."""
         parts = [y]
         if self.cfg.carries_cells:
             parts.append(z[..., self.cfg.d_model : self.feature_dim])
         if grid is not None:
             parts.append(grid.to(y.dtype))
+        elif self.cfg.decoder == "ego":
+            parts.append(z[..., self.feature_dim :])
         return torch.cat(parts, dim=-1) if len(parts) > 1 else y
 
     def _remember(self, grid: Tensor, front_open: Tensor, prev_action: Tensor,
@@ -709,7 +713,7 @@ class WorldModel(nn.Module):
         if self.cfg.carries_cells:
             embedded = F.embedding(ids, cell_table).flatten(-2)  # (M, 49 e)
             parts += [embedded, F.embedding(carry_type * N_COLORS + carry_color, carried_table)]
-        if self.cfg.decoder == "map":
+        if self.cfg.copies:
             parts.append(ids.to(z.dtype))
         return torch.cat(parts, dim=-1) if len(parts) > 1 else z
 
@@ -737,23 +741,13 @@ class WorldModel(nn.Module):
         """The ego decoder's copy term (..., 49, 20): for each next-view cell and each of its
         two sources under `action` (`ego_sources`: the pose kept, a forward move made), the
         current view's cell there read as logits (`cell_read`), weighted by sigmoid(gate);
-        gates (..., 2 * 49) come from the decoder MLP, which knows whether a move succeeds."""
-        d, e = self.cfg.d_model, self.cfg.cell_dim
+        gates (..., 2 * 49) come from the decoder MLP, which knows whether a move succeeds.
+        A cell's read depends on its packed id alone, and h carries the view's ids, so the
+        copies index the table of every id's read (`_read_table`)."""
         if h.shape[-1] != self.latent_dim:
             raise ValueError(f"the ego decoder reads the current cells from h: need h of width "
                              f"{self.latent_dim}, got {h.shape[-1]}")
-        lead = torch.broadcast_shapes(h.shape[:-1], action.shape)
-        action = action.expand(lead)
-        # Read each history's cells once, then broadcast over the actions it is decoded with.
-        read = self.cell_read(h[..., d : d + N_CELLS * e].unflatten(-1, (N_CELLS, e)))
-        read = F.pad(read, (0, 0, 0, 1))  # row 49: no source, no logits
-        read = read.expand(*lead, -1, -1).reshape(-1, N_CELLS + 1, CELL_LOGITS)  # (M, 50, 20)
-        src = self.ego_sources[action.reshape(-1).long()].view(-1, 2 * N_CELLS)  # (M, 98)
-        # Rows of the flattened reads, not `gather`: CPU index_select runs forward and backward
-        # ~2x faster (measured at 512 x 98 x 20, fp32 and bf16).
-        rows = src + (N_CELLS + 1) * torch.arange(len(src), device=src.device)[:, None]
-        return _gated_copy(read.reshape(-1, CELL_LOGITS), rows, gates).view(
-            *lead, N_CELLS, CELL_LOGITS)
+        return self._copy(h, self.ego_sources.flatten(-2), action, gates)
 
     def _read_table(self) -> Tensor:
         """(CELL_IDS + 1, 20): every packed cell id read as logits (`cell_read` of its
@@ -769,15 +763,20 @@ class WorldModel(nn.Module):
 
     def _map_copy(self, h: Tensor, action: Tensor, gates: Tensor) -> Tensor:
         """The map decoder's copy term (..., 49, 20): as `_ego_copy`, with the sources on the
-        map h carries (`map_sources`). A cell's read depends on its packed id alone, so every
-        id is read once (`cell_read` of its embedding) and the copies index that table."""
+        map h carries (`map_sources`)."""
         if h.shape[-1] != self.latent_dim:
             raise ValueError(f"the map decoder reads the map from h: need h of width "
                              f"{self.latent_dim}, got {h.shape[-1]}")
+        return self._copy(h, self.map_sources, action, gates)
+
+    def _copy(self, h: Tensor, sources: Tensor, action: Tensor, gates: Tensor) -> Tensor:
+        """The copy decoders' term (..., 49, 20) from the packed ids h carries past
+        `feature_dim` (n of them), sources (A, 2 * 49) of each next-view cell in those ids
+        (n: none), action (...) and gates (..., 2 * 49)."""
         lead = torch.broadcast_shapes(h.shape[:-1], action.shape)
-        # Column MAP_SIZE, no source, holds id CELL_IDS: the table's row of zero logits.
+        # Column n, no source, holds id CELL_IDS: the table's row of zero logits.
         grid = F.pad(h[..., self.feature_dim :].long(), (0, 1), value=CELL_IDS)
-        src = self.map_sources[action.expand(lead).long()]  # (*lead, 98)
+        src = sources[action.expand(lead).long()]  # (*lead, 98)
         ids = grid.expand(*lead, -1).gather(-1, src)
         return _gated_copy(self._read_table(), ids.reshape(-1, 2 * N_CELLS),
                            gates.reshape(-1, 2 * N_CELLS)).view(*lead, N_CELLS, CELL_LOGITS)
