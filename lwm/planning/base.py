@@ -316,6 +316,8 @@ class _Level:
     """(n,) at the last step: the terminal logit of the whole sequence (q or v)."""
     table: Tensor | None = None
     """(parent rows * A,) the row of each code, -1 where no prefix has it yet."""
+    row_bytes: int = 0
+    """Bytes of one row's history and state (the same for every chunk of a level)."""
 
     def rows_of(self, codes: Tensor, n_codes: int) -> Tensor:
         """codes (M,) of which there are n_codes in all (the parent level's rows times A) ->
@@ -489,7 +491,10 @@ class PrefixTree:
                 keep = h_next is not None and t < H - 1  # the last level is never a parent
                 level.append(fresh, fresh_env, h_next if keep else None, s if keep else None)
                 if keep:
-                    self.bytes += h_next.nbytes + sum(t.nbytes for t in s.tensors())
+                    if not level.row_bytes:  # once a level: walking a state's tensors is slow
+                        level.row_bytes = (h_next.nbytes + sum(
+                            t.nbytes for t in s.tensors())) // max(len(h_next), 1)
+                    self.bytes += level.row_bytes * len(h_next)
                 new_pairs.append((level, h_parent, a, fresh_env, h_next, parent))
                 found = level.table[codes]
             rows = found  # each sequence's row at step t
