@@ -6,10 +6,10 @@ mmap threshold (128 KiB at first, then adapting to what is freed) with fresh map
 gives freed memory at the top of its heap back to the kernel once more than its trim threshold
 is free there. Either way the next allocation touches new pages, and each first touch is a page
 fault. Measured on one imagined step of 512 rows (decode and encode, read the parents'
-states, step the backbone): 1,565 page faults and a fifth of its time. In whole warm CEM calls
-most processes settle at 3-5 faults a call, but one of three processes in one series, and one
-of five in another, stayed at 4,028 and 2,738 (130.6 ms a call against 109.5 ms with this
-setting, one thread).
+states, step the backbone): 1,565 page faults, and 18.9 ms against 15.2 ms with this setting
+(about 2.4 us a fault). In whole warm CEM calls most processes settle at 3-5 faults a call, but
+one of three processes in one series, and one of five in another, stayed at 4,028 and 2,738
+faults a call: about 10 and 7 ms of a 110-130 ms call at that rate.
 
 `keep_freed_memory` raises both thresholds, so freed blocks stay in the process and are
 reused: the process keeps the peak of its small allocations (< 32 MiB each) mapped instead of
