@@ -391,50 +391,43 @@ def _copy_source_0_only(model: WorldModel) -> None:
         last.bias[OBS_LOGITS + N_CELLS :] = -30.0  # source 1: shut
 
 
-def test_ego_decoder_adds_gated_reads_of_the_source_cells():
-    """With the MLP's cell logits at zero, source-0 gates open and source-1 gates shut, each
-    next-view cell is the read of the current view's cell it comes from, by the id h carries
-    (`cell_read` of that id's embedding); cells without a source read nothing."""
+def _check_copies_read_their_sources(decoder: str, sources: torch.Tensor) -> None:
+    """With the MLP's cell logits at zero, source-0 gates open and source-1 gates shut, after a
+    left turn and a pick-up each next-view cell of a `decoder` model is the read (`cell_read`
+    of the embedding) of the id h carries where `sources` (2, 49) point; none (the ids' count)
+    reads nothing."""
     torch.manual_seed(0)
-    model = WorldModel(preset("debug", decoder="ego")).eval()
+    model = WorldModel(preset("debug", decoder=decoder)).eval()
     _copy_source_0_only(model)
-    view = torch.randint(0, CELL_IDS, (2, N_CELLS))
+    n_ids = model.latent_dim - model.feature_dim
+    ids = torch.randint(0, CELL_IDS, (2, n_ids))
     h = torch.zeros(2, model.latent_dim)
-    h[:, model.feature_dim :] = view.float()
+    h[:, model.feature_dim :] = ids.float()
     with torch.no_grad():
         logits = model.decode(h, torch.tensor([0, 3]))  # left turn, pick-up
         table = model.cell_read(model._embed_cells(unpack_cells(torch.arange(CELL_IDS))))
     got = torch.cat([logits[k] for k in ("type", "color", "state")], -1).reshape(2, N_CELLS, -1)
-    src = ego_sources()[[0, 3], 0]
     for row in range(2):
         for cell in range(N_CELLS):
-            s = int(src[row, cell])
-            want = torch.zeros(20) if s == N_CELLS else table[view[row, s]]
+            s = int(sources[row, cell])
+            want = torch.zeros(20) if s == n_ids else table[ids[row, s]]
             torch.testing.assert_close(got[row, cell], want, atol=1e-4, rtol=1e-4)
+
+
+def test_ego_decoder_adds_gated_reads_of_the_source_cells():
+    """Each next-view cell reads the current view's cell it comes from (`ego_sources`), by the
+    id h carries, through the table of cell reads; cells without a source read nothing."""
+    src = ego_sources()[[0, 3], 0]  # left turn, pick-up
+    _check_copies_read_their_sources("ego", src)
     assert src[0, 6 * 7 + 6] == 3 * 7 + 3  # after a left turn (6, 6) shows (3, 3)
     assert (src[0] == N_CELLS).sum() > 0 and (src[1] == torch.arange(N_CELLS)).all()
 
 
 def test_map_decoder_adds_gated_reads_of_the_remembered_cells():
-    """With the MLP's cell logits at zero, source-0 gates open and source-1 gates shut, each
-    next-view cell reads the map cell it comes from (`map_sources`) through the table of cell
-    reads; cells without a source read nothing."""
-    torch.manual_seed(0)
-    model = WorldModel(preset("debug", decoder="map")).eval()
-    _copy_source_0_only(model)
-    h = torch.zeros(2, model.latent_dim)
-    grid = torch.randint(0, CELL_IDS, (2, MAP_SIZE))
-    h[:, model.feature_dim :] = grid.float()
-    with torch.no_grad():
-        logits = model.decode(h, torch.tensor([0, 3]))  # left turn, pick-up
-        table = model.cell_read(model._embed_cells(unpack_cells(torch.arange(CELL_IDS))))
-    got = torch.cat([logits[k] for k in ("type", "color", "state")], -1).reshape(2, N_CELLS, -1)
+    """Each next-view cell reads the map cell it comes from (`map_sources`) through the table
+    of cell reads; cells without a source read nothing."""
     src = map_sources()[[0, 3], 0]
-    for row in range(2):
-        for cell in range(N_CELLS):
-            s = int(src[row, cell])
-            want = torch.zeros(20) if s == MAP_SIZE else table[grid[row, s]]
-            torch.testing.assert_close(got[row, cell], want, atol=1e-4, rtol=1e-4)
+    _check_copies_read_their_sources("map", src)
     # after a left turn the view shows the agent's left: view cell (0, 6), 3 to the left,
     # shows what was 3 behind, map (7, 10); with the pose kept, the view is where it was
     assert src[0, 0 * 7 + 6] == 7 * MAP_SIDE + 10
