@@ -297,6 +297,30 @@ def test_a_model_made_in_inference_mode_imagines():
     assert "_latent_tables_cache" not in model.__dict__
 
 
+def test_folds_are_kept_for_the_same_goals_until_a_head_changes():
+    torch.manual_seed(0)
+    model = WorldModel(preset("debug")).eval()
+    goal = torch.randn(2, model.cfg.goal_dim)
+    with torch.no_grad():
+        first = model.fold_goals(goal)
+        assert model.fold_goals(goal.clone()) is first  # found again by value
+        other = model.fold_goals(goal + 1.0)
+        assert other is not first
+        assert model.fold_goals(goal) is first  # the last few are kept
+        goal.add_(0.5)  # the caller's goals changed in place: a new fold, not the kept one
+        moved = model.fold_goals(goal)
+        assert moved is not first
+        model.q_head.goal_mlp[0].bias.add_(0.1)  # a head's weights changed: folded afresh
+        changed = model.fold_goals(goal)
+        assert changed is not moved
+        h = torch.randn(3, model.latent_dim)
+        env = torch.tensor([0, 1, 1])
+        torch.testing.assert_close(model.q_folded(changed, h, env),
+                                   model.q(h, goal[env]), atol=1e-5, rtol=1e-5)
+    # with autograd on nothing is kept: the fold is differentiable
+    assert model.fold_goals(goal) is not model.fold_goals(goal)
+
+
 def test_the_world_models_folded_reward_is_its_reward():
     torch.manual_seed(0)
     model = WorldModel(preset("debug", goal_maps=4)).eval()

@@ -802,9 +802,28 @@ class WorldModel(nn.Module):
 
     def fold_goals(self, g: Tensor) -> dict[str, GoalFold]:
         """The reward and Q heads with goals g (B, goal_dim) folded into their weights
-        (`GoalFold`), for scoring many states for one goal each (imagination)."""
-        psi = self.goal_features(g)
-        return {"reward": self.reward_head.fold(psi["reward"]), "q": self.q_head.fold(psi["q"])}
+        (`GoalFold`), for scoring many states for one goal each (imagination).
+
+        An agent plans for the same goals step after step, and folding costs about a millisecond
+        (measured: 1.2 ms of a 14 ms CEM call whose 512 candidates are one sequence), so without
+        autograd the last few folds are kept, found again by the goals' values, until a head's
+        weights change."""
+        def fold() -> dict[str, GoalFold]:
+            psi = self.goal_features(g)
+            return {"reward": self.reward_head.fold(psi["reward"]),
+                    "q": self.q_head.fold(psi["q"])}
+
+        heads = (*self.reward_head.parameters(), *self.q_head.parameters())
+        kept: list = kept_while_frozen(self, "_folds_cache", heads, list)  # [(goals, fold)]
+        if torch.is_grad_enabled():
+            return fold()
+        for goals, folded in kept:
+            if (goals.shape, goals.dtype, goals.device) == (g.shape, g.dtype, g.device) \
+                    and torch.equal(goals, g):
+                return folded
+        folded = fold()
+        kept[:] = [(g.detach().clone(), folded), *kept[:3]]
+        return folded
 
     def reward_folded(self, fold: dict[str, GoalFold], h: Tensor, action: Tensor,
                       env: Tensor) -> Tensor:
