@@ -45,7 +45,6 @@ from torch import Tensor
 
 from lwm.models.ssm import BatchState
 from lwm.models.world_model import WorldModel
-from lwm.runtime import keep_freed_memory
 
 TERMINALS = ("value", "q")
 """How a search scores the end of a sequence (`SearchConfig.terminal`)."""
@@ -398,7 +397,6 @@ class PrefixTree:
     def __init__(self, model: WorldModel, state: BatchState, h: Tensor, goal: Tensor,
                  terminal: str = "value", max_bytes: int = TREE_BYTES, lazy_last: bool = False):
         check_terminal(terminal)
-        keep_freed_memory()  # a search allocates and frees thousands of blocks (lwm.runtime)
         self.model, self.terminal, self.max_bytes = model, terminal, max_bytes
         self.lazy_last = lazy_last and terminal == "q"
         self.bytes = 0  # histories and states kept in `levels`
