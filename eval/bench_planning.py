@@ -51,7 +51,7 @@ from eval.bench_ssm import (  # noqa: E402
 )
 from lwm.models.ssm import BatchState  # noqa: E402
 from lwm.models.world_model import (  # noqa: E402
-    CELL_LOGITS,
+    MAP_CELLS,
     N_CELLS,
     OBS_LOGITS,
     WorldModel,
@@ -71,8 +71,10 @@ TARGET_MS = 100.0
 
 def row_flops(model: WorldModel, context: float) -> float:
     """Matmul FLOPs of one stepped (history, action) pair: decoder (with the ego and map
-    decoders' gates, and the ego decoder's cell reads), encoder, backbone step, reward and cont
-    heads (the Q head runs on the last step's rows only and is left out)."""
+    decoders' gates), backbone step, reward and cont heads (the Q head runs on the last step's
+    rows only and is left out). Imagination encodes the decoded view by summing rows of tables
+    (`WorldModel.predict_latent`), and the copy decoders read a table of cell ids made once
+    per call, so neither counts."""
     cfg, bb = model.cfg, model.cfg.backbone_cfg
     d, hid = cfg.d_model, cfg.hidden
     backbone = {
@@ -83,13 +85,12 @@ def row_flops(model: WorldModel, context: float) -> float:
     decode = 2 * (d * hid + hid * OBS_LOGITS)
     if cfg.decoder in ("ego", "map"):  # gates for two sources per cell
         decode += 2 * hid * 2 * N_CELLS
-    if cfg.decoder == "ego":  # each cell's read (the map decoder reads a table of cell ids
-        e = cfg.cell_dim      # once per call instead)
-        decode += 2 * N_CELLS * (e * 2 * e + 2 * e * CELL_LOGITS)
-    encode = 2 * N_CELLS * cfg.cell_dim * d
-    reward = 2 * (d * hid + hid * hid) + 2 * hid  # state stream, then a dot with the goal's
+    # the goal folded in (`WorldModel.fold_goals`): the state stream's first layer, then a dot
+    # with the goal's vector; with goal maps, the folded read of the cells and the history's
+    map_hidden = model.reward_head.history.out_features if cfg.goal_maps else 0
+    reward = 2 * (d * hid + hid) + 2 * map_hidden * (MAP_CELLS * cfg.cell_dim + d + 1)
     cont = 2 * (d * hid + hid)
-    return backbone + decode + encode + reward + cont
+    return backbone + decode + reward + cont
 
 
 def run_name(checkpoint: Path) -> str:
