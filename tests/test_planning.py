@@ -457,6 +457,13 @@ def test_mppi_default_prior_is_the_q_head():
     expected = model.q(h, goal) / 0.5
     expected[:, 6] = float("-inf")  # "done" is excluded
     torch.testing.assert_close(planner.proposal(model)(h, goal), expected)
+    # with the plan's goals folded in, for k rollouts an environment laid out env-major
+    k = 3
+    rows = h.repeat_interleave(k, dim=0) + 0.1 * torch.randn(2 * k, h.shape[1])
+    folded = planner.proposal(model, goal, k)(rows, goal.repeat_interleave(k, dim=0))
+    expected = model.q(rows, goal.repeat_interleave(k, dim=0)) / 0.5
+    expected[:, 6] = float("-inf")
+    torch.testing.assert_close(folded, expected, atol=1e-5, rtol=1e-5)
     assert MPPI(MPPIConfig(q_prior=False)).proposal(model) is None
 
 

@@ -74,14 +74,27 @@ class MPPI(Planner):
             raise ValueError(f"need 0 < elites <= candidates > prior rollouts, got {self.cfg}")
         self.warm = WarmStart(self.cfg.horizon, self.cfg.uniform_mix, self.cfg.excluded)
 
-    def proposal(self, model: WorldModel) -> PolicyPrior | None:
-        """The prior candidates are drawn from: the given one, the Q head's, or none."""
+    def proposal(self, model: WorldModel, goal: Tensor | None = None,
+                 k: int = 0) -> PolicyPrior | None:
+        """The prior candidates are drawn from: the given one, the Q head's, or none. With the
+        plan's goals (B, goal_dim) and k rollouts per environment, the Q head's reads Q with
+        those goals folded in (`WorldModel.fold_goals`) for the rows of the B*k rollouts
+        (environment-major, as `sample_prior` lays them out) instead of folding each row's
+        goal again at every step."""
         if self.prior is not None or not self.cfg.q_prior:
             return self.prior
         excluded = list(self.cfg.excluded)
+        fold = env = None
+        if goal is not None:
+            fold = model.fold_goals(goal)
+            env = torch.arange(len(goal), device=goal.device).repeat_interleave(k)
 
         def q_prior(h: Tensor, goal: Tensor) -> Tensor:
-            logits = model.q(h, goal) / self.cfg.prior_temperature
+            if fold is not None and len(h) == len(env):
+                q = model.q_folded(fold, h, env)
+            else:
+                q = model.q(h, goal)
+            logits = q / self.cfg.prior_temperature
             logits[..., excluded] = float("-inf")
             return logits
 
@@ -106,8 +119,9 @@ class MPPI(Planner):
         """See `Planner.plan`."""
         cfg, A = self.cfg, model.cfg.n_actions
         probs = forbid_first(self.warm.start(h.shape[0], A, h.device), forbid)  # (B, H, A)
-        prior = self.proposal(model)
-        n_prior = 0 if prior is None else round(cfg.prior_share * cfg.candidates)
+        n_prior = round(cfg.prior_share * cfg.candidates)
+        prior = self.proposal(model, goal, n_prior)
+        n_prior = 0 if prior is None else n_prior
         pool: Candidates | None = None  # the prior's rollouts, scored once, in every pool
         if n_prior:
             pool = penalize_repeats(sample_prior(
