@@ -12,12 +12,12 @@ warm-started from the previous plan. Planners step each distinct action prefix o
 powers of two) are reported beside the candidate transitions; "dense" is the same 4 x 512 x 8
 imagination with every candidate stepped separately, for scale. Each search path runs with both
 terminals (`--terminal`): "value" steps all H transitions, "q" scores the last action by Q and
-steps H - 1 (`lwm.planning.base`). A breakdown of one more warm call
-shows which world-model parts the time goes to. Analytic FLOPs of the stepped rows (backbone,
-decoder, encoder, heads; elementwise work not counted) over the machine's measured matmul FLOP/s
-show how close each path is to the hardware limit. Paths are timed in interleaved rounds so that
-ratios are taken under the same load; then each path runs alone, call after call, as an agent
-plans with one model ("alone": interleaved calls each follow other models' calls). Every
+steps H - 1 (`lwm.planning.base`). A breakdown of one more warm call shows which world-model
+parts the time goes to. Analytic FLOPs of the stepped rows (backbone, decoder, heads:
+`row_flops`; elementwise work and table reads not counted) over the machine's measured matmul
+FLOP/s show how close each path is to the hardware limit. Paths are timed in interleaved rounds
+so that ratios are taken under the same load; then each path runs alone, call after call, as an
+agent plans with one model ("alone": interleaved calls each follow other models' calls). Every
 Mamba-2 path also runs as "legacy", the way planners ran before session 17 (each imagined branch
 an independent state, and every iteration stepping all its prefixes again), and the legacy /
 current ratio of warm calls is printed.
@@ -210,8 +210,7 @@ class Bench:
     def breakdown(self) -> dict[str, float]:
         """ms spent in each world-model part during one more warm call; "planner" is the rest
         (sampling, prefix bookkeeping, refits). The goal heads run with the goal folded in
-        (`GoalFold`): q_folded serves the terminal value (MPPI's prior calls `q`, which
-        counts as planner)."""
+        (`GoalFold`): q_folded serves the terminal value and MPPI's Q-head prior."""
         spent: dict[str, float] = {}
 
         def timed(name, fn):

@@ -130,29 +130,25 @@ class Mamba2Backbone(Backbone):
         return self._prefill(x, state, [block.conv_weight() for block in self.blocks])
 
     def _prefill(
-        self, x: Tensor, state: LayerStates | None, conv_weights: list[Tensor]
-    ) -> tuple[Tensor, LayerStates]:
-        """`prefill` given each block's `conv_weight()`: the unit torch.compile sees."""
+        self, x: Tensor, state: LayerStates | None, conv_weights: list[Tensor],
+        return_state: bool = True,
+    ) -> tuple[Tensor, LayerStates | None]:
+        """`prefill` given each block's `conv_weight()`: the unit torch.compile sees. Without
+        `return_state` no state is made (see `Mamba2.forward`), as training's `forward` needs."""
         layer_states = []
         for i, (norm, block, w) in enumerate(
             zip(self.norms, self.blocks, conv_weights, strict=True)
         ):
-            y, s = block(norm(x), None if state is None else state.layers[i], w)
+            y, s = block(norm(x), None if state is None else state.layers[i], w,
+                         return_state=return_state)
             x = x + y
             layer_states.append(s)
-        return self.norm_f(x), LayerStates(tuple(layer_states))
-
-    def _forward(self, x: Tensor, conv_weights: list[Tensor]) -> Tensor:
-        """`forward` given each block's `conv_weight()`: the unit torch.compile sees. No state
-        is made (see `Mamba2.forward`'s `return_state`)."""
-        for norm, block, w in zip(self.norms, self.blocks, conv_weights, strict=True):
-            x = x + block(norm(x), None, w, return_state=False)[0]
-        return self.norm_f(x)
+        return self.norm_f(x), LayerStates(tuple(layer_states)) if return_state else None
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, D) -> (B, T, D) by the chunked scan (compiled if `cfg.compile`)."""
-        forward = _mamba2_forward_compiled if self.cfg.compile else Mamba2Backbone._forward
-        return forward(self, x, [block.conv_weight() for block in self.blocks])
+        prefill = _mamba2_prefill_compiled if self.cfg.compile else Mamba2Backbone._prefill
+        return prefill(self, x, None, [block.conv_weight() for block in self.blocks], False)[0]
 
     def init_state(self, batch: int) -> LayerStates:
         """Zero conv ring buffers and SSM states, one `Mamba2State` per block."""
@@ -230,7 +226,6 @@ class Mamba2Backbone(Backbone):
 
 # Module level, so one compiled graph serves every instance and deep copies (ensembles) work.
 _mamba2_prefill_compiled = compiled(Mamba2Backbone._prefill)
-_mamba2_forward_compiled = compiled(Mamba2Backbone._forward)
 _mamba2_step_compiled = compiled(Mamba2Backbone.step_)
 
 

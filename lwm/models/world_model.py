@@ -498,7 +498,8 @@ class WorldModel(nn.Module):
         # every packed cell id's (type, colour, state), for tables over all ids
         self.register_buffer("cell_parts", unpack_cells(torch.arange(CELL_IDS)), persistent=False)
         if cfg.decoder == "ego":
-            self.register_buffer("ego_sources", ego_sources(cfg.n_actions), persistent=False)
+            self.register_buffer("ego_sources", ego_sources(cfg.n_actions).flatten(-2),
+                                 persistent=False)
         if cfg.decoder == "map":
             self.register_buffer("map_moves", map_moves(cfg.n_actions), persistent=False)
             self.register_buffer("map_view", map_view(), persistent=False)
@@ -675,10 +676,8 @@ class WorldModel(nn.Module):
         direction, carried type and colour."""
         out = self.decoders[head](self._core(h, action))
         cells = out[..., : N_CELLS * CELL_LOGITS].unflatten(-1, (N_CELLS, CELL_LOGITS))
-        if self.cfg.decoder == "ego":
-            cells = cells + self._ego_copy(h, action, out[..., OBS_LOGITS:])
-        elif self.cfg.decoder == "map":
-            cells = cells + self._map_copy(h, action, out[..., OBS_LOGITS:])
+        if self.cfg.copies:
+            cells = cells + self._copy(h, action, out[..., OBS_LOGITS:])
         return cells, out[..., N_CELLS * CELL_LOGITS : OBS_LOGITS]
 
     def predict_latent(self, h: Tensor, action: Tensor) -> Tensor:
@@ -737,18 +736,6 @@ class WorldModel(nn.Module):
                   self.cell_proj.weight, self.cell_proj.bias)
         return kept_while_frozen(self, "_latent_tables_cache", params, make)
 
-    def _ego_copy(self, h: Tensor, action: Tensor, gates: Tensor) -> Tensor:
-        """The ego decoder's copy term (..., 49, 20): for each next-view cell and each of its
-        two sources under `action` (`ego_sources`: the pose kept, a forward move made), the
-        current view's cell there read as logits (`cell_read`), weighted by sigmoid(gate);
-        gates (..., 2 * 49) come from the decoder MLP, which knows whether a move succeeds.
-        A cell's read depends on its packed id alone, and h carries the view's ids, so the
-        copies index the table of every id's read (`_read_table`)."""
-        if h.shape[-1] != self.latent_dim:
-            raise ValueError(f"the ego decoder reads the current cells from h: need h of width "
-                             f"{self.latent_dim}, got {h.shape[-1]}")
-        return self._copy(h, self.ego_sources.flatten(-2), action, gates)
-
     def _read_table(self) -> Tensor:
         """(CELL_IDS + 1, 20): every packed cell id read as logits (`cell_read` of its
         embedding), and a last row of zeros for "no source". It depends on the weights alone,
@@ -761,20 +748,21 @@ class WorldModel(nn.Module):
                   *self.cell_read.parameters())
         return kept_while_frozen(self, "_read_table_cache", params, make)
 
-    def _map_copy(self, h: Tensor, action: Tensor, gates: Tensor) -> Tensor:
-        """The map decoder's copy term (..., 49, 20): as `_ego_copy`, with the sources on the
-        map h carries (`map_sources`)."""
+    def _copy(self, h: Tensor, action: Tensor, gates: Tensor) -> Tensor:
+        """The copy decoders' term (..., 49, 20): for each next-view cell and each of its two
+        sources under `action` (the pose kept, a forward move made), the cell there read as
+        logits (`cell_read`), weighted by sigmoid(gate); gates (..., 2 * 49) come from the
+        decoder MLP, which knows whether a move succeeds. The ego decoder's sources are cells of
+        the current view (`ego_sources`), the map decoder's cells of the map (`map_sources`);
+        h carries their packed ids past `feature_dim`. A cell's read depends on its packed id
+        alone, so the copies index the table of every id's read (`_read_table`)."""
         if h.shape[-1] != self.latent_dim:
-            raise ValueError(f"the map decoder reads the map from h: need h of width "
-                             f"{self.latent_dim}, got {h.shape[-1]}")
-        return self._copy(h, self.map_sources, action, gates)
-
-    def _copy(self, h: Tensor, sources: Tensor, action: Tensor, gates: Tensor) -> Tensor:
-        """The copy decoders' term (..., 49, 20) from the packed ids h carries past
-        `feature_dim` (n of them), sources (A, 2 * 49) of each next-view cell in those ids
-        (n: none), action (...) and gates (..., 2 * 49)."""
+            reads = "the map" if self.cfg.decoder == "map" else "the current cells"
+            raise ValueError(f"the {self.cfg.decoder} decoder reads {reads} from h: need h of "
+                             f"width {self.latent_dim}, got {h.shape[-1]}")
+        sources = self.map_sources if self.cfg.decoder == "map" else self.ego_sources
         lead = torch.broadcast_shapes(h.shape[:-1], action.shape)
-        # Column n, no source, holds id CELL_IDS: the table's row of zero logits.
+        # The column past the ids, no source, holds id CELL_IDS: the table's row of zero logits.
         grid = F.pad(h[..., self.feature_dim :].long(), (0, 1), value=CELL_IDS)
         src = sources[action.expand(lead).long()]  # (*lead, 98)
         ids = grid.expand(*lead, -1).gather(-1, src)
