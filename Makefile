@@ -16,10 +16,10 @@ DEMO_ARGS ?=
 
 .PHONY: demo test lint install install-dev clean
 
-demo: $(STAMPS)/core
+demo: $(STAMPS)/core $(STAMPS)/kernels
 	$(VENV)/bin/lwm demo $(DEMO_ARGS)
 
-test: $(STAMPS)/dev
+test: $(STAMPS)/dev $(STAMPS)/kernels
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
@@ -39,6 +39,12 @@ $(STAMPS)/torch: | $(PY)
 
 $(STAMPS)/core: pyproject.toml Makefile $(STAMPS)/torch
 	$(PIP) install -e ".[llm-local]"
+	@touch $@
+
+# lwm's native CPU kernels, built once into torch's extension cache (rebuilt when the source
+# changes); without them imagination runs the slower pure-PyTorch path.
+$(STAMPS)/kernels: lwm/models/native.cpp $(STAMPS)/core
+	$(VENV)/bin/lwm kernels || echo "lwm: native kernels not built; planning runs the PyTorch path"
 	@touch $@
 
 $(STAMPS)/dev: pyproject.toml Makefile $(STAMPS)/core

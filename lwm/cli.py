@@ -35,6 +35,22 @@ def suites() -> None:
     console.print(table)
 
 
+@app.command()
+def kernels(verbose: bool = typer.Option(False, help="show the compiler's output")) -> None:
+    """Build (or load the cached build of) lwm's native CPU kernels, which imagination uses
+    when they are there; otherwise the first plan builds them (about 30 s)."""
+    from lwm.models import native
+
+    try:
+        module = native.build(verbose=verbose)
+    except Exception as error:
+        console.print(f"[red]the native kernels did not build[/red]: {error}\n"
+                      "imagination will run the pure-PyTorch path (slower); --verbose shows "
+                      "the compiler's output")
+        raise typer.Exit(code=1) from error
+    console.print(f"native kernels ready: {module.__file__}")
+
+
 SHIPPED = "shipped"
 """--checkpoint value naming the small checkpoint lwm ships (see `lwm.resources.checkpoint`)."""
 

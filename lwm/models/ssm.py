@@ -27,11 +27,14 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lwm.models import native
 
 try:  # mamba-ssm imports CUDA extensions unguarded, so any failure means "not available".
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
@@ -530,6 +533,17 @@ def ssd_step_(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor)
     return y
 
 
+def _native_kernels(u: Tensor, state: Mamba2Branches,
+                    matmul_dtype: torch.dtype | None) -> ModuleType | None:
+    """The native kernels if they apply to this branch step: fp32 on the CPU, without autograd
+    or a bf16 matmul, on the contiguous buffers they update in place."""
+    if (matmul_dtype is not None or u.dtype != torch.float32 or u.device.type != "cpu"
+            or torch.is_grad_enabled() or not state.conv.is_contiguous()
+            or not state.path.is_contiguous() or not state.root.tensor.is_contiguous()):
+        return None
+    return native.kernels()
+
+
 def kept_while_frozen(owner: nn.Module, name: str, params: Sequence[Tensor],
                       make: Callable[[], Any]) -> Any:
     """`make()`, kept on `owner` under `name` between no-grad calls until one of `params`
@@ -762,8 +776,11 @@ class Mamba2(nn.Module):
         """
         E, N, H = self.d_inner, self.d_state, self.n_heads
         A, taps, newest = self._branch_weights()
-        z, xBC, dt_raw = self._split(linear(u, self.in_proj.weight, matmul_dtype))
         slot = state.t % (self.d_conv - 1)
+        kernels = _native_kernels(u, state, matmul_dtype)
+        if kernels is not None:
+            return self._step_branches_native(kernels, state, u, A, taps[slot], newest, slot)
+        z, xBC, dt_raw = self._split(linear(u, self.in_proj.weight, matmul_dtype))
         xc = (state.conv * taps[slot]).sum(1).addcmul_(xBC, newest).add_(self.conv1d.bias)
         state.conv[:, slot] = xBC  # the newest input replaces the oldest
         xBC = F.silu(xc, inplace=True)
@@ -790,6 +807,21 @@ class Mamba2(nn.Module):
         y = self.norm(y.flatten(-2), z)  # (M, E)
         state = dataclasses.replace(state, path=path, t=state.t + 1, tokens=s + 1)
         return linear(y, self.out_proj.weight, matmul_dtype), state
+
+    def _step_branches_native(self, kernels: ModuleType, state: Mamba2Branches, u: Tensor,
+                              A: Tensor, taps: Tensor, newest: Tensor,
+                              slot: int) -> tuple[Tensor, Mamba2Branches]:
+        """`step_branches` as one native call (`native.cpp`: the projections in ATen, the rest
+        one loop over the rows)."""
+        s, path = state.tokens, state.path
+        if path.shape[1] <= s:  # no room for the token (a fresh fork): a path one longer
+            path = torch.cat([path[:, :s], path.new_empty(len(path), 1, path.shape[-1])], dim=1)
+        y = kernels.mamba2_branch_step(
+            u.contiguous(), self.in_proj.weight, self.out_proj.weight, state.conv, taps, newest,
+            self.conv1d.bias, path, s, slot, self.dt_bias, A, self.D, state.root.tensor,
+            state.origin, self.norm.weight, self.norm.eps)
+        return y, dataclasses.replace(state, path=path[:, : s + 1], t=state.t + 1,
+                                      tokens=s + 1)
 
     def step_(
         self,

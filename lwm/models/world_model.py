@@ -36,12 +36,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lwm.models import native
 from lwm.models.backbones import BackboneConfig, make_backbone
 from lwm.models.ssm import BatchState, kept_while_frozen
 
@@ -687,6 +689,9 @@ class WorldModel(nn.Module):
         view position's cell embedding, so its product is a sum of rows of a table holding every
         (position, packed cell id)'s projection; the direction and carried object are rows of
         the same table, and one embedding bag sums all 52 (`_latent_tables`)."""
+        kernels = self._native_kernels(h)
+        if kernels is not None:
+            return self._predict_latent_native(kernels, h, action)
         cells, rest = self._decode(h, action)
 
         def argmax(logits: Tensor) -> Tensor:
@@ -715,6 +720,32 @@ class WorldModel(nn.Module):
         if self.cfg.copies:
             parts.append(ids.to(z.dtype))
         return torch.cat(parts, dim=-1) if len(parts) > 1 else z
+
+    def _native_kernels(self, h: Tensor) -> ModuleType | None:
+        """The native kernels (`lwm.models.native`) if `predict_latent` may use them: fp32 on
+        the CPU, without autograd."""
+        if (torch.is_grad_enabled() or h.dim() != 2 or h.dtype != torch.float32
+                or h.device.type != "cpu"):
+            return None
+        return native.kernels()
+
+    def _predict_latent_native(self, kernels: ModuleType, h: Tensor, action: Tensor) -> Tensor:
+        """`predict_latent` as one native call: the decoder MLP in ATen, the rest one pass over
+        the rows (`native.cpp`)."""
+        cell_table, bag, carried_table = self._latent_tables()
+        decoder = self.decoders[0]
+        copies, carries = self.cfg.copies, self.cfg.carries_cells
+        sources = None
+        if copies:
+            self._require_ids(h)
+            sources = self.map_sources if self.cfg.decoder == "map" else self.ego_sources
+        return kernels.predict_latent(
+            h.contiguous(), action.long().expand(len(h)).contiguous(), self.action_emb.weight,
+            decoder[0].weight, decoder[0].bias, decoder[2].weight, decoder[2].bias,
+            [N_TYPES, N_COLORS, N_STATES, N_DIRECTIONS], sources,
+            self.feature_dim, self._read_table() if copies else None, bag, self.z_norm.weight,
+            self.z_norm.bias, self.z_norm.eps, cell_table if carries else None,
+            carried_table if carries else None)
 
     def _latent_tables(self) -> tuple[Tensor, Tensor, Tensor]:
         """`predict_latent`'s tables, kept while the weights stay the same: each packed cell
@@ -748,6 +779,13 @@ class WorldModel(nn.Module):
                   *self.cell_read.parameters())
         return kept_while_frozen(self, "_read_table_cache", params, make)
 
+    def _require_ids(self, h: Tensor) -> None:
+        """Raise unless h (..., W) is whole: a copy decoder reads the ids at its end."""
+        if h.shape[-1] != self.latent_dim:
+            reads = "the map" if self.cfg.decoder == "map" else "the current cells"
+            raise ValueError(f"the {self.cfg.decoder} decoder reads {reads} from h: need h of "
+                             f"width {self.latent_dim}, got {h.shape[-1]}")
+
     def _copy(self, h: Tensor, action: Tensor, gates: Tensor) -> Tensor:
         """The copy decoders' term (..., 49, 20): for each next-view cell and each of its two
         sources under `action` (the pose kept, a forward move made), the cell there read as
@@ -756,10 +794,7 @@ class WorldModel(nn.Module):
         the current view (`ego_sources`), the map decoder's cells of the map (`map_sources`);
         h carries their packed ids past `feature_dim`. A cell's read depends on its packed id
         alone, so the copies index the table of every id's read (`_read_table`)."""
-        if h.shape[-1] != self.latent_dim:
-            reads = "the map" if self.cfg.decoder == "map" else "the current cells"
-            raise ValueError(f"the {self.cfg.decoder} decoder reads {reads} from h: need h of "
-                             f"width {self.latent_dim}, got {h.shape[-1]}")
+        self._require_ids(h)
         sources = self.map_sources if self.cfg.decoder == "map" else self.ego_sources
         lead = torch.broadcast_shapes(h.shape[:-1], action.shape)
         # The column past the ids, no source, holds id CELL_IDS: the table's row of zero logits.

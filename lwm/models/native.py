@@ -1,0 +1,91 @@
+"""lwm's native CPU kernels (`native.cpp`), built on first use and optional.
+
+Imagination steps a few dozen to a few hundred rows at a time, where eager PyTorch pays each
+op's fixed cost (ATen dispatch, allocation, the Python call) many times over its arithmetic.
+`native.cpp` keeps the matmuls in ATen and runs what lies between them as one loop over the rows.
+Each kernel stands beside the pure-PyTorch path it replaces, which stays the reference (tested for
+equivalence in tests/test_native.py) and the fallback.
+
+The kernels compile with torch's C++ extension builder (a C++ compiler and ninja) the first time
+they are needed, about 30 s, into torch's extension cache (`TORCH_EXTENSIONS_DIR`, by default
+~/.cache/torch_extensions); later processes load the built library. `lwm kernels` builds them
+ahead (the Makefile's install does). If the build fails, lwm warns once and runs the
+PyTorch path. `LWM_NATIVE=0` in the environment turns them off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.cpp")
+
+ENABLED = os.environ.get("LWM_NATIVE", "1") != "0"
+"""Whether `kernels()` may build and return the kernels (tests switch it to run the reference)."""
+
+_lock = threading.Lock()
+_state: dict[str, ModuleType | None] = {}
+
+
+def _flags() -> tuple[str, list[str]]:
+    """The module name and compiler flags for this CPU. The library is built where it runs, so
+    it may use the vector instructions torch itself found here; the name carries them, so a
+    cache shared by different machines keeps one build per kind."""
+    # -fno-trapping-math: nothing here reads floating-point traps, and without it the compiler
+    # may not vectorize a loop with a comparison in it (the exp's clamp). -fopenmp: the row loop
+    # is `at::parallel_for`, serial without it.
+    flags = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp"]
+    capability = torch.backends.cpu.get_cpu_capability()  # "DEFAULT", "AVX2", "AVX512", ...
+    if capability in ("AVX2", "AVX512"):
+        return "lwm_native_avx2", [*flags, "-mavx2", "-mfma"]
+    return "lwm_native", flags
+
+
+def build(verbose: bool = False) -> ModuleType:
+    """Compile (or load the cached build of) `native.cpp`; raises if that fails."""
+    from torch.utils.cpp_extension import load
+
+    name, flags = _flags()
+    return load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
+                extra_ldflags=["-fopenmp"], verbose=verbose)
+
+
+def kernels() -> ModuleType | None:
+    """The built kernels, or None when `ENABLED` is off or they cannot be built (warned once).
+
+    The first call builds them if no cached build matches the source: tens of seconds, said on
+    stderr."""
+    if not ENABLED:
+        return None
+    if "module" in _state:
+        return _state["module"]
+    with _lock:
+        if "module" not in _state:
+            _state["module"] = _try_build()
+    return _state["module"]
+
+
+def _try_build() -> ModuleType | None:
+    # said only when the load takes long, i.e. when it builds
+    notice = threading.Timer(1.0, print, ("lwm: building the native CPU kernels (once, about "
+                                          "30 s; LWM_NATIVE=0 skips them)",),
+                             {"file": sys.stderr, "flush": True})
+    notice.start()
+    try:
+        return build()
+    except Exception as error:  # no compiler, no ninja, a failed build: the reference path runs
+        warnings.warn(
+            f"lwm's native CPU kernels could not be built ({type(error).__name__}: "
+            f"{str(error).strip()[:400]}); imagination runs the pure-PyTorch path, which is "
+            "slower. `python -m lwm.models.native` shows the build log; LWM_NATIVE=0 silences "
+            "this.", RuntimeWarning, stacklevel=3)
+        return None
+    finally:
+        notice.cancel()
+
