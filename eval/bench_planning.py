@@ -18,9 +18,10 @@ parts the time goes to. Analytic FLOPs of the stepped rows (backbone, decoder, h
 FLOP/s show how close each path is to the hardware limit. Paths are timed in interleaved rounds
 so that ratios are taken under the same load; then each path runs alone, call after call, as an
 agent plans with one model ("alone": interleaved calls each follow other models' calls). Every
-Mamba-2 path also runs as "legacy", the way planners ran before session 17 (each imagined branch
-an independent state, and every iteration stepping all its prefixes again), and the legacy /
-current ratio of warm calls is printed.
+Mamba-2 path also runs as "pytorch", without lwm's native CPU kernels (`lwm.models.native`), and
+as "legacy", the way planners ran before session 17 (each imagined branch an independent state,
+every iteration stepping all its prefixes again, no native kernels); the pytorch / current and
+legacy / current ratios of warm calls are printed.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from eval.bench_ssm import (  # noqa: E402
     matmul_peak,
     transformer_flops_per_token,
 )
+from lwm.models import native  # noqa: E402
 from lwm.models.ssm import BatchState  # noqa: E402
 from lwm.models.world_model import (  # noqa: E402
     MAP_CELLS,
@@ -99,10 +101,12 @@ def run_name(checkpoint: Path) -> str:
 
 
 def build(backbone: str, mode: str, seed: int, checkpoint: Path | None = None) -> WorldModel:
-    """A `small` world model (or a trained checkpoint's); mode "eager", "compile" or
-    "compile+bf16" (Mamba-2 only), or "legacy": eager as before session 17, with every imagined
-    branch an independent state (no `Mamba2Branches`) and each iteration's sequences scored in a
-    fresh tree (`Bench.call` swaps the planners' `PrefixTree` for `FreshTree`)."""
+    """A `small` world model (or a trained checkpoint's); mode "eager" (with lwm's native CPU
+    kernels, `lwm.models.native`, when they are built), "pytorch" (eager without them),
+    "compile" or "compile+bf16" (Mamba-2 only), or "legacy": PyTorch as before session 17, with
+    every imagined branch an independent state (no `Mamba2Branches`) and each iteration's
+    sequences scored in a fresh tree (`Bench.call` swaps the planners' `PrefixTree` for
+    `FreshTree`)."""
     torch.manual_seed(seed)
     if checkpoint is None:
         model = WorldModel(preset("small", backbone=backbone)).eval()
@@ -110,7 +114,7 @@ def build(backbone: str, mode: str, seed: int, checkpoint: Path | None = None) -
         model = WorldModel.from_pretrained(checkpoint).eval()
     if mode == "legacy":
         model.branch = lambda state: state.clone()  # type: ignore[method-assign]
-    elif mode != "eager":
+    elif mode not in ("eager", "pytorch"):
         model = copy.deepcopy(model)
         model.cfg.backbone_cfg.compile = True  # the same object the backbone reads
         model.cfg.backbone_cfg.bf16_matmul = mode == "compile+bf16"
@@ -185,11 +189,13 @@ class Bench:
         modules = (lwm.planning.cem, lwm.planning.mppi) if self.mode == "legacy" else ()
         for module in modules:
             module.PrefixTree = FreshTree
+        native.ENABLED = self.mode not in ("pytorch", "legacy")
         try:
             start = time.perf_counter()
             self.planner.plan(self.model, self.state, self.h, self.goal, generator=self.gen)
             self.seconds.append(time.perf_counter() - start)
         finally:
+            native.ENABLED = True
             for module in modules:
                 module.PrefixTree = PrefixTree
         self.rows_per_call.append(sum(self.rows))
@@ -295,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     compiled = [] if args.no_compile else ["compile"]
     if not args.no_compile and peak["bf16"] > peak["fp32"]:  # no AVX-512 bf16: far slower
         compiled.append("compile+bf16")
-    modes = {"mamba2": ["eager", "legacy", *compiled]}
+    modes = {"mamba2": ["eager", "pytorch", "legacy", *compiled]}
     paths = [
         Bench(backbone, mode, planner, args.seed, terminal=terminal)
         for backbone in ("mamba2", "gru", "transformer")
@@ -306,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for checkpoint in args.model:
         trained = WorldModel.from_pretrained(checkpoint).cfg.backbone
         paths += [Bench(trained, mode, p, args.seed, checkpoint, terminal)
-                  for mode in ["eager", "legacy"]
+                  for mode in ["eager", "pytorch", "legacy"]
                   for p in SEARCH_PLANNERS for terminal in args.terminal]
     for path in paths:
         path.warm_up()
@@ -349,10 +355,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "compile_fell_back_to_eager": path.fell_back,
             "breakdown_ms": breakdown[path.name],
         }
-    # Same-run ratios: each legacy path's warm ms over the current eager path's.
-    speedup = {name.replace(" legacy", ""):
-               r["warm_ms"] / results[name.replace(" legacy ", " eager ", 1)]["warm_ms"]
-               for name, r in results.items() if r["mode"] == "legacy"}
+    # Same-run ratios: each legacy and pytorch path's warm ms over the current eager path's.
+    speedup, speedup_native = ({
+        name.replace(f" {mode}", ""):
+        r["warm_ms"] / results[name.replace(f" {mode} ", " eager ", 1)]["warm_ms"]
+        for name, r in results.items() if r["mode"] == mode} for mode in ("legacy", "pytorch"))
     best = {t: min(r["warm_ms"] for r in results.values()
                    if r["backbone"] == "mamba2" and r["terminal"] == t) for t in args.terminal}
     best_solo = {t: min(r["warm_solo_ms"] for r in results.values()
@@ -375,6 +382,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dense_ms_per_action": {b: 1e3 * s for b, s in dense.items()},
         "target_ms_per_action": TARGET_MS,
         "speedup_over_legacy": speedup,
+        "native_kernels": native.kernels() is not None,
+        "speedup_over_pytorch": speedup_native,
         "best_mamba2_warm_ms": best,
         "target_met_mamba2": {t: ms <= TARGET_MS for t, ms in best.items()},
         "best_mamba2_warm_solo_ms": best_solo,
@@ -393,7 +402,8 @@ def report(result: dict[str, Any]) -> None:
     m = result["machine"]
     console.print(
         f"[bold]{m['cpu_model']}[/] ({m['cpu_capability']}), {m['torch_threads']} thread(s), "
-        f"torch {m['torch_version']}:"
+        f"torch {m['torch_version']}, native kernels "
+        f"{'on' if result['native_kernels'] else '[red]not built[/]'}:"
         f" matmul peak {result['matmul_peak_flops']['fp32'] / 1e9:.0f} GFLOP/s fp32, "
         f"{result['matmul_peak_flops']['bf16'] / 1e9:.0f} bf16"
     )
@@ -431,6 +441,11 @@ def report(result: dict[str, Any]) -> None:
     speedup = ", ".join(f"{name} {ratio:.2f}x"
                         for name, ratio in result["speedup_over_legacy"].items())
     console.print(f"warm calls as before session 17 (legacy) over now, same run: {speedup}")
+    if result["speedup_over_pytorch"]:
+        native_ratio = ", ".join(f"{name} {ratio:.2f}x"
+                                 for name, ratio in result["speedup_over_pytorch"].items())
+        console.print(f"warm calls without the native kernels (pytorch) over with them, same "
+                      f"run: {native_ratio}")
     dense = ", ".join(f"{b} {ms:.0f} ms" for b, ms in result["dense_ms_per_action"].items())
     console.print(f"every candidate stepped separately (eager): {dense}")
     for terminal, met in result["target_met_mamba2"].items():

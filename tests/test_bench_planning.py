@@ -1,4 +1,5 @@
-"""eval/bench_planning.py, shrunk: every search path is timed beside its legacy run."""
+"""eval/bench_planning.py, shrunk: every search path is timed beside its legacy and
+PyTorch-only runs."""
 
 import importlib.util
 import json
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import lwm.planning.cem
 import lwm.planning.mppi
+from lwm.models import native
 from lwm.planning.base import PrefixTree
 
 _spec = importlib.util.spec_from_file_location(
@@ -32,5 +34,11 @@ def test_bench_planning_times_every_path_beside_its_legacy_run(tmp_path, monkeyp
         assert len(r["solo_calls_ms"]) == 2 and len(r["calls_ms"]) == 2
         assert r["warm_solo_ms"] > 0
     assert json.loads(out.read_text())["speedup_over_legacy"] == result["speedup_over_legacy"]
-    # The legacy runs swap the planners' tree only while they plan.
+    # Each path also runs without the native kernels, and the ratio is reported.
+    assert result["native_kernels"] is True
+    assert set(result["speedup_over_pytorch"]) == set(result["speedup_over_legacy"])
+    assert {r["mode"] for r in paths.values()} == {"eager", "pytorch", "legacy"}
+    # The legacy runs swap the planners' tree, and the pytorch runs switch the kernels off,
+    # only while they plan.
     assert lwm.planning.cem.PrefixTree is PrefixTree and lwm.planning.mppi.PrefixTree is PrefixTree
+    assert native.ENABLED
