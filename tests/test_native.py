@@ -126,3 +126,33 @@ def test_predict_latent_rejects_a_short_h_or_a_bad_id():
         h[2, model.feature_dim :] = CELL_IDS + 7  # every cell row 2 could copy from
         with pytest.raises(RuntimeError, match="cell id .* out of range"):
             model.predict_latent(h, action)
+
+
+def test_backbone_stack_equals_the_reference(reference):
+    # The whole Mamba-2 stack in one call: the same outputs and states as stepping its layers
+    # one by one in PyTorch, through gathers and past the fold of long paths.
+    from lwm.models.backbones import BackboneConfig, make_backbone
+    from lwm.models.ssm import BRANCH_TOKENS
+
+    torch.manual_seed(2)
+    backbone = make_backbone("mamba2", BackboneConfig(d_model=D_MODEL, d_state=8, headdim=16,
+                                                      n_layers=3)).eval()
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+        _, state = backbone.prefill(torch.randn(2, 5, D_MODEL))
+        ours = backbone.branch(state).take(torch.tensor([0, 1, 1, 0]))
+        theirs = ours.clone()
+        for step in range(BRANCH_TOKENS + 3):
+            x = torch.randn(4, D_MODEL)
+            y, ours = backbone.step(ours, x)
+            y_ref, theirs = reference(backbone.step, theirs, x)
+            torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+            if step % 3 == 1:
+                pick = torch.randint(0, 4, (4,))
+                ours, theirs = ours.take(pick), theirs.take(pick)
+        for a, b in zip(ours.layers, theirs.layers, strict=True):
+            assert a.tokens == b.tokens == 3 and a.t == b.t
+            torch.testing.assert_close(a.materialize().ssm, b.materialize().ssm,
+                                       atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(a.conv, b.conv, atol=1e-4, rtol=1e-4)

@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lwm.models.ssm import BRANCH_TOKENS, BatchState, Mamba2, Mamba2Branches, Mamba2State, compiled
+from lwm.models.ssm import (
+    BRANCH_TOKENS,
+    BatchState,
+    Mamba2,
+    Mamba2Branches,
+    Mamba2State,
+    branch_kernels,
+    compiled,
+)
 
 
 @dataclass
@@ -197,10 +205,22 @@ class Mamba2Backbone(Backbone):
     def step_branches(self, state: LayerStates, x: Tensor) -> tuple[Tensor, LayerStates]:
         """One token on every branch of a `branch`ed state (no autograd): x (M, D) -> y (M, D)."""
         dtype = torch.bfloat16 if self.cfg.bf16_matmul else None
+        layers = [Mamba2Branches.fork(s.materialize()) if s.tokens >= BRANCH_TOKENS else s
+                  for s in state.layers]  # long paths cost O(s) a token: fold them
+        kernels = branch_kernels(x, layers, dtype)
+        if kernels is not None:  # the whole stack in one call
+            paths = [s.room() for s in layers]
+            weights = []
+            for norm, block in zip(self.norms, self.blocks, strict=True):
+                weights += [norm.weight, *block.native_weights()]
+            y = kernels.mamba2_branch_stack(
+                x, [*weights, self.norm_f.weight], self.cfg.norm_eps, self.blocks[0].norm.eps,
+                [s.conv for s in layers], paths, [s.root.tensor for s in layers],
+                [s.origin for s in layers],
+                [s.tokens for s in layers], layers[0].t % (self.cfg.d_conv - 1))
+            return y, LayerStates(tuple(s.advanced(p) for s, p in zip(layers, paths, strict=True)))
         layer_states = []
-        for norm, block, s in zip(self.norms, self.blocks, state.layers, strict=True):
-            if s.tokens >= BRANCH_TOKENS:  # long paths cost O(s) a token: fold them
-                s = Mamba2Branches.fork(s.materialize())
+        for norm, block, s in zip(self.norms, self.blocks, layers, strict=True):
             y, s = block.step_branches(s, norm(x), dtype)
             x = x + y
             layer_states.append(s)

@@ -64,37 +64,73 @@ void check(const at::Tensor& t, const char* name, int64_t dim) {
 
 }  // namespace
 
+// x * rsqrt(mean(x^2) + eps) * weight over each row of x (M, d): torch's RMSNorm
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check(x, "x", 2);
+  check(weight, "an RMSNorm weight", 1);
+  const int64_t M = x.size(0), d = x.size(1);
+  TORCH_CHECK(weight.size(0) == d, "the RMSNorm weight must have ", d, " entries");
+  at::Tensor out = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float epsf = static_cast<float>(eps);
+  at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* row = xp + m * d;
+      const float scale = 1.0f / std::sqrt(dot(row, row, d) / static_cast<float>(d) + epsf);
+      for (int64_t i = 0; i < d; ++i) op[m * d + i] = row[i] * scale * wp[i];
+    }
+  });
+  return out;
+}
+
 // One token on every branch of one Mamba-2 layer (`Mamba2.step_branches`, the SSD dual form of
 // `Mamba2Branches`): u (M, D) the normed input -> (M, D) the block's output. Updates conv's ring
-// slot `slot` and writes the token at path[:, s] in place.
+// slot `slot` (t % (K-1), the oldest input's) and writes the token at path[:, s] in place.
 //
-// conv (M, K-1, C), C = E + 2N; taps (K-1, C): the conv taps of each ring slot in the current
-// order; newest, conv_b (C,); path (M, S > s, F), F = E + N + 2H, each token's x, B, dt and L;
-// dt_bias, A, D (H,); root (R, H, P, N) the shared SSM states and origin (M,) each row's;
-// norm_w (E,) the gated RMSNorm's weight.
+// The block's weights as `Mamba2` holds them: in_w (2E + 2N + H, D), conv_w (C, 1, K) with
+// C = E + 2N, conv_b (C,), dt_bias, A_log, D (H,), norm_w (E,) the gated RMSNorm's, out_w (D, E),
+// and eps the gated RMSNorm's.
+// The state: conv (M, K-1, C) the ring buffer; path (M, S > s, F), F = E + N + 2H, each path
+// token's x, B, dt and L; root (R, H, P, N) the shared SSM states and origin (M,) each row's.
 at::Tensor mamba2_branch_step(
-    const at::Tensor& u, const at::Tensor& in_w, const at::Tensor& out_w, at::Tensor conv,
-    const at::Tensor& taps, const at::Tensor& newest, const at::Tensor& conv_b, at::Tensor path,
-    int64_t s, int64_t slot, const at::Tensor& dt_bias, const at::Tensor& A,
-    const at::Tensor& D, const at::Tensor& root, const at::Tensor& origin,
-    const at::Tensor& norm_w, double eps) {
+    const at::Tensor& u, const at::Tensor& in_w, const at::Tensor& conv_w,
+    const at::Tensor& conv_b, const at::Tensor& dt_bias, const at::Tensor& A_log,
+    const at::Tensor& D, const at::Tensor& norm_w, const at::Tensor& out_w, double eps,
+    at::Tensor conv, at::Tensor path, const at::Tensor& root, const at::Tensor& origin,
+    int64_t s, int64_t slot) {
   check(conv, "conv", 3);
-  check(taps, "taps", 2);
+  check(conv_w, "conv_w", 3);
   check(path, "path", 3);
   check(root, "root", 4);
-  for (auto* t : {&newest, &conv_b, &dt_bias, &A, &D, &norm_w}) check(*t, "a vector weight", 1);
+  for (auto* t : {&conv_b, &dt_bias, &A_log, &D, &norm_w}) check(*t, "a vector weight", 1);
   TORCH_CHECK(origin.scalar_type() == at::kLong && origin.is_contiguous() && origin.dim() == 1,
               "origin must be a contiguous int64 vector");
   const int64_t M = u.size(0);
   const int64_t H = root.size(1), P = root.size(2), N = root.size(3), R = root.size(0);
   const int64_t E = H * P, C = E + 2 * N, K1 = conv.size(1), S = path.size(1);
-  const int64_t F = E + N + 2 * H;
+  const int64_t F = E + N + 2 * H, K = K1 + 1;
   TORCH_CHECK(conv.size(0) == M && conv.size(2) == C, "conv must be (M, K-1, C)");
   TORCH_CHECK(path.size(0) == M && path.size(2) == F, "path must be (M, S, E + N + 2H)");
   TORCH_CHECK(s >= 0 && s < S, "path has no room for token ", s);
   TORCH_CHECK(slot >= 0 && slot < K1, "slot out of range");
-  TORCH_CHECK(taps.size(0) == K1 && taps.size(1) == C, "taps must be (K-1, C)");
+  TORCH_CHECK(conv_w.size(0) == C && conv_w.size(1) == 1 && conv_w.size(2) == K,
+              "conv_w must be (C, 1, K)");
+  TORCH_CHECK(A_log.size(0) == H && dt_bias.size(0) == H && D.size(0) == H, "H mismatch");
   TORCH_CHECK(origin.size(0) == M, "origin must have one entry a row");
+
+  // what the weights give this token: A = -exp(A_log); each ring slot's tap, given that the
+  // oldest input sits at `slot` (ring slot j holds the input K-1-k steps back, tap k, where
+  // k = (j - slot) % (K-1)); the newest input's tap
+  std::vector<float> A(H), taps(K1 * C), newest(C);
+  const float* cwp = conv_w.data_ptr<float>();
+  for (int64_t h = 0; h < H; ++h) A[h] = -std::exp(A_log.data_ptr<float>()[h]);
+  for (int64_t j = 0; j < K1; ++j) {
+    const int64_t k = ((j - slot) % K1 + K1) % K1;
+    for (int64_t c = 0; c < C; ++c) taps[j * C + c] = cwp[c * K + k];
+  }
+  for (int64_t c = 0; c < C; ++c) newest[c] = cwp[c * K + K - 1];
 
   at::Tensor zx = at::linear(u, in_w).contiguous();  // (M, 2E + 2N + H): z, xBC, dt_raw
   const int64_t Z = zx.size(1);
@@ -103,12 +139,12 @@ at::Tensor mamba2_branch_step(
 
   const float* zxp = zx.data_ptr<float>();
   float* convp = conv.data_ptr<float>();
-  const float* tapp = taps.data_ptr<float>();
-  const float* newp = newest.data_ptr<float>();
+  const float* tapp = taps.data();
+  const float* newp = newest.data();
   const float* cbp = conv_b.data_ptr<float>();
   float* pathp = path.data_ptr<float>();
   const float* dtbp = dt_bias.data_ptr<float>();
-  const float* Ap = A.data_ptr<float>();
+  const float* Ap = A.data();
   const float* Dp = D.data_ptr<float>();
   const int64_t* orp = origin.data_ptr<int64_t>();
   const float* nwp = norm_w.data_ptr<float>();
@@ -178,6 +214,30 @@ at::Tensor mamba2_branch_step(
     }
   });
   return at::linear(g, out_w);
+}
+
+// `Mamba2Backbone.step_branches`: one token x (M, d) through the pre-norm residual stack,
+// x += block(rmsnorm(x)) a layer, then the final RMSNorm -> (M, d). params: per layer the
+// pre-norm's weight, then `mamba2_branch_step`'s weights from in_w to out_w; then the final
+// norm's weight. convs, paths, roots, origins, tokens: each layer's state (see there).
+at::Tensor mamba2_branch_stack(
+    const at::Tensor& x, const std::vector<at::Tensor>& params, double norm_eps,
+    double gated_eps, const std::vector<at::Tensor>& convs, const std::vector<at::Tensor>& paths,
+    const std::vector<at::Tensor>& roots, const std::vector<at::Tensor>& origins,
+    const std::vector<int64_t>& tokens, int64_t slot) {
+  const size_t layers = convs.size();
+  TORCH_CHECK(params.size() == 9 * layers + 1, "params: 9 a layer and the final norm's");
+  TORCH_CHECK(paths.size() == layers && roots.size() == layers && origins.size() == layers &&
+              tokens.size() == layers, "one state a layer");
+  at::Tensor h = x.contiguous();
+  for (size_t l = 0; l < layers; ++l) {
+    const at::Tensor* p = params.data() + 9 * l;
+    at::Tensor y = mamba2_branch_step(rms_norm(h, p[0], norm_eps), p[1], p[2], p[3], p[4], p[5],
+                                      p[6], p[7], p[8], gated_eps, convs[l], paths[l], roots[l],
+                                      origins[l], tokens[l], slot);
+    h = h + y;
+  }
+  return rms_norm(h, params.back(), norm_eps);
 }
 
 namespace {
@@ -343,6 +403,9 @@ at::Tensor predict_latent(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mamba2_branch_step", &mamba2_branch_step,
         "One token on every branch of one Mamba-2 layer (see native.cpp)");
+  m.def("mamba2_branch_stack", &mamba2_branch_stack,
+        "One token on every branch of a Mamba-2 stack (see native.cpp)");
+  m.def("rms_norm", &rms_norm, "torch's RMSNorm over the rows of a matrix");
   m.def("predict_latent", &predict_latent,
         "WorldModel.predict_latent: the latent of the most likely next observation");
 }

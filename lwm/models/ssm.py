@@ -285,6 +285,19 @@ class Mamba2Branches(BatchState):
     def compact(self) -> Mamba2Branches:
         return dataclasses.replace(self, path=self.path[:, : self.tokens])
 
+    def room(self) -> Tensor:
+        """The path buffer (M, > tokens, F) the next token is written into: this state's own
+        when `take` left room, else a copy one token longer."""
+        s, path = self.tokens, self.path
+        if path.shape[1] > s:
+            return path
+        return torch.cat([path[:, :s], path.new_empty(len(path), 1, path.shape[-1])], dim=1)
+
+    def advanced(self, path: Tensor) -> Mamba2Branches:
+        """This state one token on, its path `path` (`room`) with the token written."""
+        return dataclasses.replace(self, path=path[:, : self.tokens + 1], t=self.t + 1,
+                                   tokens=self.tokens + 1)
+
     @classmethod
     def fork(cls, state: Mamba2State) -> Mamba2Branches:
         """Branches that start at each of `state`'s R rows, one each (index or expand them)."""
@@ -533,14 +546,17 @@ def ssd_step_(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor)
     return y
 
 
-def _native_kernels(u: Tensor, state: Mamba2Branches,
+def branch_kernels(u: Tensor, states: Sequence[Mamba2Branches],
                     matmul_dtype: torch.dtype | None) -> ModuleType | None:
     """The native kernels if they apply to this branch step: fp32 on the CPU, without autograd
     or a bf16 matmul, on the contiguous buffers they update in place."""
     if (matmul_dtype is not None or u.dtype != torch.float32 or u.device.type != "cpu"
-            or torch.is_grad_enabled() or not state.conv.is_contiguous()
-            or not state.path.is_contiguous() or not state.root.tensor.is_contiguous()):
+            or torch.is_grad_enabled()):
         return None
+    for state in states:
+        if not (state.conv.is_contiguous() and state.path.is_contiguous()
+                and state.root.tensor.is_contiguous()):
+            return None
     return native.kernels()
 
 
@@ -774,12 +790,16 @@ class Mamba2(nn.Module):
         derivatives kept (`_branch_weights`), the conv as one product with the taps of the
         ring's current order, D folded into the newest token's weight, updates in place.
         """
+        slot = state.t % (self.d_conv - 1)
+        kernels = branch_kernels(u, (state,), matmul_dtype)
+        if kernels is not None:
+            path = state.room()
+            y = kernels.mamba2_branch_step(u.contiguous(), *self.native_weights(), self.norm.eps,
+                                           state.conv, path, state.root.tensor, state.origin,
+                                           state.tokens, slot)
+            return y, state.advanced(path)
         E, N, H = self.d_inner, self.d_state, self.n_heads
         A, taps, newest = self._branch_weights()
-        slot = state.t % (self.d_conv - 1)
-        kernels = _native_kernels(u, state, matmul_dtype)
-        if kernels is not None:
-            return self._step_branches_native(kernels, state, u, A, taps[slot], newest, slot)
         z, xBC, dt_raw = self._split(linear(u, self.in_proj.weight, matmul_dtype))
         xc = (state.conv * taps[slot]).sum(1).addcmul_(xBC, newest).add_(self.conv1d.bias)
         state.conv[:, slot] = xBC  # the newest input replaces the oldest
@@ -808,20 +828,10 @@ class Mamba2(nn.Module):
         state = dataclasses.replace(state, path=path, t=state.t + 1, tokens=s + 1)
         return linear(y, self.out_proj.weight, matmul_dtype), state
 
-    def _step_branches_native(self, kernels: ModuleType, state: Mamba2Branches, u: Tensor,
-                              A: Tensor, taps: Tensor, newest: Tensor,
-                              slot: int) -> tuple[Tensor, Mamba2Branches]:
-        """`step_branches` as one native call (`native.cpp`: the projections in ATen, the rest
-        one loop over the rows)."""
-        s, path = state.tokens, state.path
-        if path.shape[1] <= s:  # no room for the token (a fresh fork): a path one longer
-            path = torch.cat([path[:, :s], path.new_empty(len(path), 1, path.shape[-1])], dim=1)
-        y = kernels.mamba2_branch_step(
-            u.contiguous(), self.in_proj.weight, self.out_proj.weight, state.conv, taps, newest,
-            self.conv1d.bias, path, s, slot, self.dt_bias, A, self.D, state.root.tensor,
-            state.origin, self.norm.weight, self.norm.eps)
-        return y, dataclasses.replace(state, path=path[:, : s + 1], t=state.t + 1,
-                                      tokens=s + 1)
+    def native_weights(self) -> list[Tensor]:
+        """The weights `native.cpp`'s `mamba2_branch_step` takes, in its order."""
+        return [self.in_proj.weight, self.conv1d.weight, self.conv1d.bias, self.dt_bias,
+                self.A_log, self.D, self.norm.weight, self.out_proj.weight]
 
     def step_(
         self,
