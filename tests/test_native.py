@@ -156,3 +156,26 @@ def test_backbone_stack_equals_the_reference(reference):
             torch.testing.assert_close(a.materialize().ssm, b.materialize().ssm,
                                        atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(a.conv, b.conv, atol=1e-4, rtol=1e-4)
+
+
+def test_map_step_equals_the_reference(reference):
+    # The map decoder's map step: moved by each previous action (a forward move only where
+    # the front cell was open), the new view written except unseen cells and the agent's own.
+    model, _, _ = latent_inputs("map", 0)
+    torch.manual_seed(3)
+    rows = 64
+    grid = torch.randint(0, CELL_IDS, (rows, model.map_moves.shape[-1]))
+    grid[::3] = 0  # maps that have seen nothing
+    front_open = torch.rand(rows) < 0.5
+    prev_action = torch.randint(0, model.cfg.n_actions + 1, (rows,))  # START included
+    z = torch.randn(rows, model.feature_dim + 49)
+    ids = torch.randint(0, CELL_IDS, (rows, 49))
+    ids[ids % 4 == 0] = 0  # unseen cells
+    z[:, model.feature_dim :] = ids.float()
+    ours = model._remember(grid, front_open, prev_action, z)
+    theirs = reference(model._remember, grid, front_open, prev_action, z)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    assert not torch.equal(ours[0], grid)
+    z[5, model.feature_dim + 2] = CELL_IDS + 1
+    with pytest.raises(RuntimeError, match="cell id .* out of range"):
+        model._remember(grid, front_open, prev_action, z)

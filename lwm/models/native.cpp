@@ -400,12 +400,70 @@ at::Tensor predict_latent(
   return z;
 }
 
+// `WorldModel._remember`, the map decoder's map step: grid (M, S) int64 the maps, front_open
+// (M,) bool, prev_action (M,) int64 and z (M, W) the new views' latents, whose packed cell ids
+// (V of them) start at column `id_offset` -> (the moved maps with the new view written, their
+// front_open). moves (A + 1, 2, S): for each previous action and whether it moved the agent,
+// the old cell each new cell shows (S: none); view (V,): where the view's cells lie in the map;
+// enterable (ids,) bool; forward: the forward action; agent, front: the view cells of the agent
+// and of the cell in front of it.
+std::vector<at::Tensor> map_remember(
+    const at::Tensor& grid, const at::Tensor& front_open, const at::Tensor& prev_action,
+    const at::Tensor& z, int64_t id_offset, const at::Tensor& moves, const at::Tensor& view,
+    const at::Tensor& enterable, int64_t forward, int64_t agent, int64_t front) {
+  for (auto* t : {&grid, &prev_action, &moves, &view})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(),
+                "grid, prev_action, moves and view must be contiguous int64");
+  for (auto* t : {&front_open, &enterable})
+    TORCH_CHECK(t->scalar_type() == at::kBool && t->is_contiguous(),
+                "front_open and enterable must be contiguous bool");
+  check(z, "z", 2);
+  const int64_t M = grid.size(0), S = grid.size(1), V = view.size(0), W = z.size(1);
+  const int64_t A1 = moves.size(0), IDS = enterable.size(0);
+  TORCH_CHECK(moves.dim() == 3 && moves.size(1) == 2 && moves.size(2) == S, "moves must be "
+              "(A + 1, 2, S)");
+  TORCH_CHECK(id_offset + V <= W, "z has no ", V, " ids past column ", id_offset);
+  TORCH_CHECK(front_open.size(0) == M && prev_action.size(0) == M && z.size(0) == M,
+              "grid, front_open, prev_action and z must have the same rows");
+  at::Tensor out = at::empty_like(grid);
+  at::Tensor open = at::empty_like(front_open);
+  const int64_t* gp = grid.data_ptr<int64_t>();
+  const bool* fop = front_open.data_ptr<bool>();
+  const int64_t* ap = prev_action.data_ptr<int64_t>();
+  const float* zp = z.data_ptr<float>();
+  const int64_t* mp = moves.data_ptr<int64_t>();
+  const int64_t* vp = view.data_ptr<int64_t>();
+  const bool* ep = enterable.data_ptr<bool>();
+  int64_t* op = out.data_ptr<int64_t>();
+  bool* openp = open.data_ptr<bool>();
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t a = ap[m];
+      TORCH_CHECK(a >= 0 && a < A1, "previous action ", a, " out of range");
+      const bool moved = a == forward && fop[m];
+      const int64_t* src = mp + (a * 2 + (moved ? 1 : 0)) * S;
+      const int64_t* old = gp + m * S;
+      int64_t* now = op + m * S;
+      for (int64_t i = 0; i < S; ++i) now[i] = src[i] == S ? 0 : old[src[i]];
+      const float* ids = zp + m * W + id_offset;
+      for (int64_t c = 0; c < V; ++c) {
+        const int64_t id = static_cast<int64_t>(ids[c]);
+        TORCH_CHECK(id >= 0 && id < IDS, "cell id ", id, " out of range");
+        if (id > 0 && c != agent) now[vp[c]] = id;  // unseen cells and the agent's keep the map's
+      }
+      openp[m] = ep[static_cast<int64_t>(ids[front])];
+    }
+  });
+  return {out, open};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mamba2_branch_step", &mamba2_branch_step,
         "One token on every branch of one Mamba-2 layer (see native.cpp)");
   m.def("mamba2_branch_stack", &mamba2_branch_stack,
         "One token on every branch of a Mamba-2 stack (see native.cpp)");
   m.def("rms_norm", &rms_norm, "torch's RMSNorm over the rows of a matrix");
+  m.def("map_remember", &map_remember, "WorldModel._remember: the map decoder's map step");
   m.def("predict_latent", &predict_latent,
         "WorldModel.predict_latent: the latent of the most likely next observation");
 }

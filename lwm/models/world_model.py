@@ -588,6 +588,13 @@ class WorldModel(nn.Module):
         view that z (B, ...) shows. Unseen cells keep what the map remembers, and so does the
         agent's own cell: the view shows what the agent carries there, the map what it stepped
         onto. Returns the new map and its front_open."""
+        kernels = native.kernels() if grid.device.type == "cpu" else None
+        if kernels is not None and z.dtype == torch.float32 and z.dim() == 2:
+            grid, front = kernels.map_remember(
+                grid.contiguous(), front_open.contiguous(), prev_action.long().contiguous(),
+                z.detach().contiguous(), self.feature_dim, self.map_moves, self.map_view,
+                self.enterable, FORWARD, AGENT, FRONT)
+            return grid, front
         view = z[..., self.feature_dim :].long()  # (B, 49) packed ids
         moved = (prev_action.long() == FORWARD) & front_open
         src = self.map_moves[prev_action.long(), moved.long()]  # (B, MAP_SIZE)
