@@ -73,7 +73,7 @@ def kernels() -> ModuleType | None:
 
 def _try_build() -> ModuleType | None:
     # said only when the load takes long, i.e. when it builds
-    notice = threading.Timer(1.0, print, ("lwm: building the native CPU kernels (once, about "
+    notice = threading.Timer(3.0, print, ("lwm: building the native CPU kernels (once, about "
                                           "30 s; LWM_NATIVE=0 skips them)",),
                              {"file": sys.stderr, "flush": True})
     notice.start()
