@@ -33,27 +33,35 @@ _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 
 
-def _flags() -> tuple[str, list[str]]:
-    """The module name and compiler flags for this CPU. The library is built where it runs, so
-    it may use the vector instructions torch itself found here; the name carries them, so a
-    cache shared by different machines keeps one build per kind."""
+def _flags(openmp: bool = True) -> tuple[str, list[str], list[str]]:
+    """The module name, compiler flags and linker flags for this CPU. The library is built where
+    it runs, so it may use the vector instructions torch itself found here; the name carries
+    them, so a cache shared by different machines keeps one build per kind."""
     # -fno-trapping-math: nothing here reads floating-point traps, and without it the compiler
     # may not vectorize a loop with a comparison in it (the exp's clamp). -fopenmp: the row loop
     # is `at::parallel_for`, serial without it.
-    flags = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp"]
+    name, flags = "lwm_native", ["-O3", "-fno-trapping-math", "-fno-math-errno"]
     capability = torch.backends.cpu.get_cpu_capability()  # "DEFAULT", "AVX2", "AVX512", ...
     if capability in ("AVX2", "AVX512"):
-        return "lwm_native_avx2", [*flags, "-mavx2", "-mfma"]
-    return "lwm_native", flags
+        name, flags = name + "_avx2", [*flags, "-mavx2", "-mfma"]
+    if not openmp:
+        return name + "_serial", flags, []
+    return name, [*flags, "-fopenmp"], ["-fopenmp"]
 
 
 def build(verbose: bool = False) -> ModuleType:
-    """Compile (or load the cached build of) `native.cpp`; raises if that fails."""
+    """Compile (or load the cached build of) `native.cpp`; raises if that fails. A compiler
+    without OpenMP (Apple's clang) gets a build whose row loops run on one thread."""
     from torch.utils.cpp_extension import load
 
-    name, flags = _flags()
-    return load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
-                extra_ldflags=["-fopenmp"], verbose=verbose)
+    try:
+        name, cflags, ldflags = _flags()
+        return load(name=name, sources=[str(SOURCE)], extra_cflags=cflags,
+                    extra_ldflags=ldflags, verbose=verbose)
+    except Exception:
+        name, cflags, ldflags = _flags(openmp=False)
+        return load(name=name, sources=[str(SOURCE)], extra_cflags=cflags,
+                    extra_ldflags=ldflags, verbose=verbose)
 
 
 def kernels() -> ModuleType | None:
