@@ -60,7 +60,7 @@ def paired(fn: Callable[[], Any], rounds: int, calls: int) -> dict[str, float]:
                     fn()
                 times[on].append((time.perf_counter() - start) / calls)
     finally:
-        native.ENABLED = True
+        native.ENABLED = True  # `main` runs only with them on
     return {"native_ms": 1e3 * statistics.median(times[True]),
             "pytorch_ms": 1e3 * statistics.median(times[False]),
             "ratio": statistics.median(off / on for on, off in zip(times[True], times[False],
@@ -129,7 +129,7 @@ def call_pair(checkpoint: Path | None, seed: int, rounds: int) -> dict[str, Any]
                     times[on].append(time.perf_counter() - start)
             same += int(torch.equal(plans[True].actions, plans[False].actions))
     finally:
-        native.ENABLED = True
+        native.ENABLED = True  # `main` runs only with them on
     return {"native_ms": 1e3 * statistics.median(times[True]),
             "pytorch_ms": 1e3 * statistics.median(times[False]),
             "ratio": statistics.median(off / on for on, off in zip(times[True], times[False],

@@ -189,13 +189,14 @@ class Bench:
         modules = (lwm.planning.cem, lwm.planning.mppi) if self.mode == "legacy" else ()
         for module in modules:
             module.PrefixTree = FreshTree
-        native.ENABLED = self.mode not in ("pytorch", "legacy")
+        enabled = native.ENABLED  # off with LWM_NATIVE=0, and then for every mode
+        native.ENABLED = enabled and self.mode not in ("pytorch", "legacy")
         try:
             start = time.perf_counter()
             self.planner.plan(self.model, self.state, self.h, self.goal, generator=self.gen)
             self.seconds.append(time.perf_counter() - start)
         finally:
-            native.ENABLED = True
+            native.ENABLED = enabled
             for module in modules:
                 module.PrefixTree = PrefixTree
         self.rows_per_call.append(sum(self.rows))

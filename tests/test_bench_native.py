@@ -5,6 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from lwm.models import native
 
 _spec = importlib.util.spec_from_file_location(
@@ -13,6 +15,7 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 
+@pytest.mark.skipif(not native.ENABLED, reason="LWM_NATIVE=0 turned the kernels off")
 def test_bench_native_pairs_every_kernel_and_a_warm_call(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "K", 64)
     monkeypatch.setattr(bench, "ITERATIONS", 2)

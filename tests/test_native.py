@@ -13,10 +13,12 @@ from lwm.models.world_model import CELL_IDS, WorldModel, preset
 
 D_MODEL = 32
 
+pytestmark = pytest.mark.skipif(not native.ENABLED, reason="LWM_NATIVE=0 turned the kernels off")
+
 
 @pytest.fixture
 def reference():
-    """Run a block with the kernels off (the pure-PyTorch reference), then back on."""
+    """Run a call with the kernels off (the pure-PyTorch reference), then back on."""
     def off(fn, *args):
         native.ENABLED = False
         try:

@@ -23,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from torch import Tensor
 
 SOURCE = Path(__file__).with_name("native.cpp")
 
@@ -97,3 +98,10 @@ def _try_build() -> ModuleType | None:
     finally:
         notice.cancel()
 
+
+def for_imagination(x: Tensor) -> ModuleType | None:
+    """`kernels()` where they apply to x: a float32 tensor on the CPU, autograd off (the kernels
+    compute no gradients); else None, and the caller runs its PyTorch path."""
+    if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    return kernels()

@@ -550,14 +550,13 @@ def branch_kernels(u: Tensor, states: Sequence[Mamba2Branches],
                     matmul_dtype: torch.dtype | None) -> ModuleType | None:
     """The native kernels if they apply to this branch step: fp32 on the CPU, without autograd
     or a bf16 matmul, on the contiguous buffers they update in place."""
-    if (matmul_dtype is not None or u.dtype != torch.float32 or u.device.type != "cpu"
-            or torch.is_grad_enabled()):
+    if matmul_dtype is not None:
         return None
     for state in states:
         if not (state.conv.is_contiguous() and state.path.is_contiguous()
                 and state.root.tensor.is_contiguous()):
             return None
-    return native.kernels()
+    return native.for_imagination(u)
 
 
 def kept_while_frozen(owner: nn.Module, name: str, params: Sequence[Tensor],
@@ -788,7 +787,9 @@ class Mamba2(nn.Module):
         Imagination steps a few dozen to a few hundred rows at a time, where each op's fixed
         cost outweighs its arithmetic, so this is written in as few ops as it can be: weight
         derivatives kept (`_branch_weights`), the conv as one product with the taps of the
-        ring's current order, D folded into the newest token's weight, updates in place.
+        ring's current order, D folded into the newest token's weight, updates in place. Where
+        lwm's native kernels apply (`lwm.models.native`: fp32 on the CPU, no bf16 projections)
+        the whole step is one native call, to which this PyTorch path is the reference.
         """
         slot = state.t % (self.d_conv - 1)
         kernels = branch_kernels(u, (state,), matmul_dtype)

@@ -695,8 +695,10 @@ class WorldModel(nn.Module):
         gradient through the argmax), in about half the ops. `cell_proj` is linear in each
         view position's cell embedding, so its product is a sum of rows of a table holding every
         (position, packed cell id)'s projection; the direction and carried object are rows of
-        the same table, and one embedding bag sums all 52 (`_latent_tables`)."""
-        kernels = self._native_kernels(h)
+        the same table, and one embedding bag sums all 52 (`_latent_tables`). Without autograd
+        on the CPU, lwm's native kernels (`lwm.models.native`) run all after the decoder MLP as
+        one pass over the rows; this PyTorch path is their reference."""
+        kernels = native.for_imagination(h) if h.dim() == 2 else None
         if kernels is not None:
             return self._predict_latent_native(kernels, h, action)
         cells, rest = self._decode(h, action)
@@ -727,14 +729,6 @@ class WorldModel(nn.Module):
         if self.cfg.copies:
             parts.append(ids.to(z.dtype))
         return torch.cat(parts, dim=-1) if len(parts) > 1 else z
-
-    def _native_kernels(self, h: Tensor) -> ModuleType | None:
-        """The native kernels (`lwm.models.native`) if `predict_latent` may use them: fp32 on
-        the CPU, without autograd."""
-        if (torch.is_grad_enabled() or h.dim() != 2 or h.dtype != torch.float32
-                or h.device.type != "cpu"):
-            return None
-        return native.kernels()
 
     def _predict_latent_native(self, kernels: ModuleType, h: Tensor, action: Tensor) -> Tensor:
         """`predict_latent` as one native call: the decoder MLP in ATen, the rest one pass over
