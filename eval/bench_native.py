@@ -39,7 +39,7 @@ from lwm.models import native  # noqa: E402
 from lwm.models.ssm import Mamba2Branches  # noqa: E402
 from lwm.models.world_model import CELL_IDS, WorldModel, preset  # noqa: E402
 from lwm.planning import PLANNERS, make_planner  # noqa: E402
-from lwm.report import machine_info, write_json  # noqa: E402
+from lwm.report import machine_info, machine_line, write_json  # noqa: E402
 
 ROWS = (1, 16, 64, 256, 512)
 
@@ -173,9 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def report(result: dict[str, Any]) -> None:
     console = Console(width=130)
-    m = result["machine"]
-    console.print(f"[bold]{m['cpu_model']}[/] ({m['cpu_capability']}), "
-                  f"{result['threads']} thread(s), torch {m['torch_version']}")
+    console.print(machine_line(result["machine"]))
     table = Table(title="one call: native ms / PyTorch ms (PyTorch / native, paired median)")
     rows = list(next(iter(result["kernels"].values())))
     table.add_column("kernel")

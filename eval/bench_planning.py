@@ -61,7 +61,7 @@ from lwm.models.world_model import (  # noqa: E402
 )
 from lwm.planning import PLANNERS, SearchConfig, make_planner  # noqa: E402
 from lwm.planning.base import TERMINALS, Candidates, PrefixTree, imagine_candidates  # noqa: E402
-from lwm.report import machine_info, write_json  # noqa: E402
+from lwm.report import machine_info, machine_line, write_json  # noqa: E402
 
 SEARCH_PLANNERS = sorted(n for n, (_, cfg) in PLANNERS.items() if issubclass(cfg, SearchConfig))
 """The planners that search imagined sequences (greedy Q has no budget to time)."""
@@ -400,10 +400,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def report(result: dict[str, Any]) -> None:
     console = Console(width=130)
-    m = result["machine"]
     console.print(
-        f"[bold]{m['cpu_model']}[/] ({m['cpu_capability']}), {m['torch_threads']} thread(s), "
-        f"torch {m['torch_version']}, native kernels "
+        f"{machine_line(result['machine'])}, native kernels "
         f"{'on' if result['native_kernels'] else '[red]not built[/]'}:"
         f" matmul peak {result['matmul_peak_flops']['fp32'] / 1e9:.0f} GFLOP/s fp32, "
         f"{result['matmul_peak_flops']['bf16'] / 1e9:.0f} bf16"

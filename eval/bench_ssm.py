@@ -27,7 +27,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from lwm.models import BackboneConfig, make_backbone  # noqa: E402
-from lwm.report import machine_info, time_interleaved, write_json  # noqa: E402
+from lwm.report import machine_info, machine_line, time_interleaved, write_json  # noqa: E402
 
 STEP_BATCH = 1024
 TRAIN_BATCH, TRAIN_T = 256, 16
@@ -261,9 +261,8 @@ def report(result: dict[str, Any]) -> None:
     console = Console()
     peak = result["matmul_peak_flops"]
     console.print(
-        f"[bold]{result['machine']['cpu_model']}[/] ({result['machine']['cpu_capability']}), "
-        f"1 thread, torch {result['machine']['torch_version']}: matmul peak "
-        f"fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s"
+        f"{machine_line(result['machine'])}: matmul peak fp32 {peak['fp32'] / 1e9:.0f} "
+        f"GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s"
     )
     for title, key, unit in (
         (f"Imagination step, batch {STEP_BATCH}", "imagination_step", "steps/s"),

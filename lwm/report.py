@@ -61,6 +61,13 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def machine_line(machine: dict[str, Any]) -> str:
+    """The first line a benchmark prints (rich markup): CPU, vector capability, torch threads
+    and version of a `machine_info()`."""
+    return (f"[bold]{machine['cpu_model']}[/] ({machine['cpu_capability']}), "
+            f"{machine['torch_threads']} thread(s), torch {machine['torch_version']}")
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
 ) -> dict[str, float]:
