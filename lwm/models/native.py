@@ -55,6 +55,12 @@ def build(verbose: bool = False) -> ModuleType:
     without OpenMP (Apple's clang) gets a build whose row loops run on one thread."""
     from torch.utils.cpp_extension import load
 
+    # torch runs the first `ninja` on PATH. Another ninja version rebuilds the cached library
+    # (measured: a shell with the environment activated and `make` without it took turns
+    # rebuilding), so prefer the one installed beside this interpreter (lwm depends on it).
+    path = os.environ.get("PATH", "")
+    if (Path(sys.executable).parent / "ninja").exists():
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
     try:
         name, cflags, ldflags = _flags()
         return load(name=name, sources=[str(SOURCE)], extra_cflags=cflags,
@@ -63,6 +69,8 @@ def build(verbose: bool = False) -> ModuleType:
         name, cflags, ldflags = _flags(openmp=False)
         return load(name=name, sources=[str(SOURCE)], extra_cflags=cflags,
                     extra_ldflags=ldflags, verbose=verbose)
+    finally:
+        os.environ["PATH"] = path
 
 
 def kernels() -> ModuleType | None:
