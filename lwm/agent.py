@@ -46,8 +46,9 @@ from lwm.goals import acting_goal
 from lwm.language.critic import Critic, Critique
 from lwm.language.embed import GoalEncoder
 from lwm.language.spec import GoalParser, GoalSpec
+from lwm.models import native
 from lwm.models.world_model import CheckpointError, WorldModel, model_dir
-from lwm.planning import Planner, PlanResult, make_planner
+from lwm.planning import Planner, PlanResult, SearchConfig, make_planner
 
 __all__ = ["Agent", "EpisodeResult", "StepRecord"]
 
@@ -178,6 +179,11 @@ class Agent:
         self.locate = locate
         self.search = search
         self.generator = torch.Generator().manual_seed(seed)
+        if isinstance(getattr(planner, "cfg", None), SearchConfig) and \
+                next(model.parameters()).device.type == "cpu":
+            # imagination's native kernels: loaded (built the first time, about 30 s) here
+            # rather than inside the first episode's time limit
+            native.kernels()
 
     @classmethod
     def from_pretrained(

@@ -352,3 +352,16 @@ def test_the_agent_looks_round_for_an_object_it_has_not_seen():
         turns += 1
     assert 1 <= turns <= 3
     assert any(r.action != 0 for r in _agent().run(mission, env, seed=seed, max_steps=6).records)
+
+
+def test_a_searching_agent_loads_the_native_kernels_before_its_first_episode(monkeypatch):
+    # Their first build takes about 30 s, which must not come out of an episode's time limit;
+    # an agent that does not imagine (greedy Q) never waits for them.
+    from lwm.models import native
+
+    loads = []
+    monkeypatch.setattr(native, "kernels", lambda: loads.append(1))
+    _agent()
+    assert loads == [1]
+    Agent(WorldModel(preset("debug")), make_planner("greedy"), BabyAIMissionParser())
+    assert loads == [1]
