@@ -4,7 +4,7 @@
         --model runs/train/goto-ego-s0/model runs/train/goto-map-s0/model
 
 Two parts, each timed in rounds that alternate the kernels on and off (`lwm.models.native
-.ENABLED`), so that every ratio is taken under the same load (this machine's load moves absolute
+.switched`), so that every ratio is taken under the same load (this machine's load moves absolute
 times by up to 2x), and reported as the median of the per-round ratios:
 
 - kernels: one call of each kernel's entry point at a few row counts: a Mamba-2 layer's branch
@@ -30,7 +30,6 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -49,18 +48,21 @@ def paired(fn: Callable[[], Any], rounds: int, calls: int) -> dict[str, float]:
     the median over rounds of off / on."""
     times: dict[bool, list[float]] = {True: [], False: []}
     for on in (True, False):  # one of each to settle
-        native.ENABLED = on
-        fn()
-    try:
-        for _ in range(rounds):
-            for on in (True, False):
-                native.ENABLED = on
+        with native.switched(on):
+            fn()
+    for _ in range(rounds):
+        for on in (True, False):
+            with native.switched(on):
                 start = time.perf_counter()
                 for _ in range(calls):
                     fn()
                 times[on].append((time.perf_counter() - start) / calls)
-    finally:
-        native.ENABLED = True  # `main` runs only with them on
+    return summary(times)
+
+
+def summary(times: dict[bool, list[float]]) -> dict[str, float]:
+    """Seconds with the kernels on (True) and off, per round -> median ms of each and the median
+    over rounds of off / on."""
     return {"native_ms": 1e3 * statistics.median(times[True]),
             "pytorch_ms": 1e3 * statistics.median(times[False]),
             "ratio": statistics.median(off / on for on, off in zip(times[True], times[False],
@@ -108,33 +110,23 @@ def call_pair(checkpoint: Path | None, seed: int, rounds: int) -> dict[str, Any]
     torch.manual_seed(seed)
     model = (WorldModel(preset("small")) if checkpoint is None
              else WorldModel.from_pretrained(checkpoint)).eval()
-    state, h, goal = history(model, seed)
-    table = None if checkpoint is None else checkpoint.parent / "goals.safetensors"
-    if table is not None and table.exists():
-        goal = load_file(str(table))["embeddings"][:1]
+    state, h, goal = history(model, seed, checkpoint)
     cfg = PLANNERS["cem"][1](horizon=H, candidates=K, iterations=ITERATIONS,
                              discount=model.cfg.discount, terminal="q")
     planners = {on: make_planner("cem", cfg) for on in (True, False)}
     gens = {on: torch.Generator().manual_seed(seed) for on in (True, False)}
     times: dict[bool, list[float]] = {True: [], False: []}
     same = 0
-    try:
-        for r in range(rounds + 2):  # the first two: cold, then the first warm start
-            plans = {}
-            for on in (True, False):
-                native.ENABLED = on
+    for r in range(rounds + 2):  # the first two: cold, then the first warm start
+        plans = {}
+        for on in (True, False):
+            with native.switched(on):
                 start = time.perf_counter()
                 plans[on] = planners[on].plan(model, state, h, goal, generator=gens[on])
-                if r >= 2:
-                    times[on].append(time.perf_counter() - start)
-            same += int(torch.equal(plans[True].actions, plans[False].actions))
-    finally:
-        native.ENABLED = True  # `main` runs only with them on
-    return {"native_ms": 1e3 * statistics.median(times[True]),
-            "pytorch_ms": 1e3 * statistics.median(times[False]),
-            "ratio": statistics.median(off / on for on, off in zip(times[True], times[False],
-                                                                    strict=True)),
-            "same_plans": same, "rounds": rounds + 2}
+            if r >= 2:
+                times[on].append(time.perf_counter() - start)
+        same += int(torch.equal(plans[True].actions, plans[False].actions))
+    return {**summary(times), "same_plans": same, "rounds": rounds + 2}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -121,8 +121,11 @@ def build(backbone: str, mode: str, seed: int, checkpoint: Path | None = None) -
     return model
 
 
-def history(model: WorldModel, seed: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """State and history h (1, d) after HISTORY random observations and actions, and a goal."""
+def history(model: WorldModel, seed: int,
+            checkpoint: Path | None = None) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """State and history h (1, d) after HISTORY random observations and actions, and a goal:
+    a random one, or with a trained checkpoint the first its run was trained on
+    (runs/NAME/goals.safetensors) when there is one."""
     gen = torch.Generator().manual_seed(seed)
     state = model.init_state(1)
     prev = torch.full((1,), model.START)
@@ -135,7 +138,11 @@ def history(model: WorldModel, seed: int) -> tuple[Any, torch.Tensor, torch.Tens
             )
             h, state = model.next(state, z, prev)
             prev = torch.randint(0, 7, (1,), generator=gen)
-    return state, h, torch.randn(1, 384, generator=gen)
+    goal = torch.randn(1, 384, generator=gen)
+    table = None if checkpoint is None else checkpoint.parent / "goals.safetensors"
+    if table is not None and table.exists():
+        goal = load_file(str(table))["embeddings"][:1]  # (1, goal_dim)
+    return state, h, goal
 
 
 class FreshTree(PrefixTree):
@@ -159,10 +166,7 @@ class Bench:
         self.backbone, self.mode, self.planner_name = backbone, mode, planner
         self.terminal = terminal
         self.model = build(backbone, mode, seed, checkpoint)
-        self.state, self.h, self.goal = history(self.model, seed)
-        table = None if checkpoint is None else checkpoint.parent / "goals.safetensors"
-        if table is not None and table.exists():  # a goal the model was trained on
-            self.goal = load_file(str(table))["embeddings"][:1]  # (1, goal_dim)
+        self.state, self.h, self.goal = history(self.model, seed, checkpoint)
         cfg = PLANNERS[planner][1](
             horizon=H, candidates=K, iterations=ITERATIONS, discount=self.model.cfg.discount,
             terminal=terminal,
@@ -189,14 +193,12 @@ class Bench:
         modules = (lwm.planning.cem, lwm.planning.mppi) if self.mode == "legacy" else ()
         for module in modules:
             module.PrefixTree = FreshTree
-        enabled = native.ENABLED  # off with LWM_NATIVE=0, and then for every mode
-        native.ENABLED = enabled and self.mode not in ("pytorch", "legacy")
         try:
-            start = time.perf_counter()
-            self.planner.plan(self.model, self.state, self.h, self.goal, generator=self.gen)
-            self.seconds.append(time.perf_counter() - start)
+            with native.switched(self.mode not in ("pytorch", "legacy")):
+                start = time.perf_counter()
+                self.planner.plan(self.model, self.state, self.h, self.goal, generator=self.gen)
+                self.seconds.append(time.perf_counter() - start)
         finally:
-            native.ENABLED = enabled
             for module in modules:
                 module.PrefixTree = PrefixTree
         self.rows_per_call.append(sum(self.rows))

@@ -20,11 +20,8 @@ pytestmark = pytest.mark.skipif(not native.ENABLED, reason="LWM_NATIVE=0 turned 
 def reference():
     """Run a call with the kernels off (the pure-PyTorch reference), then back on."""
     def off(fn, *args):
-        native.ENABLED = False
-        try:
+        with native.switched(False):
             return fn(*args)
-        finally:
-            native.ENABLED = True
     return off
 
 

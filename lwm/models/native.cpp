@@ -55,6 +55,14 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
+// index of the first maximum of v[0..n), as torch's max(-1).indices
+inline int64_t first_max(const float* v, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; ++i)
+    if (v[i] > v[best]) best = i;
+  return best;
+}
+
 void check(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
   TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
@@ -239,18 +247,6 @@ at::Tensor mamba2_branch_stack(
   }
   return rms_norm(h, params.back(), norm_eps);
 }
-
-namespace {
-
-// index of the first maximum of v[0..n), as torch's max(-1).indices
-inline int64_t first_max(const float* v, int64_t n) {
-  int64_t best = 0;
-  for (int64_t i = 1; i < n; ++i)
-    if (v[i] > v[best]) best = i;
-  return best;
-}
-
-}  // namespace
 
 // `WorldModel.predict_latent`: h (M, W) and action (M,) -> z (M, latent): the latent of the most
 // likely next observation. In ATen: the decoder MLP. Per row in one pass: the decoder's input

@@ -19,6 +19,8 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -100,11 +102,25 @@ def _try_build() -> ModuleType | None:
         warnings.warn(
             f"lwm's native CPU kernels could not be built ({type(error).__name__}: "
             f"{str(error).strip()[:400]}); imagination runs the pure-PyTorch path, which is "
-            "slower. `python -m lwm.models.native` shows the build log; LWM_NATIVE=0 silences "
-            "this.", RuntimeWarning, stacklevel=3)
+            "slower. `lwm kernels --verbose` shows the build log; LWM_NATIVE=0 silences this.",
+            RuntimeWarning, stacklevel=3)
         return None
     finally:
         notice.cancel()
+
+
+@contextmanager
+def switched(on: bool) -> Iterator[None]:
+    """Within the block the kernels are used if `on` (and `ENABLED` was on: LWM_NATIVE=0 stays
+    off); after it, `ENABLED` is as it was. Benchmarks and tests time or check the PyTorch
+    path with `switched(False)`."""
+    global ENABLED
+    before = ENABLED
+    ENABLED = before and on
+    try:
+        yield
+    finally:
+        ENABLED = before
 
 
 def for_imagination(x: Tensor) -> ModuleType | None:

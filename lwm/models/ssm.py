@@ -811,11 +811,8 @@ class Mamba2(nn.Module):
         if s:
             L += state.path[:, s - 1, -H:]
         token = torch.cat([xBC[:, : E + N], dt, L], dim=-1)  # packed as `Mamba2Branches.path`
-        if state.path.shape[1] > s:  # room for it (`Mamba2Branches.take`): no copy of the path
-            path = state.path[:, : s + 1]
-            path[:, s] = token
-        else:
-            path = torch.cat([state.path[:, :s], token[:, None]], dim=1)  # (M, s + 1, F)
+        path = state.room()[:, : s + 1]  # (M, s + 1, F): no copy where `take` left room
+        path[:, s] = token
         xs, Bs, dts, Ls = state.parts(path)
         C = xBC[:, E + N :]  # (M, N)
         # Products and sums, not bmm / einsum: those run these tiny per-branch contractions
@@ -826,8 +823,7 @@ class Mamba2(nn.Module):
         y = (weight[..., None] * xs).sum(1)  # (M, H, P)
         y = y.addcmul_(L.exp()[..., None], state.root_read(C))
         y = self.norm(y.flatten(-2), z)  # (M, E)
-        state = dataclasses.replace(state, path=path, t=state.t + 1, tokens=s + 1)
-        return linear(y, self.out_proj.weight, matmul_dtype), state
+        return linear(y, self.out_proj.weight, matmul_dtype), state.advanced(path)
 
     def native_weights(self) -> list[Tensor]:
         """The weights `native.cpp`'s `mamba2_branch_step` takes, in its order."""
